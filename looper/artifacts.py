@@ -1,0 +1,296 @@
+"""The artifact store: versions, manifests, content hashes, atomic writes, `latest`.
+
+Layout under the work dir (``--workdir`` / ``LOOPER_HOME``)::
+
+    data/<stage>/<version>/            tables + manifest.json   (prepare, rollouts, eval)
+    checkpoints/<stage>/<version>/     adapter + manifest.json  (sft, ppo, dpo)
+    <root>/<stage>/LATEST              the version `latest` resolves to
+    <root>/<stage>/<version>.partial/  a run in progress (resumable; never read as input)
+
+A version is a short hash of the stage name, its schema version, the options that change
+its output and the content hashes of its inputs, so rerunning with the same ones finds
+the finished version and skips, and any changed input gives a new version.
+
+Atomicity: a run writes into `<version>.partial/`, writes `manifest.json` last, then renames
+the directory to `<version>/` in one `os.rename`. A crash at any point leaves either no
+artifact or a `.partial` directory that no reader picks up, never half an artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+from looper.errors import LooperError
+
+# Where each stage's artifacts live, and the newest row schema this code reads/writes.
+MODEL_STAGES = {"sft", "ppo", "dpo"}
+SCHEMA_VERSIONS = {"prepare": 1, "sft": 1, "rollouts": 1, "ppo": 1, "dpo": 1, "eval": 1}
+# Stable names kept for users of the old layout: checkpoints/sft_lora -> latest sft, ...
+ALIASES = {"sft": "sft_lora", "ppo": "ppo_regime_w"}
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+# Files inside an artifact that are not part of its content hash (trainer state, logs).
+UNHASHED = {MANIFEST, "metrics.jsonl", "trainer"}
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "pyarrow", "vllm")
+
+
+# --------------------------------------------------------------------------- file IO
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file in the target's directory (so the final rename is atomic), mode 0644-ish."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are meant to be shared
+    return fd, tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + fsync + rename: all or nothing."""
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps_json(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_bytes(path, b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows))
+
+
+def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
+    """Rows -> Parquet with an explicit pyarrow schema, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=schema)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .parquet or .jsonl table as dicts."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            return [orjson.loads(line) for line in fh if line.strip()]
+    raise LooperError(f"{path}: unknown table format (expected .parquet or .jsonl)")
+
+
+def hash_tree(root: Path) -> str:
+    """sha256 over the relative paths and bytes of an artifact's content files."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root)
+        if rel.parts[0] in UNHASHED or rel.name.startswith("."):
+            continue
+        digest.update(str(rel).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:n]
+
+
+def environment() -> dict[str, Any]:
+    """Package versions and git commit recorded in every manifest, for traceability."""
+    import looper
+    import platform
+
+    packages = {"python": platform.python_version(), "looper": looper.__version__}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(looper.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"packages": packages, "git_commit": commit}
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact: its directory and its manifest."""
+
+    stage: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["hash"]
+
+    def ref(self) -> dict[str, str]:
+        """How a downstream manifest names this artifact in its `inputs`."""
+        return {"version": self.version, "hash": self.hash, "path": str(self.path)}
+
+    @classmethod
+    def load(cls, path: Path) -> "Artifact":
+        path = Path(path).resolve()
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise LooperError(f"{path} is not a finished looper artifact (no {MANIFEST})")
+        manifest = orjson.loads(manifest_path.read_bytes())
+        stage = manifest.get("stage")
+        known = SCHEMA_VERSIONS.get(stage)
+        if known is None or manifest.get("schema_version", 0) > known:
+            raise LooperError(
+                f"{manifest_path}: {stage} schema_version {manifest.get('schema_version')} is newer "
+                f"than this looper reads ({known}); upgrade looper or rerun that stage"
+            )
+        return cls(stage, manifest["version"], path, manifest)
+
+
+class Run:
+    """An artifact being written: files go into `path` (the .partial dir) until `commit`."""
+
+    def __init__(self, store: "Store", stage: str, version: str, path: Path):
+        self.store, self.stage, self.version, self.path = store, stage, version, path
+
+    def commit(self, *, config: dict, inputs: dict[str, Artifact], identity: dict,
+               counts: dict | None = None, metrics: dict | None = None,
+               extra: dict | None = None) -> Artifact:
+        """Hash the content, write the manifest, and atomically publish the artifact."""
+        manifest = {
+            "stage": self.stage,
+            "version": self.version,
+            "schema_version": SCHEMA_VERSIONS[self.stage],
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config,
+            "identity": identity,
+            "inputs": {name: art.ref() for name, art in inputs.items()},
+            "counts": counts or {},
+            "metrics": metrics or {},
+            "hash": hash_tree(self.path),
+            **environment(),
+            **(extra or {}),
+        }
+        atomic_write_bytes(self.path / MANIFEST, dumps_json(manifest))
+        final = self.store.stage_root(self.stage) / self.version
+        if final.exists():  # only reachable with --force: the old copy goes once the new one is whole
+            trash = final.with_name(f".{self.version}.old-{os.getpid()}")
+            os.rename(final, trash)
+            os.rename(self.path, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.path, final)
+        self.store.set_latest(self.stage, self.version)
+        return Artifact.load(final)
+
+
+class Store:
+    """All artifacts under one work dir."""
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir).expanduser().resolve()
+
+    def stage_root(self, stage: str) -> Path:
+        return self.workdir / ("checkpoints" if stage in MODEL_STAGES else "data") / stage
+
+    def version_for(self, stage: str, identity: dict, inputs: dict[str, Any]) -> str:
+        """Deterministic version id from what determines the output.
+
+        `inputs` maps names to `Artifact`s or to content-hash strings (e.g. a source file).
+        """
+        input_hashes = {k: (v.hash if isinstance(v, Artifact) else v) for k, v in inputs.items()}
+        return short_hash(
+            {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "identity": identity, "inputs": input_hashes}
+        )
+
+    def find(self, stage: str, version: str) -> Artifact | None:
+        path = self.stage_root(stage) / version
+        return Artifact.load(path) if (path / MANIFEST).is_file() else None
+
+    def latest(self, stage: str) -> str | None:
+        pointer = self.stage_root(stage) / "LATEST"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def set_latest(self, stage: str, version: str) -> None:
+        root = self.stage_root(stage)
+        pointer = root / "LATEST"
+        # Rewrite only on change: Make compares the pointer's mtime to decide staleness.
+        if not pointer.is_file() or pointer.read_text().strip() != version:
+            atomic_write_bytes(pointer, version.encode() + b"\n")
+        if stage in ALIASES:
+            link = root.parent / ALIASES[stage]
+            tmp = root.parent / f".{ALIASES[stage]}.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(Path(stage) / version, tmp)
+            os.replace(tmp, link)
+
+    def resolve(self, stage: str, ref: str | None = None) -> Artifact:
+        """`None`/'latest' -> the latest version; a version id; or a path to an artifact dir."""
+        if ref in (None, "", "latest"):
+            version = self.latest(stage)
+            if version is None:
+                raise LooperError(
+                    f"no {stage} artifact under {self.workdir}: run `looper {stage}` first"
+                    + (" (or pass --workdir)" if stage == "prepare" else "")
+                )
+            ref = version
+        if os.sep in ref or ref.startswith((".", "~")):  # a path, not a version id
+            artifact = Artifact.load(Path(ref).expanduser())
+            if artifact.stage != stage:
+                raise LooperError(f"{ref} is a {artifact.stage} artifact, expected {stage}")
+            return artifact
+        candidate = self.stage_root(stage) / ref
+        if not (candidate / MANIFEST).is_file():
+            raise LooperError(f"no {stage} version '{ref}' under {self.stage_root(stage)}")
+        return Artifact.load(candidate)
+
+    def begin(self, stage: str, version: str, *, resume: bool = False) -> Run:
+        """Start writing `version`; with resume, keep what an interrupted run left."""
+        path = self.stage_root(stage) / f"{version}{PARTIAL}"
+        if path.exists() and not resume:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return Run(self, stage, version, path)

@@ -1,0 +1,174 @@
+"""The `looper` command line: thin typer commands that build a config and call a stage.
+
+Each command's options come from the stage's config dataclass (`looper.config`), so the
+help text and defaults live in one place. Errors become one line on stderr and exit 1;
+`--debug` shows the traceback and the libraries' own logging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Any, Callable, Optional
+
+import orjson
+import typer
+
+from looper.config import STAGE_CONFIGS, PrepareConfig, build_config, cli_option, read_pipeline_file
+from looper.errors import LooperError
+
+app = typer.Typer(
+    name="looper",
+    help="Post-train a reasoning LLM on grade-school math: prepare -> sft -> rollouts -> ppo -> eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class State:
+    config_file: str | None = None
+    debug: bool = False
+
+
+def quiet_libraries() -> None:
+    """Keep transformers/datasets/torch notices out of the default output (--debug keeps them)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def main_options(
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", "-c", envvar="LOOPER_CONFIG",
+                     help="Pipeline file (pipelines/<name>.toml) supplying defaults per stage; CLI options override it."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logging.")] = False,
+) -> None:
+    State.config_file = config
+    State.debug = debug
+
+
+def run_stage(stage: str, stage_run: Callable[[Any], Any], cli_values: dict[str, Any]) -> None:
+    """Merge defaults < pipeline file < CLI, run the stage, print the result."""
+    from looper.config import stage_fields
+
+    cls = STAGE_CONFIGS[stage]
+    values = {k: v for k, v in cli_values.items() if k in stage_fields(cls)}
+    file_values = read_pipeline_file(State.config_file)[stage] if State.config_file else {}
+    config = build_config(cls, file_values=file_values, cli_values=values)
+    result = stage_run(config)
+    status = "up to date, skipped" if result.skipped else "done"
+    typer.echo(f"{stage} {result.version}: {status} -> {result.path}")
+    for key, value in {**result.counts, **result.metrics}.items():
+        typer.echo(f"  {key}: {value}")
+    if config.json:
+        typer.echo(orjson.dumps(result.as_json()).decode())
+
+
+@app.command()
+def prepare(
+    source: Annotated[Optional[str], cli_option(PrepareConfig, "source")] = None,
+    dataset: Annotated[Optional[str], cli_option(PrepareConfig, "dataset")] = None,
+    dev_fraction: Annotated[Optional[float], cli_option(PrepareConfig, "dev_fraction")] = None,
+    seed: Annotated[Optional[int], cli_option(PrepareConfig, "seed")] = None,
+    limit: Annotated[Optional[int], cli_option(PrepareConfig, "limit")] = None,
+    synthetic_train: Annotated[Optional[int], cli_option(PrepareConfig, "synthetic_train")] = None,
+    synthetic_test: Annotated[Optional[int], cli_option(PrepareConfig, "synthetic_test")] = None,
+    difficulty: Annotated[Optional[int], cli_option(PrepareConfig, "difficulty")] = None,
+    skip_bad: Annotated[Optional[bool], cli_option(PrepareConfig, "skip_bad", "--skip-bad")] = None,
+    workdir: Annotated[Optional[str], cli_option(PrepareConfig, "workdir")] = None,
+    force: Annotated[Optional[bool], cli_option(PrepareConfig, "force", "--force")] = None,
+    json: Annotated[Optional[bool], cli_option(PrepareConfig, "json", "--json")] = None,
+) -> None:
+    """Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet."""
+    from looper.stages import prepare as stage
+
+    run_stage("prepare", stage.run, locals())
+
+
+def not_built(name: str, issue: str) -> None:
+    raise LooperError(f"`looper {name}` is not built yet ({issue}); nothing was run")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft() -> None:
+    """Supervised fine-tuning (QLoRA through TRL) of the base model on the train split. [not built yet]"""
+    not_built("sft", "see the sft issue")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def rollouts() -> None:
+    """Multi-arm rollouts of the SFT policy scored by Regime W. [not built yet]"""
+    not_built("rollouts", "see the rollouts issue")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ppo() -> None:
+    """Offline policy optimisation (GRPO-style) on the scored rollouts. [not built yet]"""
+    not_built("ppo", "see the ppo issue")
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_() -> None:
+    """Evaluate and compare models (base, sft, ppo) with intervals and paired tests. [not built yet]"""
+    not_built("eval", "see the eval issue")
+
+
+@app.command()
+def status(
+    workdir: Annotated[Optional[str], cli_option(PrepareConfig, "workdir")] = None,
+    json: Annotated[Optional[bool], cli_option(PrepareConfig, "json", "--json")] = None,
+) -> None:
+    """Show every artifact: version, inputs, created time, and whether it is stale."""
+    from looper.status import collect
+
+    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    rows = collect(workdir)
+    for row in rows:
+        flag = "latest" if row["latest"] else ""
+        stale = "STALE (" + ", ".join(row["stale"]) + ")" if row["stale"] else "ok"
+        inputs = ", ".join(f"{k}={v}" for k, v in row["inputs"].items()) or "-"
+        typer.echo(f"{row['stage']:<9} {row['version']}  {row['created']}  {stale:<8} {flag:<6} inputs: {inputs}")
+    if not rows:
+        typer.echo(f"no artifacts under {os.path.abspath(workdir)}")
+    if json:
+        typer.echo(orjson.dumps({"stage": "status", "path": os.path.abspath(workdir), "artifacts": rows}).decode())
+
+
+def main() -> None:
+    """Console entry point: run the app, turning errors into one line + exit 1."""
+    if "--debug" not in sys.argv:
+        quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except LooperError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if State.debug:
+            traceback.print_exc()
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted: the partial run is kept and resumes on the next identical command", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the user gets one line, --debug the traceback
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if State.debug:
+            traceback.print_exc()
+        typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

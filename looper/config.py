@@ -1,0 +1,163 @@
+"""Typed configs for every stage: defaults, help text and precedence in one place.
+
+Each stage has a dataclass whose fields carry their default and their help text
+(`metadata["help"]`). The CLI builds its options from these fields (`cli_option`), so
+`--help` and the config file can never disagree with the code. Precedence, lowest first:
+
+    dataclass default  <  pipeline file ([common], then [<stage>])  <  command-line option
+
+A pipeline file is TOML: `[common]` holds keys shared by several stages (model, seed, ...),
+one table per stage holds that stage's keys. Unknown tables or keys are an error naming
+the file and the key, because a typo silently ignored costs a GPU-day.
+
+Fields with `metadata["identity"] = False` (workdir, --json, --force, logging) do not
+change what a stage produces, so they are left out of the artifact version hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from looper.errors import LooperError
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+
+
+def opt(default: Any, help: str, *, identity: bool = True) -> Any:
+    """A config field: its default, the help text the CLI shows, whether it changes outputs."""
+    return field(default=default, metadata={"help": help, "identity": identity})
+
+
+@dataclass
+class RunOptions:
+    """Options every stage takes that never change what it produces."""
+
+    workdir: str = opt(".", "Directory holding data/ and checkpoints/ (env LOOPER_HOME).", identity=False)
+    force: bool = opt(False, "Redo the stage even if an identical version exists.", identity=False)
+    json: bool = opt(False, "Print one JSON object with the result as the last stdout line.", identity=False)
+
+
+@dataclass
+class PrepareConfig(RunOptions):
+    source: str = opt(
+        "hub",
+        "Where the questions come from: 'hub' (the dataset named by --dataset), 'synthetic' "
+        "(offline generator), or a path: a directory with train.jsonl and test.jsonl, or one "
+        "GSM8K-format .jsonl file (used as train; no test split).",
+    )
+    dataset: str = opt("openai/gsm8k", "Hub dataset id used when --source hub (config 'main').")
+    dev_fraction: float = opt(0.2, "Fraction of the train questions held out as the dev split.")
+    seed: int = opt(0, "Seed of the train/dev shuffle and of the synthetic generator.")
+    limit: int | None = opt(None, "Keep at most this many questions of each source split (train, test).")
+    synthetic_train: int = opt(2000, "With --source synthetic: number of train questions.")
+    synthetic_test: int = opt(300, "With --source synthetic: number of test questions.")
+    difficulty: int = opt(2, "With --source synthetic: arithmetic steps per question (1-5).")
+    skip_bad: bool = opt(False, "Skip malformed input rows (counted in the manifest) instead of stopping.")
+
+
+STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig}
+
+
+def stage_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """The fields that change a stage's output: what its version is derived from."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata.get("identity", True)
+    }
+
+
+def cli_option(cls: type, name: str, *flags: str) -> Any:
+    """A typer Option for field `name` of `cls`, with its help text and default shown.
+
+    The option's own default is None, meaning "not given", so a pipeline file value is
+    not overridden by a default the user never typed.
+    """
+    import typer
+
+    f = stage_fields(cls)[name]
+    default = f.default
+    shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+    flags = flags or ("--" + name.replace("_", "-"),)
+    # "\\[" keeps rich from reading the brackets as markup
+    extra = {"metavar": ""} if f.type in (bool, "bool") else {}
+    return typer.Option(*flags, help=f"{f.metadata['help']} \\[default: {shown}]", show_default=False, **extra)
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether a TOML value fits a field annotation like `int | None` or `str`."""
+    if isinstance(annotation, str):  # `from __future__ import annotations` keeps them as strings
+        annotation = eval(annotation, vars(typing) | {"Path": Path})  # noqa: S307 - our own annotations
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(annotation)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, annotation)
+
+
+def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Parse and validate a pipeline file; returns {stage: {key: value}} with [common] spread in."""
+    path = Path(path)
+    if not path.is_file():
+        raise LooperError(f"config file {path} not found: pass an existing pipelines/<name>.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise LooperError(f"{path}: not valid TOML ({exc})") from None
+    unknown_tables = set(raw) - set(STAGE_CONFIGS) - {"common"}
+    if unknown_tables:
+        name = sorted(unknown_tables)[0]
+        raise LooperError(
+            f"{path}: unknown table [{name}]; known: [common], "
+            + ", ".join(f"[{s}]" for s in STAGE_CONFIGS)
+        )
+    common = raw.get("common", {})
+    for key in common:
+        if not any(key in stage_fields(c) for c in STAGE_CONFIGS.values()):
+            raise LooperError(f"{path}: unknown key '{key}' in [common]: no stage has that option")
+    merged: dict[str, dict[str, Any]] = {}
+    for stage, cls in STAGE_CONFIGS.items():
+        fields_ = stage_fields(cls)
+        values = {k: v for k, v in common.items() if k in fields_}
+        for key, value in raw.get(stage, {}).items():
+            if key not in fields_:
+                raise LooperError(
+                    f"{path}: unknown key '{key}' in [{stage}]; known: {', '.join(sorted(fields_))}"
+                )
+            values[key] = value
+        for key, value in values.items():
+            if not _accepts(fields_[key].type, value):
+                raise LooperError(
+                    f"{path}: [{stage}] {key} = {value!r} is not a valid {fields_[key].type}"
+                )
+        merged[stage] = values
+    return merged
+
+
+def build_config(cls: type, *, file_values: dict[str, Any], cli_values: dict[str, Any]) -> Any:
+    """Defaults < pipeline file < command line (None on the command line means 'not given')."""
+    values = dict(file_values)
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    if "workdir" not in cli_values or cli_values["workdir"] is None:
+        # LOOPER_HOME sits between the pipeline file and the command line
+        if os.environ.get("LOOPER_HOME"):
+            values["workdir"] = os.environ["LOOPER_HOME"]
+    return cls(**values)
