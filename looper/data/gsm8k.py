@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import orjson
 
+from looper.answers import normalize_number
 from looper.errors import LooperError
 
 # GSM8K solutions carry calculator annotations `<<48/2=24>>`; a tutor does not write them.
@@ -54,8 +54,8 @@ def normalize_gold(answer: str) -> str:
     match = _GOLD.match(final)
     if not match:
         raise ValueError(f"gold answer {final!r} is not a number")
-    value = Fraction(match.group(1).replace(",", ""))
-    return str(value.numerator) if value.denominator == 1 else str(float(value))
+    # the same canonical form extract_answer gives, so golds and answers compare as strings too
+    return normalize_number(match.group(1))
 
 
 def clean_solution(answer: str) -> str:
