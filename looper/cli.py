@@ -7,15 +7,19 @@ help text and defaults live in one place. Errors become one line on stderr and e
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import os
 import sys
 import traceback
+import typing
 from typing import Annotated, Any, Callable, Optional
 
 import orjson
 import typer
 
-from looper.config import STAGE_CONFIGS, PrepareConfig, build_config, cli_option, read_pipeline_file
+from looper.config import STAGE_CONFIGS, PrepareConfig, RunOptions, build_config, cli_option, read_pipeline_file
 from looper.errors import LooperError
 
 app = typer.Typer(
@@ -42,8 +46,15 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx"):
+    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars; the training bar stays
+    except ImportError:
+        pass
 
 
 @app.callback()
@@ -76,35 +87,40 @@ def run_stage(stage: str, stage_run: Callable[[Any], Any], cli_values: dict[str,
         typer.echo(orjson.dumps(result.as_json()).decode())
 
 
-@app.command()
-def prepare(
-    source: Annotated[Optional[str], cli_option(PrepareConfig, "source")] = None,
-    dataset: Annotated[Optional[str], cli_option(PrepareConfig, "dataset")] = None,
-    dev_fraction: Annotated[Optional[float], cli_option(PrepareConfig, "dev_fraction")] = None,
-    seed: Annotated[Optional[int], cli_option(PrepareConfig, "seed")] = None,
-    limit: Annotated[Optional[int], cli_option(PrepareConfig, "limit")] = None,
-    synthetic_train: Annotated[Optional[int], cli_option(PrepareConfig, "synthetic_train")] = None,
-    synthetic_test: Annotated[Optional[int], cli_option(PrepareConfig, "synthetic_test")] = None,
-    difficulty: Annotated[Optional[int], cli_option(PrepareConfig, "difficulty")] = None,
-    skip_bad: Annotated[Optional[bool], cli_option(PrepareConfig, "skip_bad", "--skip-bad")] = None,
-    workdir: Annotated[Optional[str], cli_option(PrepareConfig, "workdir")] = None,
-    force: Annotated[Optional[bool], cli_option(PrepareConfig, "force", "--force")] = None,
-    json: Annotated[Optional[bool], cli_option(PrepareConfig, "json", "--json")] = None,
-) -> None:
-    """Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet."""
-    from looper.stages import prepare as stage
+def stage_command(name: str, summary: str) -> None:
+    """Register `looper <name>`: one option per field of the stage's config dataclass.
 
-    run_stage("prepare", stage.run, locals())
+    The signature is built from the dataclass so that an option, its type, its help text
+    and its default exist in exactly one place (`looper.config`).
+    """
+    cls = STAGE_CONFIGS[name]
+    hints = typing.get_type_hints(cls)
+    params = []
+    run_options = {f.name for f in dataclasses.fields(RunOptions)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in run_options):  # stage options first
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            flags = (f"{flag}/--no-{flag[2:]}",) if f.default else (flag,)
+        else:
+            flags = (flag,)
+        annotation = Annotated[Optional[hints[f.name]], cli_option(cls, f.name, *flags)]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+
+    def command(**values: Any) -> None:
+        stage = importlib.import_module(f"looper.stages.{name}")
+        run_stage(name, stage.run, values)
+
+    command.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    command.__doc__ = summary
+    app.command(name=name)(command)
+
+
+stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet.")
+stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
 
 
 def not_built(name: str, issue: str) -> None:
     raise LooperError(f"`looper {name}` is not built yet ({issue}); nothing was run")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sft() -> None:
-    """Supervised fine-tuning (QLoRA through TRL) of the base model on the train split. [not built yet]"""
-    not_built("sft", "see the sft issue")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -151,24 +167,22 @@ def main() -> None:
     if "--debug" not in sys.argv:
         quiet_libraries()
     try:
-        app(standalone_mode=False)
+        exit_code = app(standalone_mode=False)
     except LooperError as exc:
         typer.echo(f"error: {exc}", err=True)
         if State.debug:
             traceback.print_exc()
         sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted: the partial run is kept and resumes on the next identical command", err=True)
-        sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the user gets one line, --debug the traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # typer's usage errors: bad option, ...
             exc.show()
             sys.exit(exc.exit_code)
         if State.debug:
             traceback.print_exc()
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+    if exit_code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into 130 without raising
+        typer.echo("interrupted: the partial run is kept; the same command resumes it", err=True)
+    sys.exit(exit_code or 0)

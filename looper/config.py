@@ -62,7 +62,47 @@ class PrepareConfig(RunOptions):
     skip_bad: bool = opt(False, "Skip malformed input rows (counted in the manifest) instead of stopping.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig}
+@dataclass
+class ModelOptions:
+    """How the base model is named and loaded; shared by every stage that loads one."""
+
+    model: str = opt(DEFAULT_MODEL, "Base model: hub id, local directory, .gguf file, or pkg:<package>/<file>.")
+    trust_remote_code: bool = opt(False, "Allow the model repo's own Python code to run (off: safer).")
+
+
+@dataclass
+class SftConfig(ModelOptions, RunOptions):
+    prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
+    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.")
+    lora_r: int = opt(32, "LoRA rank.")
+    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch.")
+    target_modules: str = opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "Comma-separated module names that get LoRA (attention and MLP projections), or 'all-linear'.",
+    )
+    optimizer: str = opt("auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name.")
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule (HF scheduler name).")
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent warming the learning rate up.")
+    epochs: float = opt(1.0, "Passes over the train split (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    batch_size: int = opt(1, "Sequences per device per forward pass.")
+    grad_accum: int = opt(8, "Gradient-accumulation steps per optimizer step.")
+    max_length: int = opt(1024, "Truncate training sequences (prompt + solution) to this many tokens.")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    padding_free: bool = opt(False, "Concatenate a batch into one row without padding (TRL padding_free).")
+    limit: int | None = opt(None, "Train on at most this many questions of the train split.")
+    dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.")
+    eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).")
+    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
+    seed: int = opt(0, "Seed for LoRA initialisation, data order and dropout.")
+    resume: bool = opt(True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False)
+    report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
+    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
+
+
+STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "sft": SftConfig}
 
 
 def stage_fields(cls: type) -> dict[str, dataclasses.Field]:

