@@ -53,6 +53,9 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars; the training bar stays
+        import datasets
+
+        datasets.disable_progress_bars()  # per-map bars ("Tokenizing...") on every run
     except ImportError:
         pass
 

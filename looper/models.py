@@ -14,6 +14,7 @@ Weights are read and written as safetensors; `trust_remote_code` stays off unles
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -59,15 +60,18 @@ def _package_file(spec: str) -> Path:
 def _convert_gguf(path: Path) -> Path:
     """Dequantise a .gguf once into a safetensors directory; later loads read that."""
     digest = _file_sha256(path)
-    target = cache_root() / "gguf" / digest[:16]
+    target = cache_root() / "gguf-v2" / digest[:16]
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    # A GGUF-loaded model cannot be saved directly: copy its weights into a model built from its config.
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    # A GGUF-loaded model cannot be saved directly: copy its weights into a model built from its
+    # config, minus the GGUF quantization entry (the weights are dequantised now, and trainable).
+    config = copy.deepcopy(loaded.config)
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

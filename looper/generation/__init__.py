@@ -1,0 +1,139 @@
+"""Batched text generation: one small interface over Hugging Face `generate` and vLLM.
+
+The rollouts stage (many questions x several temperature "arms") and the eval stage (greedy
+or sampled) both call ``make_generator(...).generate(prompts, sampling)``; this package is
+the only place in Looper that knows about batching, padding, vLLM or LoRA loading.
+
+Conventions shared by both backends (the tests pin them for `hf`):
+
+* prompts are fully rendered chat-template strings; they are tokenized with
+  ``add_special_tokens=False`` because the template already put in any BOS;
+* ``Completion.token_ids`` are the generated tokens **without** the EOS token that ended
+  the completion (and without any padding after it); when a stop string ended it, they run
+  up to and including the token that completed the stop string, while ``text`` is cut just
+  before the stop string (the same split vLLM makes);
+* ``Completion.logprobs[i]`` is ``log_softmax(raw logits)[token_ids[i]]``: the policy at
+  temperature 1 with no top-p, whatever temperature the token was sampled at. The RL stage
+  uses these as the behaviour policy's log-probs, and its importance ratios are taken
+  against the untempered policy it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from looper.errors import LooperError
+
+__all__ = ["Sampling", "Completion", "Generator", "make_generator", "expand_sampling", "cut_at_stop"]
+
+BACKENDS = ("hf", "vllm")
+VLLM_HINT = "the vllm backend needs vLLM: pip install 'looper[vllm]' (GPU only), or use --backend hf"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode one prompt. Hashable: requests with equal `Sampling` share batches."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()  # the text is cut before the first one; finish_reason "stop"
+
+    def __post_init__(self) -> None:
+        # Accept a list or a single string for `stop` but store a tuple, so Sampling stays hashable.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        if self.temperature < 0:
+            raise LooperError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LooperError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise LooperError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One generated continuation. See the module docstring for what the token lists hold."""
+
+    text: str  # decoded generated text, special tokens skipped, cut before a stop string
+    token_ids: list[int]  # generated tokens; EOS and padding excluded
+    logprobs: list[float]  # untempered log-prob of each token in token_ids (same length)
+    finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sequence[Sampling] | Sampling,
+        *,
+        seed: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in input order. `sampling` is one for all or one per prompt.
+
+        The same call with the same `seed` returns the same completions.
+        ``on_progress(completions_done, new_tokens)`` gets running totals for this call after
+        each batch (the vLLM backend runs one batch, so it is called once at the end).
+        """
+        ...
+
+
+def expand_sampling(prompts: Sequence[str], sampling: Sequence[Sampling] | Sampling) -> list[Sampling]:
+    """One `Sampling` per prompt (a single one is shared by all)."""
+    if isinstance(sampling, Sampling):
+        return [sampling] * len(prompts)
+    samplings = list(sampling)
+    if len(samplings) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(samplings)} Sampling values")
+    return samplings
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """`text` cut before the earliest occurrence of any stop string, or None if none occurs."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(hits)] if hits else None
+
+
+def make_generator(
+    backend: str,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    model_path: str | None = None,
+    adapter_path: str | None = None,
+    batch_size: int = 16,
+    **kwargs: Any,
+) -> Generator:
+    """A generator for `backend`.
+
+    'hf': ``HFGenerator(model, tokenizer, batch_size)`` on an already loaded model (a PEFT
+    model included); `model_path`, `adapter_path` and `kwargs` are not used.
+    'vllm': ``VLLMGenerator(model_path, adapter_path, **kwargs)`` (kwargs: max_lora_rank,
+    gpu_memory_utilization, max_model_len, seed, dtype); `model`, `tokenizer`, `batch_size`
+    are not used, vLLM batches by itself. vLLM is imported only here, only when chosen.
+    """
+    if backend == "hf":
+        if model is None or tokenizer is None:
+            raise ValueError("the hf backend needs model= and tokenizer=")
+        from looper.generation.hf import HFGenerator
+
+        return HFGenerator(model, tokenizer, batch_size=batch_size)
+    if backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise LooperError(VLLM_HINT) from exc
+        if model_path is None:
+            raise ValueError("the vllm backend needs model_path=")
+        from looper.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(str(model_path), None if adapter_path is None else str(adapter_path), **kwargs)
+    raise LooperError(f"unknown generation backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
