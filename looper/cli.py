@@ -46,7 +46,7 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx", "bitsandbytes"):
+    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx", "bitsandbytes", "math_verify"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
@@ -81,20 +81,28 @@ def run_stage(stage: str, stage_run: Callable[[Any], Any], cli_values: dict[str,
     values = {k: v for k, v in cli_values.items() if k in stage_fields(cls)}
     file_values = read_pipeline_file(State.config_file)[stage] if State.config_file else {}
     config = build_config(cls, file_values=file_values, cli_values=values)
-    result = stage_run(config)
+    print_result(stage, stage_run(config), config.json)
+
+
+def print_result(stage: str, result: Any, as_json: bool) -> None:
     status = "up to date, skipped" if result.skipped else "done"
     typer.echo(f"{stage} {result.version}: {status} -> {result.path}")
     for key, value in {**result.counts, **result.metrics}.items():
         typer.echo(f"  {key}: {value}")
-    if config.json:
+    if as_json:
         typer.echo(orjson.dumps(result.as_json()).decode())
 
 
-def stage_command(name: str, summary: str) -> None:
+STAGE_MODULES = {"eval": "evaluate"}  # `eval` would shadow the builtin as a module name
+
+
+def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> None:
     """Register `looper <name>`: one option per field of the stage's config dataclass.
 
     The signature is built from the dataclass so that an option, its type, its help text
-    and its default exist in exactly one place (`looper.config`).
+    and its default exist in exactly one place (`looper.config`). With `group`, the command
+    becomes that group's default action, so the group can also hold subcommands
+    (`looper rollouts` runs the stage, `looper rollouts merge` is a subcommand).
     """
     cls = STAGE_CONFIGS[name]
     hints = typing.get_type_hints(cls)
@@ -109,17 +117,54 @@ def stage_command(name: str, summary: str) -> None:
         annotation = Annotated[Optional[hints[f.name]], cli_option(cls, f.name, *flags)]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
 
-    def command(**values: Any) -> None:
-        stage = importlib.import_module(f"looper.stages.{name}")
+    def command(ctx: typer.Context, **values: Any) -> None:
+        if ctx.invoked_subcommand is not None:
+            return
+        stage = importlib.import_module(f"looper.stages.{STAGE_MODULES.get(name, name)}")
         run_stage(name, stage.run, values)
 
-    command.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context, *params])  # typer reads the options from here
     command.__doc__ = summary
-    app.command(name=name)(command)
+    if group is None:
+        app.command(name=name)(command)
+    else:
+        group.callback(invoke_without_command=True)(command)
+        app.add_typer(group, name=name)
 
 
 stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet.")
 stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
+stage_command("eval", "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.")
+rollouts_app = typer.Typer(help="Multi-arm rollouts scored by Regime W.", add_completion=False)
+stage_command("rollouts", "Sample every arm (style x temperature) on each train question; score with Regime W.",
+              group=rollouts_app)
+
+
+@rollouts_app.command("merge")
+def rollouts_merge(
+    parts: Annotated[list[str], typer.Argument(help="Rollouts artifacts made with --shard i/n: version ids or paths.")],
+    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
+    force: Annotated[Optional[bool], cli_option(RunOptions, "force", "--force")] = None,
+    json: Annotated[Optional[bool], cli_option(RunOptions, "json", "--json")] = None,
+) -> None:
+    """Combine the shard artifacts of one rollouts run (--shard 1/n ... n/n) into one version."""
+    from looper.stages.rollouts import merge
+
+    result = merge(parts, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", force=bool(force))
+    print_result("rollouts", result, bool(json))
+
+
+regime_w_app = typer.Typer(help="Regime W coherence scoring tools.", add_completion=False)
+app.add_typer(regime_w_app, name="regime-w")
+
+
+@regime_w_app.command("demo")
+def regime_w_demo() -> None:
+    """Score a few hand-written arm sets and print every score: a sanity check with no model."""
+    from looper.regime_w.demo import main as demo
+
+    demo()
 
 
 def not_built(name: str, issue: str) -> None:
@@ -127,21 +172,9 @@ def not_built(name: str, issue: str) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def rollouts() -> None:
-    """Multi-arm rollouts of the SFT policy scored by Regime W. [not built yet]"""
-    not_built("rollouts", "see the rollouts issue")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ppo() -> None:
     """Offline policy optimisation (GRPO-style) on the scored rollouts. [not built yet]"""
     not_built("ppo", "see the ppo issue")
-
-
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_() -> None:
-    """Evaluate and compare models (base, sft, ppo) with intervals and paired tests. [not built yet]"""
-    not_built("eval", "see the eval issue")
 
 
 @app.command()

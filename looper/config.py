@@ -102,7 +102,54 @@ class SftConfig(ModelOptions, RunOptions):
     logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
 
 
-STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "sft": SftConfig}
+@dataclass
+class GenerationOptions:
+    """How a stage generates text; shared by rollouts and eval."""
+
+    backend: str = opt("auto", "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).")
+    batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).")
+    max_new_tokens: int = opt(512, "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).")
+    seed: int = opt(0, "Sampling seed (each batch derives its own from it).")
+
+
+@dataclass
+class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
+    policy: str = opt("sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path.")
+    prepare: str = opt("latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path.")
+    split: str = opt("train", "Split of the prepare artifact to roll out (train; never test).")
+    limit: int | None = opt(500, "Number of questions (from --offset).")
+    offset: int = opt(0, "Index of the first question.")
+    arms: int = opt(8, "Number of arms, taken in order from the arm list (see `looper.regime_w.arms`).")
+    arm_file: str | None = opt(None, "TOML file of arms ([[arm]] name, style, temperature, top_p) replacing the built-in ones.")
+    cf_arms: str = opt("wolfram-t0.2,maudlin-t0.2", "Comma-separated arms re-asked on perturbed questions for s_cf.")
+    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.")
+    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.")
+    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.")
+    coherence_blend: float = opt(0.5, "Per-arm coherence = blend * own agreement + (1 - blend) * s_wm.")
+    shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
+    shard_size: int = opt(32, "Questions per written shard file (the unit of resume).")
+
+
+@dataclass
+class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
+    compare: str = opt("base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path.")
+    prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
+    split: str = opt("test", "Split of the prepare artifact: test (never trained on) or dev.")
+    source: str | None = opt(None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum).")
+    limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).")
+    samples: int = opt(1, "Completions per question; > 1 adds maj@k and pass@k (needs --temperature > 0).")
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy (reproducible).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    format: str = opt("chat", "'chat' (the training prompt through the chat template) or 'lm-eval' (5-shot, as lm-evaluation-harness gsm8k).")
+    bootstrap: int = opt(10000, "Paired-bootstrap resamples for the accuracy-difference intervals.")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "sft": SftConfig,
+    "rollouts": RolloutsConfig,
+    "eval": EvalConfig,
+}
 
 
 def stage_fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -1,0 +1,84 @@
+"""Name a policy ('base', 'sft', 'ppo', 'dpo', or a path) and get a generator for it.
+
+Rollouts and eval both generate from "a base model, maybe with a LoRA adapter"; this
+module turns the names a user types into that pair, checks the adapter was trained on the
+same base, and builds the generation backend (`looper.generation`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from looper import models
+from looper.artifacts import Artifact, Store
+from looper.errors import LooperError
+
+# Which stage makes each named adapter, for the "run it first" message.
+ADAPTER_STAGES = {"sft": "looper sft", "ppo": "looper ppo", "dpo": "looper dpo"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str  # what the user called it: base, sft, ppo, dpo, or a path / hub id
+    source: models.ModelSource  # the base weights
+    adapter: Path | None = None  # a LoRA adapter directory on top, if any
+    artifact: Artifact | None = None  # the adapter's artifact, when it is one of ours
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this policy's outputs: used in downstream version hashes."""
+        adapter = self.artifact.hash if self.artifact else (str(self.adapter) if self.adapter else None)
+        return {"base": self.source.identity, "adapter": adapter}
+
+
+def resolve_policy(name: str, *, store: Store, base: models.ModelSource) -> Policy:
+    """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; else a path or hub id."""
+    if name == "base":
+        return Policy("base", base)
+    if name in ADAPTER_STAGES:
+        if store.latest(name) is None:
+            raise LooperError(f"no {name} adapter under {store.workdir}: run `{ADAPTER_STAGES[name]}` first")
+        artifact = store.resolve(name)
+        models.check_adapter_base(artifact.path, base)
+        return Policy(name, base, artifact.path, artifact)
+    path = Path(name).expanduser()
+    if (path / "adapter_config.json").is_file():
+        artifact = Artifact.load(path) if (path / "manifest.json").is_file() else None
+        models.check_adapter_base(path, base)
+        return Policy(name, base, path.resolve(), artifact)
+    return Policy(name, models.resolve_model(name))  # another full model: its own base
+
+
+def choose_backend(backend: str) -> str:
+    """'auto' -> vllm on a CUDA box that has it installed, else hf."""
+    if backend != "auto":
+        return backend
+    return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
+
+
+def load_generator(policy: Policy, *, backend: str, batch_size: int, trust_remote_code: bool = False):
+    """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
+    weights first: generation then costs what the base model costs."""
+    from looper.generation import make_generator
+
+    tokenizer = models.load_tokenizer(policy.source, trust_remote_code=trust_remote_code)
+    backend = choose_backend(backend)
+    if backend == "vllm":
+        rank = _lora_rank(policy.adapter) if policy.adapter else 16
+        generator = make_generator("vllm", model_path=policy.source.path,
+                                   adapter_path=str(policy.adapter) if policy.adapter else None,
+                                   max_lora_rank=max(16, rank))
+        return generator, tokenizer
+    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code)
+    if policy.adapter is not None:
+        model = models.attach_adapter(model, policy.adapter, policy.source, trainable=False).merge_and_unload()
+    model.eval()
+    return make_generator(backend, model=model, tokenizer=tokenizer, batch_size=batch_size), tokenizer
+
+
+def _lora_rank(adapter: Path) -> int:
+    import orjson
+
+    return int(orjson.loads((adapter / "adapter_config.json").read_bytes()).get("r", 16))

@@ -1,0 +1,223 @@
+"""`looper rollouts`: sample every arm on each train question, score the set with Regime W.
+
+    looper rollouts --arms 8                       # first 500 train questions, latest sft policy
+    looper rollouts --policy base --limit 100      # before any sft
+    looper rollouts --shard 2/4                    # this box does chunks 2, 6, 10, ... of four boxes
+    looper rollouts merge V1 V2 V3 V4              # combine the boxes' artifacts into one version
+
+For each question, every arm (prompt style x temperature, `looper.regime_w.arms`) writes a
+solution; a few arms are asked again on a perturbed question for s_cf. The scores
+(s_end, s_path, s_cf, s_wm) and rewards (the question reward and one per arm) are pure
+functions of those outputs (`looper.regime_w.scoring`, `.reward`). Each completion keeps
+its prompt, token ids and untempered log-probs, so `looper ppo` can replay it exactly and
+use the log-probs as its behaviour policy.
+
+Questions are processed in chunks of `--shard-size`; each finished chunk is written as
+`shard-NNNNN.parquet` at once, so an interrupted run resumes at the first missing chunk,
+with no question missing or twice. Chunk seeds derive from the chunk index, so a resumed
+run samples what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from looper import models, policies
+from looper.answers import extract_answer, is_correct
+from looper.artifacts import Store, read_rows, write_parquet
+from looper.config import RolloutsConfig, identity
+from looper.data.prompts import render_prompt, tutoring_messages
+from looper.errors import LooperError
+from looper.generation import Sampling
+from looper.regime_w import reward, scoring
+from looper.regime_w.arms import Arm, select_arms
+from looper.regime_w.perturb import PERTURBATIONS, perturb
+from looper.regime_w.summary import ROW_SCHEMA, summarize
+from looper.stages import StageResult
+
+STAGE = "rollouts"
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise LooperError(f"--shard {spec}: write i/n with 1 <= i <= n, e.g. 1/1 or 2/4")
+    return index, count
+
+
+def reasoning_of(text: str) -> str:
+    """The worked part of a completion: inside <think>...</think>, else everything before '####'."""
+    if "</think>" in text:
+        return text.split("</think>")[0].replace("<think>", "").strip()
+    return text.rpartition("####")[0].strip() if "####" in text else text.strip()
+
+
+def output_record(arm: Arm, prompt: str, completion, gold: str) -> dict:
+    return {
+        "arm": arm.name, "style": arm.style, "temperature": arm.temperature, "prompt": prompt,
+        "text": completion.text, "reasoning": reasoning_of(completion.text),
+        "answer": extract_answer(completion.text), "correct": is_correct(completion.text, gold),
+        "tokens": completion.tokens, "finish_reason": completion.finish_reason,
+        "token_ids": completion.token_ids, "logprobs": completion.logprobs,
+    }
+
+
+def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
+    answers = [o["answer"] for o in outputs]
+    tokens = [o["tokens"] for o in outputs]
+    correct = [o["correct"] for o in outputs]
+    by_arm = {o["arm"]: o["answer"] for o in outputs}
+    weights = scoring.RegimeWWeights(config.w_end, config.w_path, config.w_cf)
+    scores = scoring.score_question(answers, tokens, [by_arm[c["arm"]] for c in cf_outputs],
+                                    [c["answer"] for c in cf_outputs], weights)
+    return {
+        "id": row["id"], "question": row["question"], "gold_answer": row["gold_answer"],
+        "policy": config.policy, "arm_outputs": outputs, "cf_outputs": cf_outputs, **scores,
+        "reward": reward.question_reward(correct, tokens, scores["s_wm"]),
+        "arm_rewards": reward.arm_rewards(correct, tokens, answers, scores["s_wm"], blend=config.coherence_blend),
+    }
+
+
+def rollout_chunk(rows: list[dict], arms: tuple[Arm, ...], cf_arms: list[Arm], generator, tokenizer,
+                  config: RolloutsConfig, seed: int, on_progress) -> list[dict]:
+    """All arms (and the s_cf re-asks) of all questions in the chunk, generated in one call."""
+    prompts, samplings, slots = [], [], []  # slot: (row index, "arm"|"cf", arm, perturbation)
+    for i, row in enumerate(rows):
+        for arm in arms:
+            prompts.append(render_prompt(tokenizer, tutoring_messages(row["question"], arm.instruction)))
+            slots.append((i, "arm", arm, None))
+        for k, arm in enumerate(cf_arms):
+            kind = PERTURBATIONS[k % len(PERTURBATIONS)]  # one perturbation per cf arm, alternating kinds
+            question = perturb(row["question"], kind, key=row["id"])
+            prompts.append(render_prompt(tokenizer, tutoring_messages(question, arm.instruction)))
+            slots.append((i, "cf", arm, (kind, question)))
+    for _, _, arm, _ in slots:
+        samplings.append(Sampling(temperature=arm.temperature, top_p=arm.top_p, max_new_tokens=config.max_new_tokens))
+    completions = generator.generate(prompts, samplings, seed=seed, on_progress=on_progress)
+
+    outputs = [[] for _ in rows]
+    cf_outputs = [[] for _ in rows]
+    for (i, kind, arm, extra), prompt, completion in zip(slots, prompts, completions):
+        if kind == "arm":
+            outputs[i].append(output_record(arm, prompt, completion, rows[i]["gold_answer"]))
+        else:
+            cf_outputs[i].append({"arm": arm.name, "perturbation": extra[0], "question": extra[1],
+                                  "text": completion.text, "answer": extract_answer(completion.text),
+                                  "tokens": completion.tokens})
+    return [score_row(row, outputs[i], cf_outputs[i], config) for i, row in enumerate(rows)]
+
+
+def run(config: RolloutsConfig) -> StageResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    store = Store(config.workdir)
+    prepare = store.resolve("prepare", config.prepare)
+    if config.split == "test":
+        raise LooperError("--split test: rollouts feed training, so they never read the test split (use train or dev)")
+    shard_index, shard_count = parse_shard(config.shard)
+    arms = select_arms(config.arms, config.arm_file)
+    arm_names = {a.name: a for a in arms}
+    cf_names = [n.strip() for n in config.cf_arms.split(",") if n.strip()]
+    if unknown := [n for n in cf_names if n not in arm_names]:
+        raise LooperError(f"--cf-arms: {', '.join(unknown)} not among the arms in use ({', '.join(arm_names)})")
+    cf_arms = [arm_names[n] for n in cf_names]
+
+    base = models.resolve_model(config.model)
+    try:
+        policy = policies.resolve_policy(config.policy, store=store, base=base)
+    except LooperError as exc:
+        hint = " (or pass --policy base to roll out the base model)" if config.policy == "sft" else ""
+        raise LooperError(f"{exc}{hint}") from None
+    stage_identity = identity(config) | {"model": base.identity, "policy": policy.identity(),
+                                         "arms": [vars(a) for a in arms]}
+    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    if (existing := store.find(STAGE, version)) and not config.force:
+        store.set_latest(STAGE, version)
+        return StageResult.up_to_date(existing)
+
+    split_path = prepare.path / f"{config.split}.parquet"
+    if not split_path.is_file():
+        raise LooperError(f"--split {config.split}: no such split in prepare {prepare.version} (train or dev)")
+    rows = read_rows(split_path)[config.offset:]
+    rows = rows[: config.limit] if config.limit is not None else rows
+    if not rows:
+        raise LooperError(f"no questions in {config.split} from offset {config.offset}")
+    chunks = [rows[i:i + config.shard_size] for i in range(0, len(rows), config.shard_size)]
+    mine = [j for j in range(len(chunks)) if j % shard_count == shard_index - 1]
+
+    run_ = store.begin(STAGE, version, resume=not config.force)
+    todo = [j for j in mine if not (run_.path / f"shard-{j:05d}.parquet").is_file()]
+    if todo:
+        generator, tokenizer = policies.load_generator(policy, backend=config.backend, batch_size=config.batch_size,
+                                                       trust_remote_code=config.trust_remote_code)
+        columns = [TextColumn("rollouts"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
+                   TimeElapsedColumn(), TextColumn("{task.fields[rate]}")]
+        with Progress(*columns, transient=False) as progress:
+            done_questions = sum(len(chunks[j]) for j in mine) - sum(len(chunks[j]) for j in todo)
+            task = progress.add_task("rollouts", total=sum(len(chunks[j]) for j in mine), completed=done_questions, rate="")
+            for j in todo:
+                def on_progress(done, tokens, start=progress.tasks[task].elapsed or 0.0):
+                    elapsed = max((progress.tasks[task].elapsed or 0.0) - start, 1e-9)
+                    progress.update(task, rate=f"{tokens / elapsed:.0f} tok/s")
+                scored = rollout_chunk(chunks[j], arms, cf_arms, generator, tokenizer, config,
+                                       seed=config.seed * 100_003 + j, on_progress=on_progress)
+                write_parquet(run_.path / f"shard-{j:05d}.parquet", scored, ROW_SCHEMA)
+                progress.advance(task, len(chunks[j]))
+
+    all_rows = [r for j in mine for r in read_rows(run_.path / f"shard-{j:05d}.parquet")]
+    summary = summarize(all_rows, [a.name for a in arms])
+    artifact = run_.commit(
+        config=orjson.loads(orjson.dumps(vars(config))), inputs={"prepare": prepare}, identity=stage_identity,
+        counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)}, metrics=summary,
+        extra={"base_model": {"spec": base.spec, "identity": base.identity},
+               "policy": {"name": policy.name, **policy.identity()},
+               "sampling": {"arms": [vars(a) for a in arms], "cf_arms": cf_names,
+                            "max_new_tokens": config.max_new_tokens, "seed": config.seed},
+               "shard": {"index": shard_index, "count": shard_count, "chunks": mine,
+                         "total_chunks": len(chunks)}},
+    )
+    return StageResult.from_artifact(artifact)
+
+
+def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult:
+    """One version from the artifacts of `--shard 1/n` ... `n/n`: the version an unsharded run would get."""
+    import shutil
+
+    from looper.artifacts import Artifact
+
+    store = Store(workdir)
+    artifacts = [store.resolve(STAGE, p) for p in parts]
+    shards = sorted((a.manifest["shard"]["index"], a.manifest["shard"]["count"]) for a in artifacts)
+    count = shards[0][1]
+    if [i for i, _ in shards] != list(range(1, count + 1)) or any(n != count for _, n in shards):
+        raise LooperError(f"merge needs exactly the shards 1/{count} ... {count}/{count} once each; got "
+                          + ", ".join(f"{i}/{n}" for i, n in shards))
+    strip = lambda ident: {k: v for k, v in ident.items() if k != "shard"}  # noqa: E731
+    if any(strip(a.manifest["identity"]) != strip(artifacts[0].manifest["identity"]) for a in artifacts) or \
+            len({a.manifest["inputs"]["prepare"]["hash"] for a in artifacts}) != 1:
+        raise LooperError("merge: these shards come from different settings or prepare versions")
+    stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
+    prepare = Artifact.load(artifacts[0].manifest["inputs"]["prepare"]["path"])
+    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    if (existing := store.find(STAGE, version)) and not force:
+        store.set_latest(STAGE, version)
+        return StageResult.up_to_date(existing)
+    run_ = store.begin(STAGE, version)
+    for artifact in artifacts:
+        for shard_file in artifact.path.glob("shard-*.parquet"):
+            shutil.copy2(shard_file, run_.path / shard_file.name)
+    all_rows = [r for f in sorted(run_.path.glob("shard-*.parquet")) for r in read_rows(f)]
+    first = artifacts[0].manifest
+    config = first["config"] | {"shard": "1/1"}
+    artifact = run_.commit(
+        config=config, inputs={"prepare": prepare}, identity=stage_identity,
+        counts={"questions": len(all_rows), "shards": len(list(run_.path.glob("shard-*.parquet"))),
+                "arms": first["counts"]["arms"]},
+        metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
+        extra={k: first[k] for k in ("base_model", "policy", "sampling")}
+        | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},
+    )
+    return StageResult.from_artifact(artifact)
