@@ -135,6 +135,7 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
 
 stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet.")
 stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
+stage_command("ppo", "Offline policy optimisation (GRPO-style, TRL) on the scored rollouts; --online samples fresh groups.")
 stage_command("eval", "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.")
 rollouts_app = typer.Typer(help="Multi-arm rollouts scored by Regime W.", add_completion=False)
 stage_command("rollouts", "Sample every arm (style x temperature) on each train question; score with Regime W.",
@@ -169,12 +170,6 @@ def regime_w_demo() -> None:
 
 def not_built(name: str, issue: str) -> None:
     raise LooperError(f"`looper {name}` is not built yet ({issue}); nothing was run")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ppo() -> None:
-    """Offline policy optimisation (GRPO-style) on the scored rollouts. [not built yet]"""
-    not_built("ppo", "see the ppo issue")
 
 
 @app.command()

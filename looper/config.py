@@ -71,9 +71,9 @@ class ModelOptions:
 
 
 @dataclass
-class SftConfig(ModelOptions, RunOptions):
-    prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
-    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.")
+class LoraOptions:
+    """The LoRA adapter a training stage creates (sft always; ppo/dpo when starting from the base)."""
+
     lora_r: int = opt(32, "LoRA rank.")
     lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA branch.")
@@ -81,6 +81,12 @@ class SftConfig(ModelOptions, RunOptions):
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "Comma-separated module names that get LoRA (attention and MLP projections), or 'all-linear'.",
     )
+
+
+@dataclass
+class SftConfig(LoraOptions, ModelOptions, RunOptions):
+    prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
+    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.")
     optimizer: str = opt("auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     lr_scheduler: str = opt("linear", "Learning-rate schedule (HF scheduler name).")
@@ -144,10 +150,56 @@ class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
     bootstrap: int = opt(10000, "Paired-bootstrap resamples for the accuracy-difference intervals.")
 
 
+@dataclass
+class TrainOptions:
+    """Optimisation settings shared by the RL-style stages (ppo, dpo)."""
+
+    rollouts: str = opt("latest", "Rollouts artifact to learn from: 'latest', a version id, or a path.")
+    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4), 'none'.")
+    optimizer: str = opt("auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name.")
+    learning_rate: float = opt(5e-6, "Peak learning rate.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    epochs: float = opt(1.0, "Passes over the rollouts' questions (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass (less memory, slower).")
+    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
+    seed: int = opt(0, "Seed for data order, dropout and a fresh adapter's initialisation.")
+    resume: bool = opt(True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False)
+    report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
+    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
+
+
+@dataclass
+class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+    reward: str = opt("arm", "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
+                      "'question': the shared question reward, advantages centred over the batch.")
+    questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.")
+    questions_per_minibatch: int = opt(4, "Questions per forward/backward pass (gradient accumulation makes up the step).")
+    clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.")
+    loss_type: str = opt("dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...).")
+    kl_coef: float = opt(0.04, "Initial coefficient of the per-token KL penalty to the reference policy.")
+    kl_target: float = opt(0.1, "Adaptive KL control: target mean per-token KL; the coefficient moves towards it. 0 = fixed.")
+    kl_horizon: int = opt(10000, "Adaptive KL control horizon (Ziegler et al.): larger = slower coefficient changes.")
+    online: bool = opt(False, "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.")
+    online_generations: int = opt(8, "With --online: completions sampled per question.")
+    online_temperature: float = opt(0.7, "With --online: sampling temperature.")
+    max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.")
+
+
+@dataclass
+class DpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+    pairs_per_question: int = opt(1, "Preference pairs per question: best correct arms against worst incorrect arms.")
+    beta: float = opt(0.1, "DPO beta: strength of the implicit KL constraint to the reference policy.")
+    batch_size: int = opt(4, "Pairs per device per forward pass.")
+    grad_accum: int = opt(2, "Gradient-accumulation steps per optimizer step.")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "sft": SftConfig,
     "rollouts": RolloutsConfig,
+    "ppo": PpoConfig,
+    "dpo": DpoConfig,
     "eval": EvalConfig,
 }
 

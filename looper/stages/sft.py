@@ -24,12 +24,11 @@ command continues from the last one. A finished version is never trained again.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import orjson
 
-from looper import models
+from looper import models, training
 from looper.artifacts import Store, read_rows
 from looper.config import SftConfig, identity
 from looper.data.prompts import render_prompt, sft_completion
@@ -50,38 +49,10 @@ def build_dataset(rows: list[dict], tokenizer):
     return Dataset.from_list(records)
 
 
-class MetricsFile:
-    """A TrainerCallback that appends every log line (loss, lr, tokens/s, dev loss) to metrics.jsonl."""
-
-    def __init__(self, path: Path):
-        from transformers import TrainerCallback
-
-        self.path = path
-        self.last = (time.perf_counter(), 0)
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if not state.is_world_process_zero or not logs:
-                    return
-                row = {"step": state.global_step, "epoch": state.epoch, **logs}
-                now, tokens = time.perf_counter(), logs.get("num_tokens")
-                if tokens is not None:
-                    then, tokens_then = outer.last
-                    if tokens > tokens_then and now > then:
-                        row["tokens_per_s"] = (tokens - tokens_then) / (now - then)
-                    outer.last = (now, tokens)
-                with open(outer.path, "ab") as fh:
-                    fh.write(orjson.dumps(row) + b"\n")
-
-        self.callback = _Callback()
-
-
 def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
     from trl import SFTConfig
 
     cuda = models.has_cuda()
-    optim = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
     return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -92,7 +63,7 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
         warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         num_train_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
-        optim=optim,
+        optim=training.optimizer_name(config.optimizer, cuda),
         activation_checkpointing=config.gradient_checkpointing,
         max_length=config.max_length,
         completion_only_loss=True,
@@ -104,7 +75,7 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
         save_steps=config.save_steps,
         save_total_limit=2,
         logging_steps=config.logging_steps,
-        report_to=[] if config.report_to == "none" else [config.report_to],
+        report_to=training.report_to(config.report_to),
         seed=config.seed,
         data_seed=config.seed,
         dataset_num_proc=None,
@@ -114,19 +85,15 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
 def build_trainer(config: SftConfig, output_dir: Path, model, tokenizer, train_rows: list[dict],
                   dev_rows: list[dict], callbacks: list | None = None):
     """TRL's SFTTrainer with a fresh LoRA adapter on the frozen base."""
-    from peft import LoraConfig
     from trl import SFTTrainer
 
-    targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
     return SFTTrainer(
         model=model,
         args=trl_config(config, output_dir, has_dev=bool(dev_rows)),
         train_dataset=build_dataset(train_rows, tokenizer),
         eval_dataset=build_dataset(dev_rows, tokenizer) if dev_rows else None,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=training.lora_config(config),
         callbacks=callbacks or [],
     )
 
@@ -142,8 +109,6 @@ def first_dev_loss(metrics_path: Path) -> float | None:
 
 
 def run(config: SftConfig) -> StageResult:
-    from transformers.trainer_utils import get_last_checkpoint
-
     store = Store(config.workdir)
     prepare = store.resolve("prepare", config.prepare)
     source = models.resolve_model(config.model)
@@ -165,9 +130,9 @@ def run(config: SftConfig) -> StageResult:
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code)
     trainer = build_trainer(config, run_.path / "trainer", model, tokenizer, train_rows, dev_rows,
-                            [MetricsFile(run_.path / "metrics.jsonl").callback])
+                            [training.metrics_callback(run_.path / "metrics.jsonl")])
     trainer_dir = run_.path / "trainer"
-    checkpoint = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    checkpoint = training.last_checkpoint(trainer_dir)
     if checkpoint:
         print(f"sft: resuming from {Path(checkpoint).name}")
     elif dev_rows:
@@ -177,8 +142,7 @@ def run(config: SftConfig) -> StageResult:
     if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
         return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
 
-    trainer.model.save_pretrained(run_.path, safe_serialization=True)
-    tokenizer.save_pretrained(run_.path)
+    training.save_adapter(trainer.model, tokenizer, run_.path)
     shutil.rmtree(trainer_dir, ignore_errors=True)  # resume state is useless once finished
     artifact = run_.commit(
         config=orjson.loads(orjson.dumps(vars(config))),

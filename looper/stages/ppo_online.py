@@ -1,0 +1,96 @@
+"""`looper ppo --online`: online GRPO, sampling a fresh group per question at each step.
+
+The questions, starting policy and reference are those of the rollouts artifact (as
+offline). Each step TRL generates `--online-generations` completions per question from the
+current policy in one prompt style at `--online-temperature` (vLLM on GPU when TRL is set up
+for it, transformers otherwise) and scores them with the per-arm reward, whose coherence
+term is computed over that group: agreement with the group's other answers blended with
+the group's s_wm. There is no s_cf online (it would need extra generations per step): its
+weight counts as 0, which only shifts a whole group's rewards and so leaves advantages alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import orjson
+
+from looper import models, training
+from looper.answers import extract_answer, is_correct
+from looper.artifacts import Store, read_rows
+from looper.config import PpoConfig, identity
+from looper.data.prompts import render_prompt, tutoring_messages
+from looper.errors import LooperError
+from looper.regime_w import reward, scoring
+from looper.stages import StageResult
+from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback, load_policy_model
+
+STAGE = "ppo"
+
+
+def group_reward_func(group_size: int, blend: float = 0.5):
+    """A TRL reward function: per-arm Regime W rewards computed over each group of completions."""
+
+    def online_arm_reward(completions, gold_answer, completion_ids, **kwargs) -> list[float]:
+        rewards = []
+        for start in range(0, len(completions), group_size):
+            texts = completions[start:start + group_size]
+            tokens = [len(ids) for ids in completion_ids[start:start + group_size]]
+            answers = [extract_answer(t) for t in texts]
+            correct = [is_correct(t, g) for t, g in zip(texts, gold_answer[start:start + group_size])]
+            s_wm = scoring.s_wm(scoring.s_end(answers), scoring.s_path(tokens), 0.0)
+            rewards += reward.arm_rewards(correct, tokens, answers, s_wm, blend=blend)
+        return rewards
+
+    return online_arm_reward
+
+
+def run_online(config: PpoConfig) -> StageResult:
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    store = Store(config.workdir)
+    rollouts = store.resolve("rollouts", config.rollouts)
+    base = models.resolve_model(config.model)
+    if rollouts.manifest.get("base_model", {}).get("identity") != base.identity:
+        raise LooperError(f"rollouts {rollouts.version} were generated from another base than --model {config.model}")
+    quant = models.resolve_quant(config.quant)
+    stage_identity = identity(config) | {"model": base.identity, "quant": quant}
+    version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
+    if (existing := store.find(STAGE, version)) and not config.force:
+        store.set_latest(STAGE, version)
+        return StageResult.up_to_date(existing)
+    rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
+    if not rows:
+        raise LooperError(f"rollouts {rollouts.version} hold no questions")
+
+    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
+    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
+    model, peft_config = load_policy_model(config, base, adapter_path, quant)
+    group = config.online_generations
+    dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
+                                  "gold_answer": r["gold_answer"]} for r in rows])
+    controller, holder = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon), {}
+    trainer_dir = run_.path / "trainer"
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[group_reward_func(group)],
+        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, temperature=config.online_temperature),
+        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[kl_callback(controller, holder, config.questions_per_step * group),
+                   training.metrics_callback(run_.path / "metrics.jsonl")],
+    )
+    trainer.beta, holder["trainer"] = controller.coef, trainer
+    result = trainer.train(resume_from_checkpoint=training.last_checkpoint(trainer_dir))
+    if not trainer.accelerator.is_main_process:
+        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
+    training.save_adapter(trainer.model, tokenizer, run_.path)
+    shutil.rmtree(trainer_dir, ignore_errors=True)
+    artifact = run_.commit(
+        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+        counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
+        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
+        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
+               "reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},
+    )
+    return StageResult.from_artifact(artifact)

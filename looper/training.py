@@ -1,0 +1,68 @@
+"""Glue shared by the training stages (sft, ppo, dpo): LoRA config, metrics file, resume.
+
+Kept out of the stage modules because stages never import each other.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def lora_config(config: Any):
+    """A PEFT LoraConfig from a stage config's lora_* fields."""
+    from peft import LoraConfig
+
+    targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def optimizer_name(choice: str, cuda: bool) -> str:
+    """'auto' -> paged 8-bit AdamW on CUDA (the QLoRA recipe), plain AdamW on CPU."""
+    return choice if choice != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+
+
+def report_to(choice: str) -> list[str]:
+    return [] if choice == "none" else [choice]
+
+
+def last_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest `checkpoint-N` an interrupted run left, to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+
+
+def metrics_callback(path: Path):
+    """A TrainerCallback appending each log line (+ tokens/s) to metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    class MetricsFile(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = (time.perf_counter(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            now, tokens = time.perf_counter(), logs.get("num_tokens")
+            if tokens is not None:
+                then, tokens_then = self.last
+                if tokens > tokens_then and now > then:
+                    row["tokens_per_s"] = (tokens - tokens_then) / (now - then)
+                self.last = (now, tokens)
+            with open(path, "ab") as fh:
+                fh.write(orjson.dumps(row) + b"\n")
+
+    return MetricsFile()
+
+
+def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
+    """The trained adapter only (not TRL's frozen 'ref' copy), as safetensors, plus the tokenizer."""
+    adapters = ["default"] if "default" in getattr(model, "peft_config", {}) else None
+    model.save_pretrained(path, safe_serialization=True, selected_adapters=adapters)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,172 @@
+"""`looper ppo` on a hand-built rollouts artifact and the tiny model (TRL GRPOTrainer, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import last_json
+from looper.artifacts import Store, write_parquet
+from looper.regime_w.summary import ROW_SCHEMA
+from looper.stages.ppo import AdaptiveKL, batch_centred_advantages, replay_func
+
+GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
+FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
+        "--save-steps", "100"]
+
+
+def completion_logprobs(model, tokenizer, prompt: str, completion_ids: list[int]) -> list[float]:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
+
+
+def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
+    """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from looper.data.prompts import render_prompt, tutoring_messages
+    from looper.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = []
+    for q in range(2):
+        question = f"Tom has 3 apples and gets 4 more (case {q}). How many apples?"
+        prompt = render_prompt(tokenizer, tutoring_messages(question))
+        outputs = []
+        for arm in range(4):
+            text = GOOD if arm % 2 == 0 else BAD
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            logprobs = [lp + logprob_shift for lp in completion_logprobs(model, tokenizer, prompt, ids)]
+            outputs.append({"arm": f"a{arm}", "style": "wolfram", "temperature": 0.3, "prompt": prompt, "text": text,
+                            "reasoning": text, "answer": "7" if arm % 2 == 0 else "9", "correct": arm % 2 == 0,
+                            "tokens": len(ids), "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
+        rows.append({"id": f"q{q}", "question": question, "gold_answer": "7", "policy": "base",
+                     "arm_outputs": outputs, "cf_outputs": [], "s_end": 1 / 3, "s_path": 1.0, "s_cf": 1.0,
+                     "s_wm": 0.7, "reward": 1.49, "arm_rewards": [1.0, -0.5, 1.0, -0.5]})
+    store = Store(workdir)
+    run = store.begin("rollouts", f"hand{int(logprob_shift)}")
+    write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
+    base = resolve_model(str(model_dir))
+    run.commit(config={}, inputs={}, identity={}, extra={
+        "base_model": {"spec": str(model_dir), "identity": base.identity},
+        "policy": {"name": "base", "adapter_path": None}})
+    return rows
+
+
+def mean_logprob(model, tokenizer, rows, correct: bool) -> float:
+    values = [sum(completion_logprobs(model, tokenizer, o["prompt"], o["token_ids"]))
+              for r in rows for o in r["arm_outputs"] if o["correct"] == correct]
+    return sum(values) / len(values)
+
+
+def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = build_rollouts(tmp_path, tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gap_before = mean_logprob(base, tokenizer, rows, True) - mean_logprob(base, tokenizer, rows, False)
+
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "8",
+                             "--learning-rate", "2e-2", "--lora-r", "16", "--json")
+    assert code == 0, err
+    result = last_json(out)
+    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "steps": 8}
+    assert "2 questions x 4 arms; 0 question group(s) have zero reward variance" in out
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result["path"])
+    gap_after = mean_logprob(trained, tokenizer, rows, True) - mean_logprob(trained, tokenizer, rows, False)
+    assert gap_after > gap_before + 0.5, (gap_before, gap_after)
+
+    manifest = json.loads(open(f"{result['path']}/manifest.json").read())
+    assert manifest["inputs"]["rollouts"]["version"] == "hand0" and manifest["loss_type"] == "dapo"
+    metrics = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl")]
+    steps = [m for m in metrics if "kl_coef" in m]
+    assert len(steps) == 8 and all("kl" in m and "clip_ratio/region_mean" in m for m in steps)
+
+
+def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_path):
+    """Stored log-probs 1 nat below the policy's: ratio e^1 > 1 + eps on every token.
+
+    The clipped objective then clips every token whose advantage is positive (half the arms here);
+    with the true log-probs the ratio is 1 and nothing is clipped."""
+    results = {}
+    for shift in (0.0, -1.0):
+        workdir = tmp_path / f"shift{shift}"
+        build_rollouts(workdir, tiny_model_dir, logprob_shift=shift)
+        code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--max-steps", "1",
+                                 "--learning-rate", "1e-9", "--json")
+        assert code == 0, err
+        metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
+        results[shift] = next(m for m in metrics if "clip_ratio/region_mean" in m)["clip_ratio/region_mean"]
+    assert results[0.0] < 0.05 and results[-1.0] == pytest.approx(0.5, abs=0.02), results
+
+
+def test_adaptive_kl_controller():
+    up = AdaptiveKL(0.04, target=0.1, horizon=100)
+    assert up.update(kl=0.5, n_samples=10) == pytest.approx(0.04 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
+    down = AdaptiveKL(0.04, target=0.1, horizon=100)
+    assert down.update(kl=0.05, n_samples=10) == pytest.approx(0.04 * (1 - 0.5 * 0 - 0.2 * 10 / 100))
+    fixed = AdaptiveKL(0.04, target=0.0, horizon=100)
+    assert fixed.update(kl=5.0, n_samples=10) == 0.04
+
+
+def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    rows = build_rollouts(tmp_path, tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [r["id"] for r in rows for _ in range(4)]  # TRL repeats each prompt num_generations times
+    arm = replay_func(rows, tokenizer, "arm", 4)(prompts, None)
+    assert arm["stored_reward"] == [1.0, -0.5, 1.0, -0.5] * 2
+    assert arm["completion_ids"][0] == rows[0]["arm_outputs"][0]["token_ids"]
+    assert arm["logprobs"][1] == rows[0]["arm_outputs"][1]["logprobs"]
+    question = replay_func(rows, tokenizer, "question", 4)(prompts, None)
+    assert question["stored_reward"] == [1.49] * 8
+    # question mode: centred over the batch, not the group
+    advantages = batch_centred_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]))
+    assert advantages.tolist() == pytest.approx([-0.866, -0.866, 0.866, 0.866], abs=1e-3)
+    assert batch_centred_advantages(torch.tensor([2.0])).tolist() == [0.0]
+
+
+def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
+    code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path)
+    assert code == 1 and "run `looper rollouts` first" in err
+    build_rollouts(tmp_path, tiny_model_dir)
+    other = tmp_path / "other-model"
+    from looper.testing import tiny_model
+
+    tiny_model(other, seed=1)
+    code, _, err = run_cli("ppo", "--model", other, "--workdir", tmp_path)
+    assert code == 1 and "were generated from base" in err
+    code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--reward", "both")
+    assert code == 1 and "--reward both" in err
+
+
+def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
+    build_rollouts(tmp_path, tiny_model_dir)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--online", *FAST,
+                             "--online-generations", "3", "--max-new-tokens", "6", "--max-steps", "2", "--json")
+    assert code == 0, err
+    result = last_json(out)
+    assert result["counts"] == {"questions": 2, "group_size": 3, "steps": 2}
+    metrics = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl")]
+    assert any(m.get("completions/max_length", 0) <= 6 and "kl_coef" in m for m in metrics)
+
+
+def test_online_group_reward_on_hand_written_group():
+    from looper.stages.ppo_online import group_reward_func
+
+    fn = group_reward_func(group_size=2)
+    rewards = fn(["#### 7", "#### 9", "#### 5", "#### 5"], gold_answer=["7", "7", "5", "5"],
+                 completion_ids=[[1] * 10] * 4)
+    # group 1: one right, answers disagree (s_end 0): right arm 1 + 0.7*(0.5*0 + 0.5*0.3); wrong -0.5 + same
+    assert rewards[:2] == pytest.approx([1.105, -0.395])
+    # group 2: both right and agreeing (s_end 1, s_wm 0.7): 1 + 0.7*(0.5*1 + 0.5*0.7)
+    assert rewards[2:] == pytest.approx([1.595, 1.595])
