@@ -1,0 +1,188 @@
+"""`looper dpo`: Direct Preference Optimisation on preference pairs mined from the rollouts, via TRL.
+
+    looper dpo                                  # one pair per question: best correct arm vs worst wrong arm
+    looper dpo --pairs-per-question 2           # the 2 best correct arms against the 2 worst wrong arms
+    accelerate launch -m looper dpo ...         # data parallel over the GPUs of one box
+
+Pairs (`preference_pairs`): within each question, its correct arms ranked by `arm_rewards`
+(highest first) are paired in order with its incorrect arms ranked lowest first, up to
+`--pairs-per-question` pairs and as many as the smaller side holds. A question whose arms
+are all correct or all wrong gives no pair. TRL's `DPOTrainer` then raises each chosen
+completion's log-likelihood ratio to the reference above the rejected one's (sigmoid loss).
+
+One prompt per pair: the chosen arm's. Arms of one question may use different styles, so
+different prompts; a pair is scored under the prompt the chosen (the behaviour we reinforce)
+was generated from, and the rejected completion is pushed down in that same context. We do
+not restrict pairs to one style: that would drop every question whose correct and wrong arms
+come from different styles, and the spec ranks arms by reward, not by style. The cost: a
+cross-style pair also carries a style difference, not only right-vs-wrong; their number is printed.
+
+Reference and adapter, as in `looper ppo`: from rollouts of an sft adapter, training continues
+that adapter and the reference is the sft policy itself (TRL's DPOTrainer, given a PeftModel
+and no peft_config, copies the adapter into a frozen "ref" adapter and scores the reference
+with it); from the base model, a fresh LoRA is trained and the reference is the base (adapter off).
+
+Simplifications: prompt and completion strings are re-tokenized by TRL (the stored token ids
+are not reused), and TRL appends EOS to every completion, truncated ones included.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import orjson
+
+from looper import models, training
+from looper.artifacts import Store, read_rows
+from looper.config import DpoConfig, identity
+from looper.errors import LooperError
+from looper.stages import StageResult
+
+STAGE = "dpo"
+MAX_LENGTH_CAP = 4096  # tokens of prompt + completion; rollouts are bounded by their max_new_tokens anyway
+
+
+def preference_pairs(rows: list[dict], k: int = 1) -> list[dict]:
+    """Per question: its k best correct arms (by arm reward) against its k worst incorrect arms, in order."""
+    pairs = []
+    for row in rows:
+        arms = list(zip(row["arm_outputs"], row["arm_rewards"]))
+        best = sorted((a for a in arms if a[0]["correct"]), key=lambda a: -a[1])  # stable: ties keep arm order
+        worst = sorted((a for a in arms if not a[0]["correct"]), key=lambda a: a[1])
+        for (good, good_reward), (bad, bad_reward) in zip(best[:k], worst[:k]):
+            pairs.append({"id": row["id"], "prompt": good["prompt"], "chosen": good["text"], "rejected": bad["text"],
+                          "chosen_arm": good["arm"], "rejected_arm": bad["arm"],
+                          "cross_prompt": good["prompt"] != bad["prompt"],
+                          "chosen_reward": good_reward, "rejected_reward": bad_reward})
+    return pairs
+
+
+def strip_template_bos(prompt: str, tokenizer) -> str:
+    """TRL tokenizes a string prompt with special tokens on: where the tokenizer adds BOS itself and the
+    chat template already wrote it, drop the written one, so training sees one BOS, as generation did."""
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos) and tokenizer("1")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return prompt[len(bos):]
+    return prompt
+
+
+def max_length(pairs: list[dict], tokenizer) -> int:
+    """The longest prompt + completion in tokens (+ BOS/EOS slack), capped at MAX_LENGTH_CAP."""
+    def n(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    longest = max(n(p["prompt"]) + max(n(p["chosen"]), n(p["rejected"])) for p in pairs)
+    return min(longest + 4, MAX_LENGTH_CAP)
+
+
+def dpo_config(config: DpoConfig, output_dir, length: int):
+    from trl import DPOConfig
+
+    cuda = models.has_cuda()
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=config.beta,
+        loss_type=["sigmoid"],  # the original DPO loss
+        max_length=length,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        optim=training.optimizer_name(config.optimizer, cuda),
+        activation_checkpointing=config.gradient_checkpointing,
+        bf16=cuda,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        report_to=training.report_to(config.report_to),
+        seed=config.seed,
+        data_seed=config.seed,
+        dataset_num_proc=None,
+    )
+
+
+def load_policy_model(config: DpoConfig, base: models.ModelSource, adapter_path: str | None, quant: str):
+    """The policy to train: the rollouts' adapter continued (TRL copies it as the frozen 'ref'),
+    or the base with a fresh LoRA (reference = base, adapter off)."""
+    model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
+    if adapter_path is None:
+        return model, training.lora_config(config)
+    return models.attach_adapter(model, adapter_path, base, trainable=True), None
+
+
+def last_logged(log_history: list[dict], key: str):
+    return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+
+def run(config: DpoConfig) -> StageResult:
+    if config.pairs_per_question < 1:
+        raise LooperError(f"--pairs-per-question {config.pairs_per_question}: must be 1 or more")
+    store = Store(config.workdir)
+    rollouts = store.resolve("rollouts", config.rollouts)
+    base = models.resolve_model(config.model)
+    made_on = rollouts.manifest.get("base_model", {}).get("identity")
+    if made_on != base.identity:
+        raise LooperError(f"rollouts {rollouts.version} were generated from base '{made_on}', not --model "
+                          f"{config.model} ('{base.identity}'): pass the matching --model")
+    quant = models.resolve_quant(config.quant)
+    stage_identity = identity(config) | {"model": base.identity, "quant": quant}
+    version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
+    if (existing := store.find(STAGE, version)) and not config.force:
+        store.set_latest(STAGE, version)
+        return StageResult.up_to_date(existing)
+
+    rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
+    if not rows:
+        raise LooperError(f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions")
+    pairs = preference_pairs(rows, config.pairs_per_question)
+    without = len(rows) - len({p["id"] for p in pairs})
+    if not pairs:
+        raise LooperError(f"rollouts {rollouts.version} give no preference pairs: every question's arms are all "
+                          "correct or all wrong; roll out more questions or more arms")
+    cross = sum(p["cross_prompt"] for p in pairs)
+    print(f"dpo: {len(pairs)} preference pair(s) from {len(rows)} questions; {without} question(s) give none "
+          f"(arms all correct or all wrong); {cross} pair(s) rank arms of different prompts (scored under the chosen's)")
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
+    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
+    model, peft_config = load_policy_model(config, base, adapter_path, quant)
+    trainer_dir = run_.path / "trainer"
+    checkpoint = training.last_checkpoint(trainer_dir)
+    dataset = Dataset.from_list([{"prompt": strip_template_bos(p["prompt"], tokenizer), "chosen": p["chosen"],
+                                  "rejected": p["rejected"]} for p in pairs])
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_config(config, trainer_dir, max_length(pairs, tokenizer)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+    )
+    if checkpoint:
+        print(f"dpo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
+        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
+
+    training.save_adapter(trainer.model, tokenizer, run_.path)  # the trained adapter, not the 'ref' copy
+    shutil.rmtree(trainer_dir, ignore_errors=True)
+    history = trainer.state.log_history
+    artifact = run_.commit(
+        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+        counts={"questions": len(rows), "pairs": len(pairs), "questions_without_pairs": without,
+                "steps": trainer.state.global_step},
+        metrics={"train_loss": result.training_loss,
+                 "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
+                 "final_reward_margin": last_logged(history, "rewards/margins")},
+        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
+               "reference": adapter_path or "base", "beta": config.beta,
+               "pairs_per_question": config.pairs_per_question},
+    )
+    return StageResult.from_artifact(artifact)
