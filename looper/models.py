@@ -135,7 +135,7 @@ def resolve_quant(quant: str) -> str:
     return quant
 
 
-def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
     try:
@@ -144,7 +144,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
         raise LooperError(f"--model {source.spec}: tokenizer not found ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; masks keep it out of the loss
-    if not tokenizer.chat_template:
+    if require_chat_template and not tokenizer.chat_template:
         raise LooperError(f"--model {source.spec}: the tokenizer has no chat template; use an instruct/chat model")
     return tokenizer
 

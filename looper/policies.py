@@ -58,12 +58,15 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
-def load_generator(policy: Policy, *, backend: str, batch_size: int, trust_remote_code: bool = False):
+def load_generator(policy: Policy, *, backend: str, batch_size: int, trust_remote_code: bool = False,
+                   require_chat_template: bool = True):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
-    weights first: generation then costs what the base model costs."""
+    weights first: generation then costs what the base model costs. Plain-text prompting
+    (eval's lm-eval format) passes require_chat_template=False to allow base models."""
     from looper.generation import make_generator
 
-    tokenizer = models.load_tokenizer(policy.source, trust_remote_code=trust_remote_code)
+    tokenizer = models.load_tokenizer(policy.source, trust_remote_code=trust_remote_code,
+                                      require_chat_template=require_chat_template)
     backend = choose_backend(backend)
     if backend == "vllm":
         rank = _lora_rank(policy.adapter) if policy.adapter else 16

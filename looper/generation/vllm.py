@@ -62,6 +62,17 @@ class VLLMGenerator:
         except OSError:
             pass
 
+    def close(self) -> None:
+        """Free the engine's GPU memory before the next model loads (eval compares several)."""
+        import gc
+
+        import torch
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def generate(
         self,
         prompts: Sequence[str],
