@@ -250,6 +250,16 @@ class Store:
         path = self.stage_root(stage) / version
         return Artifact.load(path) if (path / MANIFEST).is_file() else None
 
+    def reuse(self, stage: str, version: str, force: bool) -> Artifact | None:
+        """The finished artifact of exactly this version, made `latest` again; None if absent or forced.
+
+        This is how every stage skips a rerun that would produce what already exists."""
+        existing = self.find(stage, version)
+        if existing is None or force:
+            return None
+        self.set_latest(stage, version)
+        return existing
+
     def latest(self, stage: str) -> str | None:
         pointer = self.stage_root(stage) / "LATEST"
         return pointer.read_text().strip() if pointer.is_file() else None

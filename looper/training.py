@@ -66,3 +66,31 @@ def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
     adapters = ["default"] if "default" in getattr(model, "peft_config", {}) else None
     model.save_pretrained(path, safe_serialization=True, selected_adapters=adapters)
     tokenizer.save_pretrained(path)
+
+
+def rollouts_input(store: Any, config: Any) -> tuple[Any, Any, str]:
+    """(rollouts artifact, base model, resolved quant) for a stage that learns from rollouts.
+
+    Refuses rollouts generated from another base than --model: their stored log-probs and
+    adapter belong to that base."""
+    from looper import models
+    from looper.errors import LooperError
+
+    rollouts = store.resolve("rollouts", config.rollouts)
+    base = models.resolve_model(config.model)
+    made_on = rollouts.manifest.get("base_model", {}).get("identity")
+    if made_on != base.identity:
+        raise LooperError(f"rollouts {rollouts.version} were generated from base '{made_on}', not --model "
+                          f"{config.model} ('{base.identity}'): pass the matching --model")
+    return rollouts, base, models.resolve_quant(config.quant)
+
+
+def rollout_rows(rollouts: Any) -> list[dict]:
+    """Every question row of a rollouts artifact, in shard order."""
+    from looper.artifacts import read_rows
+    from looper.errors import LooperError
+
+    rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
+    if not rows:
+        raise LooperError(f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions")
+    return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from conftest import last_json
 from looper.artifacts import Store
 
 

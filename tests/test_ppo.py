@@ -170,3 +170,38 @@ def test_online_group_reward_on_hand_written_group():
     assert rewards[:2] == pytest.approx([1.105, -0.395])
     # group 2: both right and agreeing (s_end 1, s_wm 0.7): 1 + 0.7*(0.5*1 + 0.5*0.7)
     assert rewards[2:] == pytest.approx([1.595, 1.595])
+
+
+def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from looper.stages.ppo import ReplayGRPOTrainer
+
+    # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
+    # the dropout masks drawn) can differ; the accumulated gradient of a step does not
+    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0", "--json"]
+    straight, broken = tmp_path / "a", tmp_path / "b"
+    build_rollouts(straight, tiny_model_dir)
+    build_rollouts(broken, tiny_model_dir)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
+    assert code == 0, err
+    reference = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
+
+    original, calls = ReplayGRPOTrainer.training_step, {"n": 0}
+
+    def dies_in_step_three(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 micro-batches per step: the 5th is step 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", dies_in_step_three)
+    code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 130
+    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", original)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 0, err
+    assert "resuming from checkpoint-2" in out
+    resumed = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-6)

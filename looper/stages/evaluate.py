@@ -278,8 +278,7 @@ def run(config: EvalConfig) -> StageResult:
                                          "backend": backend, "chunk": CHUNK}
     inputs |= {p.name: p.artifact for p in policies if p.artifact is not None and p.name in ADAPTER_STAGES}
     version = store.version_for(STAGE, stage_identity, inputs)
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
     shots, shots_note = fewshot_examples(prepare, {r["id"] for r in rows}) if config.format == "lm-eval" else ([], None)

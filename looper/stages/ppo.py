@@ -34,7 +34,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from looper import models, training
-from looper.artifacts import Store, read_rows
+from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
 from looper.stages import StageResult
@@ -167,22 +167,13 @@ def run(config: PpoConfig) -> StageResult:
     if config.reward not in ("arm", "question"):
         raise LooperError(f"--reward {config.reward}: choose arm or question")
     store = Store(config.workdir)
-    rollouts = store.resolve("rollouts", config.rollouts)
-    base = models.resolve_model(config.model)
-    made_on = rollouts.manifest.get("base_model", {}).get("identity")
-    if made_on != base.identity:
-        raise LooperError(f"rollouts {rollouts.version} were generated from base '{made_on}', not --model "
-                          f"{config.model} ('{base.identity}'): pass the matching --model")
-    quant = models.resolve_quant(config.quant)
+    rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
-    if not rows:
-        raise LooperError(f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions")
+    rows = training.rollout_rows(rollouts)
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
         raise LooperError("rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more")

@@ -17,10 +17,9 @@ import orjson
 
 from looper import models, training
 from looper.answers import extract_answer, is_correct
-from looper.artifacts import Store, read_rows
+from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
-from looper.errors import LooperError
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
 from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback, load_policy_model
@@ -50,19 +49,12 @@ def run_online(config: PpoConfig) -> StageResult:
     from trl import GRPOTrainer
 
     store = Store(config.workdir)
-    rollouts = store.resolve("rollouts", config.rollouts)
-    base = models.resolve_model(config.model)
-    if rollouts.manifest.get("base_model", {}).get("identity") != base.identity:
-        raise LooperError(f"rollouts {rollouts.version} were generated from another base than --model {config.model}")
-    quant = models.resolve_quant(config.quant)
+    rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
-    rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
-    if not rows:
-        raise LooperError(f"rollouts {rollouts.version} hold no questions")
+    rows = training.rollout_rows(rollouts)
 
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)

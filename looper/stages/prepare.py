@@ -123,8 +123,7 @@ def run(config: PrepareConfig) -> StageResult:
     # The version hashes the source rows themselves, so an edited source file is a new version.
     source_hash = short_hash([[r.question, r.answer] for split in ("train", "test") for r in raw[split]], n=64)
     version = store.version_for(STAGE, identity(config), {"source": source_hash})
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
     train, dev = split_train_dev(raw["train"], config.dev_fraction, config.seed)

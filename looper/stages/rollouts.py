@@ -20,6 +20,8 @@ run samples what an uninterrupted one would have.
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
 from looper import models, policies
@@ -134,8 +136,7 @@ def run(config: RolloutsConfig) -> StageResult:
     stage_identity = identity(config) | {"model": base.identity, "policy": policy.identity(),
                                          "arms": [vars(a) for a in arms]}
     version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
     split_path = prepare.path / f"{config.split}.parquet"
@@ -159,9 +160,12 @@ def run(config: RolloutsConfig) -> StageResult:
             done_questions = sum(len(chunks[j]) for j in mine) - sum(len(chunks[j]) for j in todo)
             task = progress.add_task("rollouts", total=sum(len(chunks[j]) for j in mine), completed=done_questions, rate="")
             for j in todo:
-                def on_progress(done, tokens, start=progress.tasks[task].elapsed or 0.0):
-                    elapsed = max((progress.tasks[task].elapsed or 0.0) - start, 1e-9)
-                    progress.update(task, rate=f"{tokens / elapsed:.0f} tok/s")
+                def on_progress(done, tokens, start=time.perf_counter()):
+                    # rates of the chunk in flight: completions are questions x (arms + s_cf re-asks)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    per_question = len(arms) + len(cf_arms)
+                    progress.update(task, rate=f"{done / per_question / elapsed:.2f} questions/s, "
+                                               f"{tokens / elapsed:.0f} tok/s")
                 scored = rollout_chunk(chunks[j], arms, cf_arms, generator, tokenizer, config,
                                        seed=config.seed * 100_003 + j, on_progress=on_progress)
                 write_parquet(run_.path / f"shard-{j:05d}.parquet", scored, ROW_SCHEMA)
@@ -203,8 +207,7 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
     prepare = Artifact.load(artifacts[0].manifest["inputs"]["prepare"]["path"])
     version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
-    if (existing := store.find(STAGE, version)) and not force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, force):
         return StageResult.up_to_date(existing)
     run_ = store.begin(STAGE, version)
     for artifact in artifacts:

@@ -117,8 +117,7 @@ def run(config: SftConfig) -> StageResult:
         print("sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)")
     stage_identity = identity(config) | {"model": source.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
-    if (existing := store.find(STAGE, version)) and not config.force:
-        store.set_latest(STAGE, version)
+    if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
     train_rows = read_rows(prepare.path / "train.parquet")[: config.limit]
