@@ -65,3 +65,4 @@ def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     second = make_all(home, tmp_path / "cache")
     assert second.returncode == 0, second.stderr
     assert "looper" not in second.stdout and "Nothing to be done" in second.stdout
+    assert manifest(rollouts)["inputs"]["sft"]["version"] == sft.name  # a retrained sft makes rollouts stale

@@ -135,7 +135,9 @@ def run(config: RolloutsConfig) -> StageResult:
         raise LooperError(f"{exc}{hint}") from None
     stage_identity = identity(config) | {"model": base.identity, "policy": policy.identity(),
                                          "arms": [vars(a) for a in arms]}
-    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    # the policy's adapter is an input too: a retrained sft makes these rollouts stale
+    inputs = {"prepare": prepare} | ({policy.artifact.stage: policy.artifact} if policy.artifact else {})
+    version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
@@ -174,7 +176,7 @@ def run(config: RolloutsConfig) -> StageResult:
     all_rows = [r for j in mine for r in read_rows(run_.path / f"shard-{j:05d}.parquet")]
     summary = summarize(all_rows, [a.name for a in arms])
     artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"prepare": prepare}, identity=stage_identity,
+        config=orjson.loads(orjson.dumps(vars(config))), inputs=inputs, identity=stage_identity,
         counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)}, metrics=summary,
         extra={"base_model": {"spec": base.spec, "identity": base.identity},
                "policy": {"name": policy.name, "adapter_path": str(policy.adapter) if policy.adapter else None,
@@ -202,11 +204,11 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
                           + ", ".join(f"{i}/{n}" for i, n in shards))
     strip = lambda ident: {k: v for k, v in ident.items() if k != "shard"}  # noqa: E731
     if any(strip(a.manifest["identity"]) != strip(artifacts[0].manifest["identity"]) for a in artifacts) or \
-            len({a.manifest["inputs"]["prepare"]["hash"] for a in artifacts}) != 1:
-        raise LooperError("merge: these shards come from different settings or prepare versions")
+            len({tuple(sorted((k, v["hash"]) for k, v in a.manifest["inputs"].items())) for a in artifacts}) != 1:
+        raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
-    prepare = Artifact.load(artifacts[0].manifest["inputs"]["prepare"]["path"])
-    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    inputs = {name: Artifact.load(ref["path"]) for name, ref in artifacts[0].manifest["inputs"].items()}
+    version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, force):
         return StageResult.up_to_date(existing)
     run_ = store.begin(STAGE, version)
@@ -217,7 +219,7 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     first = artifacts[0].manifest
     config = first["config"] | {"shard": "1/1"}
     artifact = run_.commit(
-        config=config, inputs={"prepare": prepare}, identity=stage_identity,
+        config=config, inputs=inputs, identity=stage_identity,
         counts={"questions": len(all_rows), "shards": len(list(run_.path.glob("shard-*.parquet"))),
                 "arms": first["counts"]["arms"]},
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
