@@ -58,6 +58,7 @@ def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     assert manifest(sft)["inputs"]["prepare"]["version"] == prepare.name
     assert manifest(rollouts)["inputs"]["prepare"]["version"] == prepare.name
     assert manifest(rollouts)["policy"]["adapter_path"] == str(sft)
+    assert manifest(rollouts)["inputs"]["sft"]["version"] == sft.name  # a retrained sft makes rollouts stale
     assert manifest(ppo)["inputs"]["rollouts"]["version"] == rollouts.name
     assert manifest(evaluation)["inputs"]["prepare"]["version"] == prepare.name
 
@@ -65,4 +66,3 @@ def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     second = make_all(home, tmp_path / "cache")
     assert second.returncode == 0, second.stderr
     assert "looper" not in second.stdout and "Nothing to be done" in second.stdout
-    assert manifest(rollouts)["inputs"]["sft"]["version"] == sft.name  # a retrained sft makes rollouts stale
