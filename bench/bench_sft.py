@@ -51,7 +51,10 @@ def plain_trl_run(workdir: Path, steps: int, tag: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(path)
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
                      gradient_accumulation_steps=1, learning_rate=5e-5, report_to=[], save_strategy="no",
-                     logging_steps=1, seed=tag, disable_tqdm=True)
+                     logging_steps=1, seed=tag, disable_tqdm=True,
+                     # TRL >= 1.x defaults to bf16=True (refused on a CPU without use_cpu) and
+                     # gradient_checkpointing=True: pin both to the settings looper uses here (fp32 on CPU, none).
+                     bf16=False, gradient_checkpointing=False)
     lora = LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)

@@ -97,7 +97,7 @@ class SftConfig(LoraOptions, ModelOptions, RunOptions):
     grad_accum: int = opt(8, "Gradient-accumulation steps per optimizer step.")
     max_length: int = opt(1024, "Truncate training sequences (prompt + solution) to this many tokens.")
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass (less memory, ~30% slower).")
-    padding_free: bool = opt(False, "Concatenate a batch into one row without padding (TRL padding_free).")
+    padding_free: bool = opt(False, "Concatenate a batch into one row without padding (TRL padding_free; CUDA + FlashAttention 2 only).")
     limit: int | None = opt(None, "Train on at most this many questions of the train split.")
     dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.")
     eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).")

@@ -149,12 +149,15 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, requ
     return tokenizer
 
 
-def load_model(source: ModelSource, *, quant: str = "none", trust_remote_code: bool = False) -> Any:
+def load_model(source: ModelSource, *, quant: str = "none", trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> Any:
     """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     kwargs["dtype"] = torch.bfloat16 if has_cuda() else torch.float32
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(

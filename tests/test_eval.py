@@ -4,6 +4,7 @@ pure parts (lm-eval conventions, the report statistics) on hand-written data."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -238,12 +239,15 @@ def test_lm_eval_format_through_the_cli(run_cli, gsm8k_dir, tiny_model_dir, tmp_
     assert set(result["metrics"]) >= {"accuracy", "flexible"}
     path = Path(result["path"])
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["prompt"]["fewshot_ids"] == [f"gsm8k-train-{i:05d}" for i in range(5)]
+    # the harness's sampler: one Random(1234), 5 train docs (file order) drawn per question in order
+    first_draw = random.Random(1234).sample(range(50), 5)
+    assert manifest["prompt"]["fewshot_ids_first_question"] == [f"gsm8k-train-{i:05d}" for i in first_draw]
     assert manifest["prompt"]["fewshot_answers"] == "raw"
     assert manifest["generation"]["sampling"]["stop"] == list(lm.UNTIL)
     example = manifest["models"]["base"]["prompt_example"]
     first_test = json.loads((gsm8k_dir / "test.jsonl").read_text().splitlines()[0])
-    assert example.startswith("Question: Ann has 0 apples") and "<<0+2=2>>2 apples.\n#### 2\n\n" in example
+    i = first_draw[0]
+    assert example.startswith(f"Question: Ann has {i} apples") and f"<<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}\n\n" in example
     assert example.endswith(f"Question: {first_test['question']}\nAnswer:") and "<|im_start|>" not in example
     report = json.loads((path / "report.json").read_text())
     assert {"accuracy", "ci95"} <= set(report["models"]["base"]["flexible"])

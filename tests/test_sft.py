@@ -176,3 +176,8 @@ def test_sft_errors(run_cli, tmp_path, tiny_model_dir, prepared, monkeypatch):
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     code, _, err = run_cli("sft", "--model", tiny_model_dir, "--workdir", prepared, "--quant", "4bit")
     assert code == 1 and "pip install 'looper[qlora]'" in err
+
+
+def test_padding_free_refused_without_flash_attention(run_cli, prepared, tiny_model_dir):
+    code, _, err = run_cli("sft", "--model", tiny_model_dir, "--workdir", prepared, "--padding-free")
+    assert code == 1 and "--padding-free needs FlashAttention" in err

@@ -2,8 +2,10 @@
 
 The harness task (lm_eval/tasks/gsm8k/gsm8k.yaml, metadata version 3) in short:
 
-* 5-shot, plain text, no chat template: the first 5 rows of the GSM8K train split
-  (`fewshot_config: sampler: first_n`), each rendered `Question: {question}\\nAnswer: {answer}`
+* 5-shot, plain text, no chat template: for each test question, 5 train rows drawn by the
+  harness's default sampler (the task has no `fewshot_config`): one `random.Random(1234)`,
+  `rnd.sample(train_docs, 5)` per question in document order, over the train split in file
+  order. Each is rendered `Question: {question}\\nAnswer: {answer}`
   with the full GSM8K answer (worked steps, `<<48/2=24>>` calculator annotations and `#### n`),
   joined by a blank line, then `Question: {question}\\nAnswer:` for the question asked;
 * greedy decoding until `Question:`, `</s>`, `<|im_end|>` (or the tokenizer's EOS);
@@ -23,8 +25,9 @@ Where `looper eval --format lm-eval` differs, on purpose or by necessity:
   normalisation, so the scores are the same;
 * the harness generates at most 256 tokens (`max_gen_toks`); pass `--max-new-tokens 256`
   to match it exactly (looper's default is 512);
-* when evaluating the dev split, few-shot rows are the first 5 train rows (in source
-  order) that are not themselves being evaluated.
+* the pool is the prepare artifact's train + dev rows in source order: the harness's when
+  prepare read the whole GSM8K train file (no --limit, no skipped rows); when evaluating
+  the dev split, the questions being evaluated are left out of the pool.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ TASK = "gsm8k"
 TASK_VERSION = 3.0
 NUM_FEWSHOT = 5
 FEWSHOT_SPLIT = "train"
-FEWSHOT_SAMPLER = "first_n"
+FEWSHOT_SAMPLER = "default"  # random.Random(FEWSHOT_SEED).sample(train, 5), drawn per question in order
+FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 DOC_TO_TEXT = "Question: {question}\nAnswer:"
 DOC_TO_TARGET = "{answer}"  # the full GSM8K answer, annotations and `#### n` included
 TARGET_DELIMITER = " "

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -148,19 +149,28 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
     return rows, inputs, prepare, about
 
 
-def fewshot_examples(prepare: Artifact, exclude: set[str]) -> tuple[list[dict], str]:
-    """The harness's first_n few-shot rows: the first 5 train questions in source order."""
+def fewshot_examples(prepare: Artifact, rows: list[dict]) -> tuple[list[list[dict]], str]:
+    """The harness's few-shot examples for each evaluated question, in order.
+
+    lm-evaluation-harness' gsm8k task has no `fewshot_config`, so its default sampler draws
+    `random.Random(1234).sample(train_docs, 5)` afresh for each document, in document order,
+    from the whole train split in file order. We rebuild that pool from the prepare
+    artifact's train and dev rows (sorted back into source order) and draw the same way, so
+    the prompts are the harness's byte for byte when the pool is the full GSM8K train file."""
     index = lambda row: int(row["id"].rsplit("-", 1)[1])  # noqa: E731 - prepare ids end in the source row index
-    pool = sorted((r for s in ("train", "dev") for r in split_rows(prepare, s) if r["id"] not in exclude), key=index)
-    shots = pool[: lm_eval_format.NUM_FEWSHOT]
-    if len(shots) < lm_eval_format.NUM_FEWSHOT:
+    evaluated = {r["id"] for r in rows}
+    pool = sorted((r for s in ("train", "dev") for r in split_rows(prepare, s) if r["id"] not in evaluated), key=index)
+    if len(pool) < lm_eval_format.NUM_FEWSHOT:
         raise LooperError(f"prepare {prepare.version} has fewer than {lm_eval_format.NUM_FEWSHOT} train questions "
                           "for --format lm-eval's examples")
     raw = raw_train_rows(prepare)
-    if raw is not None and all(index(r) in raw and raw[index(r)].question.strip() == r["question"] for r in shots):
-        return [{"id": r["id"], "question": r["question"], "answer": raw[index(r)].answer} for r in shots], "raw"
-    return ([{"id": r["id"], "question": r["question"], "answer": r["solution"]} for r in shots],
-            "prepare solutions (<<...>> calculator annotations stripped; the harness keeps them)")
+    if raw is not None and all(index(r) in raw and raw[index(r)].question.strip() == r["question"] for r in pool):
+        pool, note = [{"id": r["id"], "question": r["question"], "answer": raw[index(r)].answer} for r in pool], "raw"
+    else:
+        pool = [{"id": r["id"], "question": r["question"], "answer": r["solution"]} for r in pool]
+        note = "prepare solutions (<<...>> calculator annotations stripped; the harness keeps them)"
+    rnd = random.Random(lm_eval_format.FEWSHOT_SEED)
+    return [rnd.sample(pool, lm_eval_format.NUM_FEWSHOT) for _ in rows], note
 
 
 def raw_train_rows(prepare: Artifact) -> dict[int, gsm8k.RawRow] | None:
@@ -179,9 +189,9 @@ def raw_train_rows(prepare: Artifact) -> dict[int, gsm8k.RawRow] | None:
     return {r.index: r for r in rows}
 
 
-def build_prompts(policy: Policy, rows: list[dict], config: EvalConfig, shots: list[dict]) -> list[str]:
+def build_prompts(policy: Policy, rows: list[dict], config: EvalConfig, shots: list[list[dict]]) -> list[str]:
     if config.format == "lm-eval":
-        return [lm_eval_format.build_prompt(shots, r["question"]) for r in rows]
+        return [lm_eval_format.build_prompt(row_shots, r["question"]) for row_shots, r in zip(shots, rows)]
     tokenizer = models.load_tokenizer(policy.source, trust_remote_code=config.trust_remote_code)
     return [render_prompt(tokenizer, r["prompt"]) for r in rows]
 
@@ -281,7 +291,7 @@ def run(config: EvalConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    shots, shots_note = fewshot_examples(prepare, {r["id"] for r in rows}) if config.format == "lm-eval" else ([], None)
+    shots, shots_note = fewshot_examples(prepare, rows) if config.format == "lm-eval" else ([], None)
     all_rows: list[dict] = []
     about_models: dict[str, dict] = {}
     with progress_bar() as progress:
@@ -305,7 +315,7 @@ def run(config: EvalConfig) -> StageResult:
                   "rendering": "messages through each model's chat template, assistant turn opened (render_prompt)"}
     else:
         prompt = {"format": "lm-eval", "conventions": lm_eval_format.CONVENTIONS, "fewshot_answers": shots_note,
-                  "fewshot_ids": [s["id"] for s in shots]}
+                  "fewshot_seed": lm_eval_format.FEWSHOT_SEED, "fewshot_ids_first_question": [s["id"] for s in shots[0]]}
     run_ = store.begin(STAGE, version)
     write_parquet(run_.path / "completions.parquet", all_rows, ROW_SCHEMA)
     report.write(run_.path, result, all_rows)

@@ -65,7 +65,8 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
         max_steps=config.max_steps if config.max_steps is not None else -1,
         optim=training.optimizer_name(config.optimizer, cuda),
         activation_checkpointing=config.gradient_checkpointing,
-        max_length=config.max_length,
+        # TRL refuses padding_free with a max_length unless it packs: padding-free rows are not truncated
+        max_length=None if config.padding_free else config.max_length,
         completion_only_loss=True,
         padding_free=config.padding_free,
         bf16=cuda,
@@ -127,7 +128,11 @@ def run(config: SftConfig) -> StageResult:
 
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-    model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code)
+    if config.padding_free and not models.has_cuda():
+        raise LooperError("--padding-free needs FlashAttention on a CUDA GPU (a flattened batch would attend "
+                          "across examples with the CPU's attention); leave it off on this machine")
+    model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code,
+                              attn_implementation="flash_attention_2" if config.padding_free else None)
     trainer = build_trainer(config, run_.path / "trainer", model, tokenizer, train_rows, dev_rows,
                             [training.metrics_callback(run_.path / "metrics.jsonl")])
     trainer_dir = run_.path / "trainer"
