@@ -59,7 +59,9 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
     for stage in SCHEMA_VERSIONS:
         root = store.stage_root(stage)
         found = [Artifact.load(p) for p in root.iterdir() if (p / MANIFEST).is_file()] if root.is_dir() else []
-        artifacts[stage] = sorted(found, key=lambda a: a.manifest.get("created", ""), reverse=True)
+        # newest first; `created` has one-second resolution, the manifest's mtime breaks ties
+        artifacts[stage] = sorted(found, key=lambda a: (a.manifest.get("created", ""),
+                                                        (a.path / MANIFEST).stat().st_mtime_ns), reverse=True)
     kept = {(s, a.version) for s, arts in artifacts.items() for a in arts[:keep]}
     kept |= {(s, store.latest(s)) for s in artifacts if store.latest(s)}
     # keep what kept artifacts were built from, transitively (eval -> ppo -> rollouts -> sft -> prepare)
