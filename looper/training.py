@@ -30,6 +30,23 @@ def report_to(choice: str) -> list[str]:
     return [] if choice == "none" else [choice]
 
 
+def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
+    """The TrainingArguments every training stage sets the same way from its config."""
+    return {
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "optim": optimizer_name(config.optimizer, cuda),
+        "activation_checkpointing": config.gradient_checkpointing,
+        "bf16": cuda,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,  # resume needs the last one; the one before covers a crash while saving
+        "logging_steps": config.logging_steps,
+        "report_to": report_to(config.report_to),
+        "seed": config.seed,
+    }
+
+
 def last_checkpoint(trainer_dir: Path) -> str | None:
     """The newest `checkpoint-N` an interrupted run left, to resume from."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -94,3 +111,14 @@ def rollout_rows(rollouts: Any) -> list[dict]:
     if not rows:
         raise LooperError(f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions")
     return rows
+
+
+def policy_model(config: Any, base: Any, adapter_path: str | None, quant: str) -> tuple[Any, Any]:
+    """(model, peft_config) to train from rollouts: the rollouts' adapter continued (TRL keeps a
+    frozen copy as the reference), or the base with a fresh LoRA (reference = base, adapter off)."""
+    from looper import models
+
+    model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
+    if adapter_path is None:
+        return model, lora_config(config)
+    return models.attach_adapter(model, adapter_path, base, trainable=True), None

@@ -80,6 +80,7 @@ def dpo_config(config: DpoConfig, output_dir, length: int):
 
     cuda = models.has_cuda()
     return DPOConfig(
+        **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         beta=config.beta,
         loss_type=["sigmoid"],  # the original DPO loss
@@ -88,29 +89,9 @@ def dpo_config(config: DpoConfig, output_dir, length: int):
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         max_grad_norm=config.max_grad_norm,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        optim=training.optimizer_name(config.optimizer, cuda),
-        activation_checkpointing=config.gradient_checkpointing,
-        bf16=cuda,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        logging_steps=config.logging_steps,
-        report_to=training.report_to(config.report_to),
-        seed=config.seed,
         data_seed=config.seed,
         dataset_num_proc=None,
     )
-
-
-def load_policy_model(config: DpoConfig, base: models.ModelSource, adapter_path: str | None, quant: str):
-    """The policy to train: the rollouts' adapter continued (TRL copies it as the frozen 'ref'),
-    or the base with a fresh LoRA (reference = base, adapter off)."""
-    model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
-    if adapter_path is None:
-        return model, training.lora_config(config)
-    return models.attach_adapter(model, adapter_path, base, trainable=True), None
 
 
 def last_logged(log_history: list[dict], key: str):
@@ -143,7 +124,7 @@ def run(config: DpoConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
-    model, peft_config = load_policy_model(config, base, adapter_path, quant)
+    model, peft_config = training.policy_model(config, base, adapter_path, quant)
     trainer_dir = run_.path / "trainer"
     checkpoint = training.last_checkpoint(trainer_dir)
     dataset = Dataset.from_list([{"prompt": strip_template_bos(p["prompt"], tokenizer), "chosen": p["chosen"],

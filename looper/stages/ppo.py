@@ -125,6 +125,7 @@ def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int,
     cuda = models.has_cuda()
     steps = max(1, config.questions_per_step // config.questions_per_minibatch)
     return GRPOConfig(
+        **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         per_device_train_batch_size=config.questions_per_minibatch * n_arms,  # completions, all arms of each question
         gradient_accumulation_steps=steps,
@@ -137,26 +138,7 @@ def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int,
         epsilon=config.clip_epsilon,
         loss_type=config.loss_type,
         scale_rewards="group",
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        optim=training.optimizer_name(config.optimizer, cuda),
-        activation_checkpointing=config.gradient_checkpointing,
-        bf16=cuda,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        logging_steps=config.logging_steps,
-        report_to=training.report_to(config.report_to),
-        seed=config.seed,
     )
-
-
-def load_policy_model(config: PpoConfig, base: models.ModelSource, adapter_path: str | None, quant: str):
-    """The policy to train: the rollouts' adapter continued, or the base with no adapter yet."""
-    model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
-    if adapter_path is None:
-        return model, training.lora_config(config)  # fresh LoRA; reference = base (adapter off)
-    return models.attach_adapter(model, adapter_path, base, trainable=True), None
 
 
 def run(config: PpoConfig) -> StageResult:
@@ -186,7 +168,7 @@ def run(config: PpoConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
-    model, peft_config = load_policy_model(config, base, adapter_path, quant)
+    model, peft_config = training.policy_model(config, base, adapter_path, quant)
     controller = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
     trainer_dir = run_.path / "trainer"
     checkpoint = training.last_checkpoint(trainer_dir)

@@ -22,7 +22,7 @@ from looper.config import PpoConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
-from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback, load_policy_model
+from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback
 
 STAGE = "ppo"
 
@@ -59,7 +59,7 @@ def run_online(config: PpoConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
-    model, peft_config = load_policy_model(config, base, adapter_path, quant)
+    model, peft_config = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
     dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
                                   "gold_answer": r["gold_answer"]} for r in rows])

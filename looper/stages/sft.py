@@ -54,6 +54,7 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
 
     cuda = models.has_cuda()
     return SFTConfig(
+        **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 4),
@@ -61,23 +62,12 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        optim=training.optimizer_name(config.optimizer, cuda),
-        activation_checkpointing=config.gradient_checkpointing,
         # TRL refuses padding_free with a max_length unless it packs: padding-free rows are not truncated
         max_length=None if config.padding_free else config.max_length,
         completion_only_loss=True,
         padding_free=config.padding_free,
-        bf16=cuda,
         eval_strategy="steps" if has_dev else "no",
         eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        logging_steps=config.logging_steps,
-        report_to=training.report_to(config.report_to),
-        seed=config.seed,
         data_seed=config.seed,
         dataset_num_proc=None,
     )
