@@ -5,6 +5,7 @@
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
 #   make prepare|sft|rollouts|ppo|eval PIPELINE=...   one stage (looper itself skips it when up to date)
+#   make loop PIPELINE=... [ROUNDS=N]   rounds of rollouts -> ppo -> dev eval (prepare, sft first if missing)
 #
 # The environment: .venv, created with --system-site-packages so that a torch already
 # installed on a CUDA box is used as is. Where no torch is importable, the CPU build
@@ -29,7 +30,7 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install test demo all prepare sft rollouts ppo eval clean-env
+.PHONY: install test demo all prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
@@ -69,6 +70,10 @@ $(MARK)/eval: $(MARK)/ppo $(PIPELINE)
 
 prepare sft rollouts ppo eval: install
 	$(LOOPER) $@
+
+# ROUNDS unset: the pipeline file's [loop] rounds (or the default)
+loop: install
+	$(LOOPER) loop $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean-env:
 	rm -rf $(VENV)

@@ -80,6 +80,8 @@ def run_stage(stage: str, stage_run: Callable[[Any], Any], cli_values: dict[str,
     cls = STAGE_CONFIGS[stage]
     values = {k: v for k, v in cli_values.items() if k in stage_fields(cls)}
     file_values = read_pipeline_file(State.config_file)[stage] if State.config_file else {}
+    if stage == "loop" and values.get("pipeline") is None:
+        values["pipeline"] = State.config_file  # the loop configures each round's stages from the same file
     config = build_config(cls, file_values=file_values, cli_values=values)
     print_result(stage, stage_run(config), config.json)
 
@@ -137,6 +139,7 @@ stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split trai
 stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
 stage_command("ppo", "Offline policy optimisation (GRPO-style, TRL) on the scored rollouts; --online samples fresh groups.")
 stage_command("dpo", "Direct Preference Optimisation (TRL DPOTrainer) on best-correct vs worst-wrong arm pairs of the rollouts.")
+stage_command("loop", "Rounds of rollouts from the newest policy -> ppo (or dpo) -> dev eval, with early stop and a report.")
 stage_command("eval", "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.")
 rollouts_app = typer.Typer(help="Multi-arm rollouts scored by Regime W.", add_completion=False)
 stage_command("rollouts", "Sample every arm (style x temperature) on each train question; score with Regime W.",

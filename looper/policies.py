@@ -17,7 +17,7 @@ from looper.artifacts import Artifact, Store
 from looper.errors import LooperError
 
 # Which stage makes each named adapter, for the "run it first" message.
-ADAPTER_STAGES = {"sft": "looper sft", "ppo": "looper ppo", "dpo": "looper dpo"}
+ADAPTER_STAGES = {"sft": "looper sft", "ppo": "looper ppo", "dpo": "looper dpo", "loop": "looper loop"}
 
 
 @dataclass(frozen=True)

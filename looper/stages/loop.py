@@ -1,0 +1,385 @@
+"""`looper loop`: rounds of rollouts from the newest policy -> ppo (or dpo) -> eval on dev.
+
+    looper --config pipelines/rl-cpu.toml loop --rounds 3         # prepare and sft first if missing
+    looper --config pipelines/rl-cpu.toml loop --algorithm dpo
+    make loop PIPELINE=pipelines/rl-cpu.toml ROUNDS=3
+
+Round k rolls out the policy round k-1 trained (round 1: the latest sft), trains on those
+rollouts, and evaluates the new adapter against sft on the dev split. Each step is an
+ordinary stage run, `looper.stages.<stage>.run(config)`, with the config its table of the
+pipeline file gives plus what the loop sets (the rollouts' policy and question offset, the
+training stage's rollouts version, the eval's dev split and models). So every round leaves
+the usual versioned artifacts (data/rollouts/<v>/, checkpoints/ppo/<v>/, data/eval/<v>/) and
+round k's rollouts manifest names round k-1's adapter as its input: the lineage is in the
+manifests. This module is the one place above the stages (like the CLI): stages never
+import each other, the loop only calls their `run`.
+
+Resume. The loop's own record (`rounds.json` in `checkpoints/loop/<version>.partial/`,
+rewritten atomically after every step) lists the finished rounds with their versions and
+figures; a rerun of the same command skips those rounds entirely and calls the steps of the
+unfinished one again, where each stage skips what it finished and resumes what it had begun
+(ppo from its last trainer checkpoint, rollouts from its last shard, eval from its cache).
+
+Early stop: when dev accuracy has not beaten the best so far (sft's dev accuracy counts as
+round 0) for `--patience` rounds. Then, optionally, one eval of sft against the final policy
+as the [eval] table says (its split: test by default). The loop's artifact,
+`checkpoints/loop/<version>/`, holds the final policy's adapter (usable as `--compare loop`,
+`--policy loop`), `rounds.json`, `report.md` and `loop.png`.
+
+How a round runs is a list of steps (`ROUND_STEPS`): a function per step taking the round's
+record and filling it in. Other ways of running rounds are other step lists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from looper.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
+from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
+from looper.errors import LooperError
+from looper.stages import StageResult
+
+STAGE = "loop"
+ALGORITHMS = ("ppo", "dpo")
+STAGE_MODULES = {"eval": "evaluate"}
+RECORD = "rounds.json"
+# Files of a training artifact that are not the adapter (the loop artifact copies the rest).
+NOT_ADAPTER = {"manifest.json", "metrics.jsonl", "trainer", "kl_coef.json"}
+
+
+def say(text: str) -> None:
+    print(f"loop: {text}", flush=True)
+
+
+class Loop:
+    """What every step needs: the store, the pipeline file's stage tables, sft, the record."""
+
+    def __init__(self, config: LoopConfig, tables: dict[str, dict[str, Any]], store: Store):
+        self.config, self.tables, self.store = config, tables, store
+        self.prepare: Artifact | None = None
+        self.sft: Artifact | None = None
+        self.record_path: Path | None = None
+        self.record: dict[str, Any] = {"rounds": [], "current": None}
+
+    def stage_config(self, stage: str, **overrides: Any) -> Any:
+        """The stage's config: its table of the pipeline file, then the loop's overrides."""
+        values = {"workdir": str(self.store.workdir), "json": False, "force": False, **overrides}
+        return build_config(STAGE_CONFIGS[stage], file_values=self.tables.get(stage, {}), cli_values=values)
+
+    def run_stage(self, stage: str, label: str, **overrides: Any) -> StageResult:
+        module = importlib.import_module(f"looper.stages.{STAGE_MODULES.get(stage, stage)}")
+        started = time.perf_counter()
+        result = module.run(self.stage_config(stage, **overrides))
+        state = "up to date, skipped" if result.skipped else f"done in {time.perf_counter() - started:.0f} s"
+        say(f"{label} {stage} {result.version}: {state}")
+        return result
+
+    def save(self) -> None:
+        atomic_write_bytes(self.record_path, dumps_json(self.record))
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def rollouts_step(loop: Loop, rnd: dict) -> None:
+    """Sample the arms from the round's starting policy (an adapter path: exact lineage)."""
+    table = loop.tables.get("rollouts", {})
+    offset = table.get("offset", 0)
+    limit = loop.stage_config("rollouts").limit
+    if loop.config.fresh_questions and limit:
+        n_train = loop.prepare.manifest.get("counts", {}).get("train") or len(
+            read_rows(loop.prepare.path / "train.parquet"))
+        offset = (offset + (rnd["round"] - 1) * limit) % max(n_train, 1)
+    result = loop.run_stage("rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset)
+    rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
+
+
+def train_step(loop: Loop, rnd: dict) -> None:
+    """ppo or dpo on the round's rollouts; continues their adapter (the reference is that adapter)."""
+    stage = loop.config.algorithm
+    result = loop.run_stage(stage, f"round {rnd['round']}", rollouts=rnd["rollouts"]["version"])
+    rnd["train"] = {"stage": stage, "version": result.version, "path": result.path}
+
+
+def eval_step(loop: Loop, rnd: dict) -> None:
+    """sft against the new policy on the dev split (sft's completions come from eval's cache after round 1)."""
+    policy = rnd["train"]["path"]
+    result = loop.run_stage("eval", f"round {rnd['round']}", split="dev", limit=loop.config.dev_limit,
+                            compare=f"{loop.sft.path},{policy}")
+    rnd["eval"] = {"version": result.version, "path": result.path}
+
+
+ROUND_STEPS: tuple[tuple[str, Callable[[Loop, dict], None]], ...] = (
+    ("rollouts", rollouts_step),
+    ("train", train_step),
+    ("eval", eval_step),
+)
+
+
+def round_figures(rnd: dict, sft_path: str) -> dict:
+    """The numbers the loop report shows for one round, read from its stages' artifacts."""
+    rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+    m, arms = rollouts.get("metrics", {}), rollouts.get("counts", {}).get("arms")
+    report = orjson.loads((Path(rnd["eval"]["path"]) / "report.json").read_bytes())
+    policy, sft = report["models"][rnd["train"]["path"]], report["models"][sft_path]
+    pair = report["pairs"].get(f"{sft_path} vs {rnd['train']['path']}", {})
+    log = Path(rnd["train"]["path"]) / "metrics.jsonl"
+    logs = [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()] if log.is_file() else []
+    kls = [row["kl"] for row in logs if "kl" in row]
+    train = Artifact.load(Path(rnd["train"]["path"])).manifest
+    return {
+        "dev": {k: policy[k] for k in ("accuracy", "ci95", "correct", "n")},
+        "sft_dev": {k: sft[k] for k in ("accuracy", "ci95", "correct", "n")},
+        "vs_sft": {"diff": pair.get("diff"), "mcnemar_p": pair.get("mcnemar_p")},
+        "arms": arms,
+        "mean_reward": m.get("mean_arm_reward"),
+        "mean_question_reward": m.get("mean_reward"),
+        "pass_at_n": m.get("pass_at_n"),
+        "maj_at_n": m.get("maj_at_n"),
+        "auroc_s_wm": m.get("auroc_s_wm"),
+        "zero_variance_groups": m.get("zero_variance_groups"),
+        "questions": rollouts.get("counts", {}).get("questions"),
+        "kl_mean": sum(kls) / len(kls) if kls else None,
+        "kl_last": kls[-1] if kls else None,
+        "steps": train.get("counts", {}).get("steps"),
+    }
+
+
+def rounds_without_improvement(sft_accuracy: float, accuracies: list[float]) -> int:
+    """Trailing rounds whose dev accuracy did not beat the best before them (sft is round 0)."""
+    best, since = sft_accuracy, 0
+    for accuracy in accuracies:
+        if accuracy > best:
+            best, since = accuracy, 0
+        else:
+            since += 1
+    return since
+
+
+def final_round(rounds: list[dict], final: str) -> dict:
+    if final == "last":
+        return rounds[-1]
+    best = max(r["figures"]["dev"]["accuracy"] for r in rounds)
+    return next(r for r in rounds if r["figures"]["dev"]["accuracy"] == best)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def check_options(config: LoopConfig) -> None:
+    if config.rounds < 1:
+        raise LooperError(f"--rounds {config.rounds}: run at least 1 round")
+    if config.patience < 1:
+        raise LooperError(f"--patience {config.patience}: must be at least 1 round")
+    if config.algorithm not in ALGORITHMS:
+        raise LooperError(f"--algorithm {config.algorithm}: choose {' or '.join(ALGORITHMS)}")
+    if config.final not in ("best", "last"):
+        raise LooperError(f"--final {config.final}: choose best or last")
+    if config.dev_limit is not None and config.dev_limit < 1:
+        raise LooperError(f"--dev-limit {config.dev_limit}: evaluate at least 1 dev question (or leave it unset)")
+    if not config.pipeline:
+        raise LooperError("looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
+                          "(its stage tables configure every round)")
+
+
+def ensure_inputs(loop: Loop) -> None:
+    """prepare and sft: the latest ones, or made now from their tables when the home has none."""
+    for stage in ("prepare", "sft"):
+        if loop.store.latest(stage) is None:
+            say(f"no {stage} artifact under {loop.store.workdir}: running {stage} first")
+            loop.run_stage(stage, "setup")
+    loop.prepare, loop.sft = loop.store.resolve("prepare"), loop.store.resolve("sft")
+    if loop.sft.manifest.get("inputs", {}).get("prepare", {}).get("version") != loop.prepare.version:
+        say(f"note: sft {loop.sft.version} was trained on another prepare version than the latest "
+            f"({loop.prepare.version})")
+
+
+def loop_version(loop: Loop) -> tuple[str, dict]:
+    """The loop's identity: its options, the identity of every stage config a round uses, prepare and sft."""
+    steps = {stage: identity(loop.stage_config(stage)) for stage in ("rollouts", loop.config.algorithm, "eval")}
+    for stage in steps.values():
+        stage.pop("offset", None), stage.pop("policy", None), stage.pop("rollouts", None)  # set per round
+    stage_identity = identity(loop.config) | {"steps": steps}
+    return loop.store.version_for(STAGE, stage_identity, {"prepare": loop.prepare, "sft": loop.sft}), stage_identity
+
+
+def run(config: LoopConfig) -> StageResult:
+    check_options(config)
+    store = Store(config.workdir)
+    loop = Loop(config, read_pipeline_file(config.pipeline), store)
+    ensure_inputs(loop)
+    version, stage_identity = loop_version(loop)
+    if existing := store.reuse(STAGE, version, config.force):
+        return StageResult.up_to_date(existing)
+
+    run_ = store.begin(STAGE, version, resume=not config.force)
+    loop.record_path = run_.path / RECORD
+    if loop.record_path.is_file():
+        loop.record = orjson.loads(loop.record_path.read_bytes())
+        if loop.record["rounds"]:
+            say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
+    rounds = loop.record["rounds"]
+    sft_path = str(loop.sft.path)
+
+    def stopped() -> bool:
+        if not rounds:
+            return False
+        accuracies = [r["figures"]["dev"]["accuracy"] for r in rounds]
+        return rounds_without_improvement(rounds[0]["figures"]["sft_dev"]["accuracy"], accuracies) >= config.patience
+
+    while len(rounds) < config.rounds and not stopped():
+        k = len(rounds) + 1
+        policy_in = rounds[-1]["train"]["path"] if rounds else sft_path
+        rnd = loop.record["current"] or {}
+        if rnd.get("round") != k:
+            rnd = {"round": k, "policy_in": policy_in}
+        loop.record["current"] = rnd
+        started = time.time() - rnd.get("wall_s", 0.0)
+        for name, step in ROUND_STEPS:
+            step(loop, rnd)
+            rnd["wall_s"] = time.time() - started
+            loop.save()
+        rnd["figures"] = round_figures(rnd, sft_path)
+        rounds.append(rnd)
+        loop.record["current"] = None
+        loop.save()
+        f = rnd["figures"]
+        say(f"round {k}: dev accuracy {100 * f['dev']['accuracy']:.1f}% (sft {100 * f['sft_dev']['accuracy']:.1f}%), "
+            f"mean reward {fmt(f['mean_reward'])}, kl {fmt(f['kl_mean'])}")
+    stop_reason = ("patience" if stopped() and len(rounds) < config.rounds else "rounds")
+    if stop_reason == "patience":
+        say(f"stopping early: dev accuracy has not improved for {config.patience} round(s)")
+
+    final = final_round(rounds, config.final)
+    test = None
+    if config.test_eval:
+        result = loop.run_stage("eval", "final", compare=f"{sft_path},{final['train']['path']}")
+        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {"version": result.version}
+        loop.record["test"] = test
+        loop.save()
+
+    for item in Path(final["train"]["path"]).iterdir():  # the final adapter, as a policy of its own
+        if item.name not in NOT_ADAPTER:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_.path / item.name)
+    summary = {"rounds": rounds, "final": {"round": final["round"], **final["train"]}, "stop": stop_reason,
+               "test": test, "sft": loop.sft.ref()}
+    write_report(run_.path, summary, sft_path)
+    train_manifest = Artifact.load(Path(final["train"]["path"])).manifest
+    artifact = run_.commit(
+        config=orjson.loads(orjson.dumps(vars(config))), inputs={"prepare": loop.prepare, "sft": loop.sft},
+        identity=stage_identity,
+        counts={"rounds": len(rounds), "final_round": final["round"]},
+        metrics={"dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
+                 "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"]}
+        | ({"test_accuracy": {"sft": test["sft"]["accuracy"], "final": test["final"]["accuracy"]},
+            "test_mcnemar_p": test["mcnemar_p"]} if test else {}),
+        extra={"base_model": train_manifest.get("base_model"), "stop": stop_reason,
+               "final": summary["final"],
+               "rounds": [{k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval")} for r in rounds]},
+    )
+    return StageResult.from_artifact(artifact)
+
+
+def final_figures(eval_dir: Path, sft_path: str, final_path: str) -> dict:
+    report = orjson.loads((eval_dir / "report.json").read_bytes())
+    pair = report["pairs"][f"{sft_path} vs {final_path}"]
+    pick = lambda e: {k: e[k] for k in ("accuracy", "ci95", "correct", "n")}  # noqa: E731
+    return {"split": report["settings"]["questions_from"], "sft": pick(report["models"][sft_path]),
+            "final": pick(report["models"][final_path]), "diff": pair["diff"], "ci95": pair["ci95"],
+            "mcnemar_p": pair["mcnemar_p"], "only_sft_right": pair["only_a_right"],
+            "only_final_right": pair["only_b_right"]}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+
+def markdown(summary: dict) -> str:
+    rounds = summary["rounds"]
+    arms = rounds[0]["figures"]["arms"]
+    sft = rounds[0]["figures"]["sft_dev"]
+    lines = [f"# Looper loop: {len(rounds)} round(s), stopped by {summary['stop']}", "",
+             f"Dev accuracy of sft (round 0): {fmt(sft['accuracy'], True)} [{fmt(sft['ci95'][0], True)}, "
+             f"{fmt(sft['ci95'][1], True)}] ({sft['correct']}/{sft['n']}). Final policy: round "
+             f"{summary['final']['round']} ({summary['final']['stage']} {summary['final']['version']}).", "",
+             "## Rounds", "",
+             f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
+             f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups |",
+             "|" + "---|" * 12]
+    for r in rounds:
+        f = r["figures"]
+        lines.append(
+            f"| {r['round']} | {r['rollouts']['version']} | {r['train']['version']} | {fmt(f['dev']['accuracy'], True)} "
+            f"| [{fmt(f['dev']['ci95'][0], True)}, {fmt(f['dev']['ci95'][1], True)}] | "
+            f"{fmt(f['vs_sft']['diff'] and 100 * f['vs_sft']['diff'])} pts (p {fmt(f['vs_sft']['mcnemar_p'])}) | "
+            f"{fmt(f['mean_reward'])} | {fmt(f['kl_mean'])} | {fmt(f['pass_at_n'], True)} | "
+            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} |")
+    lines += ["", f"pass@{arms}, maj@{arms}, mean reward, AUROC of s_wm (for the majority answer being right) and "
+              "zero-variance groups are those of the round's rollouts, i.e. of the policy the round starts from, on "
+              "that round's train questions. KL is the mean per-token KL to the round's reference over its steps.",
+              "", "![per-round figures](loop.png)", ""]
+    if summary["test"]:
+        t = summary["test"]
+        lines += ["## Final policy against sft", "", f"On {t['split']}:", "",
+                  "| model | accuracy | 95% CI | correct |", "|---|---|---|---|"]
+        for name in ("sft", "final"):
+            e = t[name]
+            lines.append(f"| {name} | {fmt(e['accuracy'], True)} | [{fmt(e['ci95'][0], True)}, "
+                         f"{fmt(e['ci95'][1], True)}] | {e['correct']}/{e['n']} |")
+        lines += ["", f"Difference {100 * t['diff']:+.1f} pts, paired-bootstrap 95% CI [{100 * t['ci95'][0]:+.1f}, "
+                  f"{100 * t['ci95'][1]:+.1f}], McNemar exact p = {t['mcnemar_p']:.3g} "
+                  f"(only sft right: {t['only_sft_right']}, only final right: {t['only_final_right']}); "
+                  f"eval {t['version']}.", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    from looper.report import _figure
+
+    rounds = summary["rounds"]
+    xs = [r["round"] for r in rounds]
+    f = [r["figures"] for r in rounds]
+    fig, _ = _figure(10, 7)
+    fig.clear()
+    axes = fig.subplots(2, 2)
+    ax = axes[0][0]
+    sft = f[0]["sft_dev"]
+    acc = [x["dev"]["accuracy"] for x in f]
+    ax.errorbar([0] + xs, [sft["accuracy"]] + acc, capsize=4, marker="o",
+                yerr=[[sft["accuracy"] - sft["ci95"][0]] + [a - x["dev"]["ci95"][0] for a, x in zip(acc, f)],
+                      [sft["ci95"][1] - sft["accuracy"]] + [x["dev"]["ci95"][1] - a for a, x in zip(acc, f)]])
+    ax.set_title("dev accuracy (95% Wilson); round 0 = sft")
+    for ax, keys, title in ((axes[0][1], ("mean_reward",), "mean arm reward of the round's rollouts"),
+                            (axes[1][0], ("kl_mean",), "mean KL to the reference"),
+                            (axes[1][1], ("pass_at_n", "maj_at_n", "auroc_s_wm"), "rollouts: pass@n, maj@n, AUROC s_wm")):
+        for key in keys:
+            ys = [x[key] for x in f]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=key)
+        ax.set_title(title, fontsize=10)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for row in axes:
+        for ax in row:
+            ax.set_xlabel("round")
+            ax.set_xticks([0] + xs if ax is axes[0][0] else xs)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_report(out_dir: Path, summary: dict, sft_path: str) -> None:
+    atomic_write_bytes(out_dir / "report.md", markdown(summary).encode())
+    plot(summary, out_dir / "loop.png")
+    atomic_write_bytes(out_dir / "summary.json", dumps_json(summary))
+
