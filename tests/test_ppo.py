@@ -25,8 +25,26 @@ def completion_logprobs(model, tokenizer, prompt: str, completion_ids: list[int]
     return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
 
 
-def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
-    """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5)."""
+def make_adapter(model_dir, path, *, dropout: float) -> str:
+    """An sft-like LoRA adapter with non-zero weights (so its dropout changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None):
+    """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
+
+    Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.data.prompts import render_prompt, tutoring_messages
@@ -34,6 +52,10 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
     rows = []
     for q in range(2):
         question = f"Tom has 3 apples and gets 4 more (case {q}). How many apples?"
@@ -55,7 +77,7 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
     base = resolve_model(str(model_dir))
     run.commit(config={}, inputs={}, identity={}, extra={
         "base_model": {"spec": str(model_dir), "identity": base.identity},
-        "policy": {"name": "base", "adapter_path": None}})
+        "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter}})
     return rows
 
 
@@ -106,6 +128,19 @@ def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_pat
         metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
         results[shift] = next(m for m in metrics if "clip_ratio/region_mean" in m)["clip_ratio/region_mean"]
     assert results[0.0] < 0.05 and results[-1.0] == pytest.approx(0.5, abs=0.02), results
+
+
+@pytest.mark.slow
+def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
+    """Continuing an adapter with LoRA dropout at lr ~0: policy = reference = behaviour, so kl 0, nothing clipped."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "sft-adapter", dropout=0.3)
+    build_rollouts(tmp_path, tiny_model_dir, adapter=adapter)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
+                             "--learning-rate", "1e-12", "--json")
+    assert code == 0, err
+    metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
+    step = next(m for m in metrics if "kl" in m)
+    assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["clip_ratio/region_mean"] == 0.0, step
 
 
 def test_adaptive_kl_controller():

@@ -138,6 +138,7 @@ def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int,
         epsilon=config.clip_epsilon,
         loss_type=config.loss_type,
         scale_rewards="group",
+        disable_dropout=True,  # dropout in the forwards that form the ratio and the KL would read as policy change
     )
 
 
