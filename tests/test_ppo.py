@@ -10,6 +10,7 @@ import torch
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
+from looper.rl import StepPlan
 from looper.stages.ppo import AdaptiveKL, batch_centred_advantages, replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
@@ -182,6 +183,22 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
     assert code == 1 and "were generated from base" in err
     code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--reward", "both")
     assert code == 1 and "--reward both" in err
+    # 2 questions: a step of 3 cannot be made, nor one of 2 questions from mini-batches of 3 (no 0-step adapter)
+    for online in ([], ["--online"]):
+        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
+                               "--questions-per-step", "3", "--questions-per-minibatch", "1")
+        assert code == 1 and "fewer than --questions-per-step 3" in err, err
+        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
+                               "--questions-per-step", "2", "--questions-per-minibatch", "3")
+        assert code == 1 and "not a whole number of --questions-per-minibatch 3" in err, err
+    assert not list((tmp_path / "checkpoints").glob("ppo/*")), "an error must leave no artifact"
+
+
+def test_step_plan_reports_the_left_out_questions():
+    from looper.rl import step_plan
+
+    assert step_plan(10, 4, 2) == StepPlan(micro_batches=2, steps_per_epoch=2, left_out=2)
+    assert step_plan(8, 8, 8) == StepPlan(micro_batches=1, steps_per_epoch=1, left_out=0)
 
 
 def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):

@@ -37,6 +37,7 @@ from looper import models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
+from looper.rl import StepPlan, step_plan
 from looper.stages import StageResult
 
 STAGE = "ppo"
@@ -121,14 +122,14 @@ def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
     return rollout_func
 
 
-def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int, temperature: float = 1.0) -> GRPOConfig:
+def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan,
+                temperature: float = 1.0) -> GRPOConfig:
     cuda = models.has_cuda()
-    steps = max(1, config.questions_per_step // config.questions_per_minibatch)
     return GRPOConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         per_device_train_batch_size=config.questions_per_minibatch * n_arms,  # completions, all arms of each question
-        gradient_accumulation_steps=steps,
+        gradient_accumulation_steps=plan.micro_batches,
         num_generations=n_arms,
         max_completion_length=max_completion,
         temperature=temperature,  # offline: 1, the temperature of the stored log-probs
@@ -163,6 +164,8 @@ def run(config: PpoConfig) -> StageResult:
     flat = sum(len(set(r["arm_rewards"])) <= 1 for r in rows)
     print(f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
           + (" (they teach nothing under --reward arm)" if config.reward == "arm" else ""))
+    plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
+    announce_plan(plan, len(rows), config.questions_per_step)
 
     from datasets import Dataset
 
@@ -181,7 +184,7 @@ def run(config: PpoConfig) -> StageResult:
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
-        args=grpo_config(config, trainer_dir, n_arms, max_completion),
+        args=grpo_config(config, trainer_dir, n_arms, max_completion, plan),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -209,6 +212,12 @@ def run(config: PpoConfig) -> StageResult:
                "reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward},
     )
     return StageResult.from_artifact(artifact)
+
+
+def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:
+    print(f"ppo: {plan.steps_per_epoch} optimizer step(s) per epoch of {questions_per_step} questions"
+          + (f"; {plan.left_out} of the {n_questions} questions are left out of each epoch (a different random "
+             f"{plan.left_out} each time)" if plan.left_out else ""))
 
 
 def save_kl_callback(controller: AdaptiveKL, run_dir):

@@ -22,7 +22,8 @@ from looper.config import PpoConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
-from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback
+from looper.rl import step_plan
+from looper.stages.ppo import AdaptiveKL, announce_plan, grpo_config, kl_callback
 
 STAGE = "ppo"
 
@@ -55,6 +56,8 @@ def run_online(config: PpoConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
     rows = training.rollout_rows(rollouts)
+    plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
+    announce_plan(plan, len(rows), config.questions_per_step)
 
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
@@ -67,7 +70,8 @@ def run_online(config: PpoConfig) -> StageResult:
     trainer_dir = run_.path / "trainer"
     trainer = GRPOTrainer(
         model=model, reward_funcs=[group_reward_func(group)],
-        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, temperature=config.online_temperature),
+        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, plan,
+                         temperature=config.online_temperature),
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         callbacks=[kl_callback(controller, holder, config.questions_per_step * group),
                    training.metrics_callback(run_.path / "metrics.jsonl")],
