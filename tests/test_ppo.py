@@ -10,8 +10,8 @@ import torch
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
-from looper.rl import StepPlan
-from looper.stages.ppo import AdaptiveKL, batch_centred_advantages, replay_func
+from looper.rl import StepPlan, floored_advantages
+from looper.stages.ppo import AdaptiveKL, replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
 FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
@@ -166,9 +166,20 @@ def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
     question = replay_func(rows, tokenizer, "question", 4)(prompts, None)
     assert question["stored_reward"] == [1.49] * 8
     # question mode: centred over the batch, not the group
-    advantages = batch_centred_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]))
+    advantages = floored_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]), None, 0.1)
     assert advantages.tolist() == pytest.approx([-0.866, -0.866, 0.866, 0.866], abs=1e-3)
-    assert batch_centred_advantages(torch.tensor([2.0])).tolist() == [0.0]
+    assert floored_advantages(torch.tensor([2.0]), None, 0.1).tolist() == [0.0]
+
+
+def test_group_std_floor_keeps_tiny_reward_differences_tiny():
+    from looper.regime_w.reward import arm_rewards
+
+    # eight correct, agreeing arms of 401-408 tokens: rewards differ by the length penalty alone (< 0.01)
+    agreeing = arm_rewards([True] * 8, list(range(401, 409)), ["7"] * 8, s_wm=0.9)
+    right_wrong = arm_rewards([True, False] * 4, [200] * 8, ["7", "9"] * 4, s_wm=0.5)
+    advantages = floored_advantages(torch.tensor(agreeing + right_wrong), 8, 0.1)
+    assert advantages[:8].abs().max() < 0.05, advantages[:8]  # TRL's std + 1e-4 gives +-1.4 here
+    assert advantages[8:].abs().min() > 0.9  # a real difference keeps its full size
 
 
 def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
