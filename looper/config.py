@@ -176,6 +176,8 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
     questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.")
     questions_per_minibatch: int = opt(4, "Questions per forward/backward pass (gradient accumulation makes up the step).")
     clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.")
+    advantage_std_floor: float = opt(0.1, "Advantages = (reward - group mean) / max(group std, this): reward "
+                                     "differences smaller than it stay small (a length penalty of a few tokens).")
     loss_type: str = opt("dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...).")
     kl_coef: float = opt(0.04, "Initial coefficient of the per-token KL penalty to the reference policy.")
     kl_target: float = opt(0.1, "Adaptive KL control: target mean per-token KL; the coefficient moves towards it. 0 = fixed.")

@@ -10,7 +10,8 @@ import torch
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
-from looper.stages.ppo import AdaptiveKL, batch_centred_advantages, replay_func
+from looper.rl import StepPlan, floored_advantages
+from looper.stages.ppo import AdaptiveKL, replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
 FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
@@ -25,8 +26,26 @@ def completion_logprobs(model, tokenizer, prompt: str, completion_ids: list[int]
     return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
 
 
-def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
-    """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5)."""
+def make_adapter(model_dir, path, *, dropout: float) -> str:
+    """An sft-like LoRA adapter with non-zero weights (so its dropout changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None):
+    """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
+
+    Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.data.prompts import render_prompt, tutoring_messages
@@ -34,6 +53,10 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
     rows = []
     for q in range(2):
         question = f"Tom has 3 apples and gets 4 more (case {q}). How many apples?"
@@ -55,7 +78,7 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0):
     base = resolve_model(str(model_dir))
     run.commit(config={}, inputs={}, identity={}, extra={
         "base_model": {"spec": str(model_dir), "identity": base.identity},
-        "policy": {"name": "base", "adapter_path": None}})
+        "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter}})
     return rows
 
 
@@ -108,6 +131,19 @@ def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_pat
     assert results[0.0] < 0.05 and results[-1.0] == pytest.approx(0.5, abs=0.02), results
 
 
+@pytest.mark.slow
+def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
+    """Continuing an adapter with LoRA dropout at lr ~0: policy = reference = behaviour, so kl 0, nothing clipped."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "sft-adapter", dropout=0.3)
+    build_rollouts(tmp_path, tiny_model_dir, adapter=adapter)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
+                             "--learning-rate", "1e-12", "--json")
+    assert code == 0, err
+    metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
+    step = next(m for m in metrics if "kl" in m)
+    assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["clip_ratio/region_mean"] == 0.0, step
+
+
 def test_adaptive_kl_controller():
     up = AdaptiveKL(0.04, target=0.1, horizon=100)
     assert up.update(kl=0.5, n_samples=10) == pytest.approx(0.04 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
@@ -130,9 +166,20 @@ def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
     question = replay_func(rows, tokenizer, "question", 4)(prompts, None)
     assert question["stored_reward"] == [1.49] * 8
     # question mode: centred over the batch, not the group
-    advantages = batch_centred_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]))
+    advantages = floored_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]), None, 0.1)
     assert advantages.tolist() == pytest.approx([-0.866, -0.866, 0.866, 0.866], abs=1e-3)
-    assert batch_centred_advantages(torch.tensor([2.0])).tolist() == [0.0]
+    assert floored_advantages(torch.tensor([2.0]), None, 0.1).tolist() == [0.0]
+
+
+def test_group_std_floor_keeps_tiny_reward_differences_tiny():
+    from looper.regime_w.reward import arm_rewards
+
+    # eight correct, agreeing arms of 401-408 tokens: rewards differ by the length penalty alone (< 0.01)
+    agreeing = arm_rewards([True] * 8, list(range(401, 409)), ["7"] * 8, s_wm=0.9)
+    right_wrong = arm_rewards([True, False] * 4, [200] * 8, ["7", "9"] * 4, s_wm=0.5)
+    advantages = floored_advantages(torch.tensor(agreeing + right_wrong), 8, 0.1)
+    assert advantages[:8].abs().max() < 0.05, advantages[:8]  # TRL's std + 1e-4 gives +-1.4 here
+    assert advantages[8:].abs().min() > 0.9  # a real difference keeps its full size
 
 
 def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
@@ -147,6 +194,22 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
     assert code == 1 and "were generated from base" in err
     code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--reward", "both")
     assert code == 1 and "--reward both" in err
+    # 2 questions: a step of 3 cannot be made, nor one of 2 questions from mini-batches of 3 (no 0-step adapter)
+    for online in ([], ["--online"]):
+        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
+                               "--questions-per-step", "3", "--questions-per-minibatch", "1")
+        assert code == 1 and "fewer than --questions-per-step 3" in err, err
+        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
+                               "--questions-per-step", "2", "--questions-per-minibatch", "3")
+        assert code == 1 and "not a whole number of --questions-per-minibatch 3" in err, err
+    assert not list((tmp_path / "checkpoints").glob("ppo/*")), "an error must leave no artifact"
+
+
+def test_step_plan_reports_the_left_out_questions():
+    from looper.rl import step_plan
+
+    assert step_plan(10, 4, 2) == StepPlan(micro_batches=2, steps_per_epoch=2, left_out=2)
+    assert step_plan(8, 8, 8) == StepPlan(micro_batches=1, steps_per_epoch=1, left_out=0)
 
 
 def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):

@@ -37,6 +37,7 @@ from looper import models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
+from looper.rl import StepPlan, floored_advantages, step_plan
 from looper.stages import StageResult
 
 STAGE = "ppo"
@@ -55,28 +56,34 @@ class AdaptiveKL:
         return self.coef
 
 
-class ReplayGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose importance ratio uses the stored behaviour log-probs."""
+class RegimeWGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages divide by a floored std (`looper.rl.floored_advantages`).
+
+    TRL runs with scale_rewards="none", so its advantages are the centred rewards r - group mean."""
 
     reward_mode = "arm"
+    std_floor = 0.1
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        device = output["advantages"].device
+        if self.reward_mode == "question":  # one shared reward per question: centre over the batch instead
+            rewards = torch.tensor([x["stored_reward"] for x in inputs], dtype=torch.float32)
+            output["advantages"] = floored_advantages(rewards, None, self.std_floor).to(device)
+        else:  # centred rewards have the rewards' group std
+            output["advantages"] = floored_advantages(output["advantages"].cpu(), self.num_generations,
+                                                      self.std_floor).to(device)
+        return output
+
+
+class ReplayGRPOTrainer(RegimeWGRPOTrainer):
+    """The trainer of offline ppo: its importance ratio uses the stored behaviour log-probs."""
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         # the stored log-probs come back padded as `sampling_per_token_logps` (rollout_func "logprobs")
         output["old_per_token_logps"] = output["sampling_per_token_logps"]
-        if self.reward_mode == "question":
-            rewards = torch.tensor([x["stored_reward"] for x in inputs], dtype=torch.float32)
-            output["advantages"] = batch_centred_advantages(rewards).to(output["advantages"].device)
         return output
-
-
-def batch_centred_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """(r - batch mean) / batch std: with one shared reward per question, group centring gives zeros.
-
-    Under accelerate, the batch is this process's share of the step."""
-    if len(rewards) < 2:
-        return torch.zeros_like(rewards)
-    return (rewards - rewards.mean()) / (rewards.std() + 1e-4)
 
 
 def kl_callback(controller: AdaptiveKL, trainer_ref: dict, n_samples: int):
@@ -121,14 +128,14 @@ def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
     return rollout_func
 
 
-def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int, temperature: float = 1.0) -> GRPOConfig:
+def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan,
+                temperature: float = 1.0) -> GRPOConfig:
     cuda = models.has_cuda()
-    steps = max(1, config.questions_per_step // config.questions_per_minibatch)
     return GRPOConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         per_device_train_batch_size=config.questions_per_minibatch * n_arms,  # completions, all arms of each question
-        gradient_accumulation_steps=steps,
+        gradient_accumulation_steps=plan.micro_batches,
         num_generations=n_arms,
         max_completion_length=max_completion,
         temperature=temperature,  # offline: 1, the temperature of the stored log-probs
@@ -137,7 +144,8 @@ def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int,
         beta=config.kl_coef,
         epsilon=config.clip_epsilon,
         loss_type=config.loss_type,
-        scale_rewards="group",
+        scale_rewards="none",  # centred only: RegimeWGRPOTrainer divides by the floored group std
+        disable_dropout=True,  # dropout in the forwards that form the ratio and the KL would read as policy change
     )
 
 
@@ -162,6 +170,8 @@ def run(config: PpoConfig) -> StageResult:
     flat = sum(len(set(r["arm_rewards"])) <= 1 for r in rows)
     print(f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
           + (" (they teach nothing under --reward arm)" if config.reward == "arm" else ""))
+    plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
+    announce_plan(plan, len(rows), config.questions_per_step)
 
     from datasets import Dataset
 
@@ -176,11 +186,10 @@ def run(config: PpoConfig) -> StageResult:
         controller.coef = orjson.loads((run_.path / "kl_coef.json").read_bytes())["coef"]
     holder: dict = {}
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"]) or 1
-    ReplayGRPOTrainer.reward_mode = config.reward
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
-        args=grpo_config(config, trainer_dir, n_arms, max_completion),
+        args=grpo_config(config, trainer_dir, n_arms, max_completion, plan),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -188,7 +197,7 @@ def run(config: PpoConfig) -> StageResult:
         callbacks=[kl_callback(controller, holder, config.questions_per_step * n_arms),
                    training.metrics_callback(run_.path / "metrics.jsonl"), save_kl_callback(controller, run_.path)],
     )
-    trainer.beta = controller.coef
+    trainer.beta, trainer.reward_mode, trainer.std_floor = controller.coef, config.reward, config.advantage_std_floor
     holder["trainer"] = trainer
     if checkpoint:
         print(f"ppo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
@@ -208,6 +217,12 @@ def run(config: PpoConfig) -> StageResult:
                "reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward},
     )
     return StageResult.from_artifact(artifact)
+
+
+def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:
+    print(f"ppo: {plan.steps_per_epoch} optimizer step(s) per epoch of {questions_per_step} questions"
+          + (f"; {plan.left_out} of the {n_questions} questions are left out of each epoch (a different random "
+             f"{plan.left_out} each time)" if plan.left_out else ""))
 
 
 def save_kl_callback(controller: AdaptiveKL, run_dir):

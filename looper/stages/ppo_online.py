@@ -22,7 +22,8 @@ from looper.config import PpoConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
-from looper.stages.ppo import AdaptiveKL, grpo_config, kl_callback
+from looper.rl import step_plan
+from looper.stages.ppo import AdaptiveKL, RegimeWGRPOTrainer, announce_plan, grpo_config, kl_callback
 
 STAGE = "ppo"
 
@@ -46,7 +47,6 @@ def group_reward_func(group_size: int, blend: float = 0.5):
 
 def run_online(config: PpoConfig) -> StageResult:
     from datasets import Dataset
-    from trl import GRPOTrainer
 
     store = Store(config.workdir)
     rollouts, base, quant = training.rollouts_input(store, config)
@@ -55,6 +55,8 @@ def run_online(config: PpoConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
     rows = training.rollout_rows(rollouts)
+    plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
+    announce_plan(plan, len(rows), config.questions_per_step)
 
     run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
@@ -65,14 +67,16 @@ def run_online(config: PpoConfig) -> StageResult:
                                   "gold_answer": r["gold_answer"]} for r in rows])
     controller, holder = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon), {}
     trainer_dir = run_.path / "trainer"
-    trainer = GRPOTrainer(
+    trainer = RegimeWGRPOTrainer(
         model=model, reward_funcs=[group_reward_func(group)],
-        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, temperature=config.online_temperature),
+        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, plan,
+                         temperature=config.online_temperature),
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         callbacks=[kl_callback(controller, holder, config.questions_per_step * group),
                    training.metrics_callback(run_.path / "metrics.jsonl")],
     )
     trainer.beta, holder["trainer"] = controller.coef, trainer
+    trainer.std_floor = config.advantage_std_floor
     result = trainer.train(resume_from_checkpoint=training.last_checkpoint(trainer_dir))
     if not trainer.accelerator.is_main_process:
         return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
