@@ -172,7 +172,8 @@ class TrainOptions:
 @dataclass
 class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
     reward: str = opt("arm", "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
-                      "'question': the shared question reward, advantages centred over the batch.")
+                      "'question': the shared question reward, advantages centred over the batch; "
+                      "'correctness': 1 for a right arm, 0 for a wrong one, advantages relative to the arms.")
     questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.")
     questions_per_minibatch: int = opt(4, "Questions per forward/backward pass (gradient accumulation makes up the step).")
     clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.")

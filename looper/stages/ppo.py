@@ -103,6 +103,11 @@ def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
     return list(stored_reward)
 
 
+# Per-arm rewards, advantages taken within each question's arms: Regime W's stored arm reward,
+# or correctness alone (1 right, 0 wrong), to measure what the coherence and length terms add.
+ARM_REWARDS = {"arm": lambda arm, stored: stored, "correctness": lambda arm, stored: float(arm["correct"])}
+
+
 def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
     """A TRL rollout_func that returns the stored arms of each question instead of generating."""
     by_id = {r["id"]: r for r in rows}
@@ -121,7 +126,8 @@ def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
                 prompt_ids.append(encode(arm["prompt"]))
                 completion_ids.append(list(arm["token_ids"]))
                 logprobs.append(list(arm["logprobs"]))
-                rewards.append(arm_reward if reward_mode == "arm" else row["reward"])
+                rewards.append(ARM_REWARDS[reward_mode](arm, arm_reward) if reward_mode in ARM_REWARDS
+                               else row["reward"])
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
                 "stored_reward": rewards}
 
@@ -154,8 +160,8 @@ def run(config: PpoConfig) -> StageResult:
         from looper.stages.ppo_online import run_online
 
         return run_online(config)
-    if config.reward not in ("arm", "question"):
-        raise LooperError(f"--reward {config.reward}: choose arm or question")
+    if config.reward not in ("arm", "question", "correctness"):
+        raise LooperError(f"--reward {config.reward}: choose arm, question or correctness")
     store = Store(config.workdir)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
