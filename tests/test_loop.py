@@ -123,15 +123,18 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+ORIGINAL_STEPS = loop_stage.ROUND_STEPS
+
+
 def interrupting(step_name: str, at_round: int):
-    """ROUND_STEPS with `step_name` raising (like Ctrl-C) when it starts round `at_round`."""
+    """The round's steps with `step_name` raising (like Ctrl-C) when it starts round `at_round`."""
     def wrap(name, step):
         def run(loop, rnd):
             if name == step_name and rnd["round"] == at_round:
                 raise Interrupt
             return step(loop, rnd)
         return name, run
-    return tuple(wrap(n, s) for n, s in loop_stage.ROUND_STEPS)
+    return tuple(wrap(n, s) for n, s in ORIGINAL_STEPS)
 
 
 @pytest.mark.slow
@@ -146,7 +149,6 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
 
     monkeypatch.setattr(loop_stage.Loop, "run_stage", counting)
     config = loop_config(pipeline, home, rounds=2, patience=5)
-    steps = loop_stage.ROUND_STEPS
 
     # 1. interrupted between rounds: round 1 finished, round 2 not begun
     monkeypatch.setattr(loop_stage, "ROUND_STEPS", interrupting("rollouts", 2))
@@ -169,7 +171,7 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
 
     # 3. resumed to the end: round 2's rollouts are found finished (skipped), then ppo and eval
     calls.clear()
-    monkeypatch.setattr(loop_stage, "ROUND_STEPS", steps)
+    monkeypatch.setattr(loop_stage, "ROUND_STEPS", ORIGINAL_STEPS)
     result = loop_stage.run(config)
     assert calls == [("round 2", "rollouts"), ("round 2", "ppo"), ("round 2", "eval"), ("final", "eval")]
     assert not result.skipped and result.counts["rounds"] == 2
