@@ -315,8 +315,8 @@ def markdown(summary: dict) -> str:
              f"{summary['final']['round']} ({summary['final']['stage']} {summary['final']['version']}).", "",
              "## Rounds", "",
              f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
-             f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups |",
-             "|" + "---|" * 12]
+             f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups | wall |",
+             "|" + "---|" * 13]
     for r in rounds:
         f = r["figures"]
         lines.append(
@@ -324,7 +324,8 @@ def markdown(summary: dict) -> str:
             f"| [{fmt(f['dev']['ci95'][0], True)}, {fmt(f['dev']['ci95'][1], True)}] | "
             f"{fmt(f['vs_sft']['diff'] and 100 * f['vs_sft']['diff'])} pts (p {fmt(f['vs_sft']['mcnemar_p'])}) | "
             f"{fmt(f['mean_reward'])} | {fmt(f['kl_mean'])} | {fmt(f['pass_at_n'], True)} | "
-            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} |")
+            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} | "
+            f"{r.get('wall_s', 0) / 60:.1f} min |")
     lines += ["", f"pass@{arms}, maj@{arms}, mean reward, AUROC of s_wm (for the majority answer being right) and "
               "zero-variance groups are those of the round's rollouts, i.e. of the policy the round starts from, on "
               "that round's train questions. KL is the mean per-token KL to the round's reference over its steps.",
