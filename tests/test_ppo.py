@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
-from looper.rl import StepPlan, floored_advantages
-from looper.stages.ppo import AdaptiveKL, replay_func
+from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
+from looper.stages.ppo import replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
 FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
@@ -144,13 +145,29 @@ def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
     assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["clip_ratio/region_mean"] == 0.0, step
 
 
-def test_adaptive_kl_controller():
-    up = AdaptiveKL(0.04, target=0.1, horizon=100)
-    assert up.update(kl=0.5, n_samples=10) == pytest.approx(0.04 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
-    down = AdaptiveKL(0.04, target=0.1, horizon=100)
-    assert down.update(kl=0.05, n_samples=10) == pytest.approx(0.04 * (1 - 0.5 * 0 - 0.2 * 10 / 100))
-    fixed = AdaptiveKL(0.04, target=0.0, horizon=100)
-    assert fixed.update(kl=5.0, n_samples=10) == 0.04
+@pytest.mark.parametrize("start_coef", [0.004, 0.4])
+def test_adaptive_kl_reaches_its_target_within_tens_of_steps(start_coef):
+    """A synthetic policy whose per-token KL is 0.004 / coef (and lags one step): target 0.1 needs coef 0.04."""
+    controller = AdaptiveKL(start_coef, target=0.1, horizon=kl_horizon(0, total_steps(60, 1.0, None)))
+    kl, history = 0.0, []  # the first step's KL is 0: the policy starts at the reference
+    for _ in range(40):
+        coef = controller.update(kl)
+        kl = 0.5 * kl + 0.5 * 0.004 / coef  # KL follows the coefficient with a lag
+        history.append(kl)
+    assert all(abs(k / 0.1 - 1) < 0.1 for k in history[30:]), history  # within 10% of target from step 30 on
+    assert controller.coef == pytest.approx(0.04, rel=0.1) and controller.steps == 40
+
+
+def test_adaptive_kl_controller_step_rule():
+    up = AdaptiveKL(0.04, target=0.1, horizon=5)
+    assert up.update(kl=10.0) == pytest.approx(0.04 * math.exp(1 / 5))  # log-error clipped at +1
+    assert AdaptiveKL(0.04, target=0.1, horizon=5).update(kl=0.05) == pytest.approx(0.04 * 0.5 ** (1 / 5))
+    assert AdaptiveKL(0.04, target=0.1, horizon=5).update(kl=0.0) == pytest.approx(0.04 * math.exp(-1 / 5))
+    assert AdaptiveKL(0.04, target=0.0, horizon=5).update(kl=5.0) == 0.04  # target 0: fixed
+    restored = AdaptiveKL(0.04, target=0.1, horizon=5)
+    restored.load_state_dict(up.state_dict())
+    assert restored.coef == up.coef and restored.steps == 1
+    assert kl_horizon(0, 8) == 2 and kl_horizon(0, 50) == 5 and kl_horizon(0, 1000) == 10 and kl_horizon(7, 50) == 7
 
 
 def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
@@ -235,36 +252,52 @@ def test_online_group_reward_on_hand_written_group():
     assert rewards[2:] == pytest.approx([1.595, 1.595])
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    """Killed in step 4 (step 3 logged, last checkpoint at 2): the resumed run ends where an uninterrupted one
+    does (adapter, KL controller), and metrics.jsonl holds each step once."""
     from safetensors.torch import load_file
 
     from looper.stages.ppo import ReplayGRPOTrainer
 
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
-    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0", "--json"]
+    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0",
+            "--kl-target", "0.001", "--json"]
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
     assert code == 0, err
-    reference = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
+    reference = last_json(out)
+    reference_weights = load_file(f"{reference['path']}/adapter_model.safetensors")
 
     original, calls = ReplayGRPOTrainer.training_step, {"n": 0}
 
-    def dies_in_step_three(self, *a, **k):
+    def dies_in_step_four(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:  # 2 micro-batches per step: the 5th is step 3, after checkpoint-2
+        if calls["n"] == 7:  # 2 micro-batches per step: the 7th is step 4, after step 3 was logged
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", dies_in_step_three)
+    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", dies_in_step_four)
     code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 130
+    partial = next((broken / "checkpoints" / "ppo").glob("*.partial"))
+    saved = json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())
+    logged = [json.loads(line) for line in open(f"{reference['path']}/metrics.jsonl")]
+    assert saved["steps"] == 2 and saved["coef"] == next(m["kl_coef"] for m in logged if m["step"] == 2)
     monkeypatch.setattr(ReplayGRPOTrainer, "training_step", original)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 0, err
     assert "resuming from checkpoint-2" in out
-    resumed = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-6)
+    resumed = last_json(out)
+    resumed_weights = load_file(f"{resumed['path']}/adapter_model.safetensors")
+    for name in reference_weights:
+        torch.testing.assert_close(resumed_weights[name], reference_weights[name], rtol=1e-4, atol=1e-6)
+    final = [json.loads(open(f"{r['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+             for r in (reference, resumed)]
+    assert final[0] != 0.04 and final[1] == pytest.approx(final[0], rel=1e-6), final
+    lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
+    steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
+    assert steps == [1, 2, 3, 4], steps

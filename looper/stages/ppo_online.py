@@ -22,8 +22,8 @@ from looper.config import PpoConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
-from looper.rl import step_plan
-from looper.stages.ppo import AdaptiveKL, RegimeWGRPOTrainer, announce_plan, grpo_config, kl_callback
+from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
+from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config
 
 STAGE = "ppo"
 
@@ -65,19 +65,20 @@ def run_online(config: PpoConfig) -> StageResult:
     group = config.online_generations
     dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
                                   "gold_answer": r["gold_answer"]} for r in rows])
-    controller, holder = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon), {}
+    controller = AdaptiveKL(config.kl_coef, config.kl_target,
+                            kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
     trainer_dir = run_.path / "trainer"
+    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     trainer = RegimeWGRPOTrainer(
         model=model, reward_funcs=[group_reward_func(group)],
         args=grpo_config(config, trainer_dir, group, config.max_new_tokens, plan,
                          temperature=config.online_temperature),
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[kl_callback(controller, holder, config.questions_per_step * group),
-                   training.metrics_callback(run_.path / "metrics.jsonl")],
+        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        kl_controller=controller, std_floor=config.advantage_std_floor,
     )
-    trainer.beta, holder["trainer"] = controller.coef, trainer
-    trainer.std_floor = config.advantage_std_floor
-    result = trainer.train(resume_from_checkpoint=training.last_checkpoint(trainer_dir))
+    trainer.restore_kl(checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.accelerator.is_main_process:
         return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
     training.save_adapter(trainer.model, tokenizer, run_.path)
