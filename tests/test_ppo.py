@@ -43,7 +43,8 @@ def make_adapter(model_dir, path, *, dropout: float) -> str:
     return str(path)
 
 
-def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None):
+def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None,
+                   questions: int = 2, edit=None):
     """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
 
     Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
@@ -59,20 +60,22 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: s
 
         model = PeftModel.from_pretrained(model, adapter).eval()
     rows = []
-    for q in range(2):
+    for q in range(questions):
         question = f"Tom has 3 apples and gets 4 more (case {q}). How many apples?"
         prompt = render_prompt(tokenizer, tutoring_messages(question))
         outputs = []
         for arm in range(4):
             text = GOOD if arm % 2 == 0 else BAD
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # EOS stored
             logprobs = [lp + logprob_shift for lp in completion_logprobs(model, tokenizer, prompt, ids)]
             outputs.append({"arm": f"a{arm}", "style": "wolfram", "temperature": 0.3, "prompt": prompt, "text": text,
                             "reasoning": text, "answer": "7" if arm % 2 == 0 else "9", "correct": arm % 2 == 0,
-                            "tokens": len(ids), "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
+                            "tokens": len(ids) - 1, "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
         rows.append({"id": f"q{q}", "question": question, "gold_answer": "7", "policy": "base",
                      "arm_outputs": outputs, "cf_outputs": [], "s_end": 1 / 3, "s_path": 1.0, "s_cf": 1.0,
                      "s_wm": 0.7, "reward": 1.49, "arm_rewards": [1.0, -0.5, 1.0, -0.5]})
+    if edit is not None:
+        edit(rows, tokenizer)
     store = Store(workdir)
     run = store.begin("rollouts", f"hand{int(logprob_shift)}")
     write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
@@ -102,7 +105,7 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
                              "--learning-rate", "2e-2", "--lora-r", "16", "--json")
     assert code == 0, err
     result = last_json(out)
-    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "steps": 8}
+    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "skipped_empty": 0, "steps": 8}
     assert "2 questions x 4 arms; 0 question group(s) have zero reward variance" in out
     trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result["path"])
     gap_after = mean_logprob(trained, tokenizer, rows, True) - mean_logprob(trained, tokenizer, rows, False)
@@ -113,6 +116,33 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
     metrics = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl")]
     steps = [m for m in metrics if "kl_coef" in m]
     assert len(steps) == 8 and all("kl" in m and "clip_ratio/region_mean" in m for m in steps)
+    assert all(m["completions/clipped_ratio"] == 0 for m in steps)  # every stored completion ends on its EOS
+
+
+@pytest.mark.slow
+def test_first_token_eos_trains_and_an_empty_completion_is_skipped(run_cli, tiny_model_dir, tmp_path):
+    def edit(rows, tokenizer):
+        eos_only = rows[1]["arm_outputs"][1]  # the first sampled token was EOS: one stored token, 0 counted
+        eos_only.update(token_ids=eos_only["token_ids"][-1:], logprobs=eos_only["logprobs"][-1:], text="", tokens=0)
+        empty = rows[2]["arm_outputs"][3]  # what an older backend stored for it: nothing (TRL raised IndexError)
+        empty.update(token_ids=[], logprobs=[], text="", tokens=0)
+
+    build_rollouts(tmp_path, tiny_model_dir, questions=3, edit=edit)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "2",
+                             "--json")
+    assert code == 0, err
+    assert "1 question(s) skipped: an arm with no stored token" in out
+    counts = last_json(out)["counts"]
+    assert counts["questions"] == 2 and counts["skipped_empty"] == 1 and counts["steps"] == 2
+
+
+def test_ppo_refuses_rollouts_without_stored_eos(run_cli, tiny_model_dir, tmp_path):
+    build_rollouts(tmp_path, tiny_model_dir)
+    manifest_path = next((tmp_path / "data" / "rollouts").glob("hand*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(manifest | {"schema_version": 1}))
+    code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path)
+    assert code == 1 and "rerun `looper rollouts`" in err and "schema 1" in err, err
 
 
 def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_path):

@@ -24,7 +24,8 @@ What we add to TRL, and why:
 Reference and adapter: the reference policy is the one that generated the rollouts. From an
 sft adapter, training continues that adapter and TRL keeps a frozen copy as the reference;
 from the base model, a fresh LoRA is trained and the reference is the base (adapter off).
-Simplification: a completion's EOS token is not trained on (rollouts store no log-prob for it).
+A completion's EOS token is part of its stored token ids and log-probs (rollouts schema 2), so
+the model is trained to stop where its rewarded completions stopped; older rollouts are refused.
 """
 
 from __future__ import annotations
@@ -129,6 +130,19 @@ class KLStep(TrainerCallback):
         self.trainer.end_of_step()
 
 
+def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
+    """The questions whose every arm has at least one token, and how many were skipped.
+
+    A group must keep all its arms, so a question with an empty completion (a backend that
+    stored none for a first-token EOS) is left out whole; TRL cannot train a 0-token completion."""
+    kept = [r for r in rows if all(a["token_ids"] for a in r["arm_outputs"])]
+    if len(kept) < len(rows):
+        print(f"ppo: {len(rows) - len(kept)} question(s) skipped: an arm with no stored token")
+    if not kept:
+        raise LooperError("every question of the rollouts has an arm with no stored token: rerun `looper rollouts`")
+    return kept, len(rows) - len(kept)
+
+
 def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
     """Reward function: the reward `looper rollouts` stored for each completion."""
     return list(stored_reward)
@@ -194,7 +208,11 @@ def run(config: PpoConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    rows = training.rollout_rows(rollouts)
+    if rollouts.manifest.get("schema_version", 1) < 2:
+        raise LooperError(f"rollouts {rollouts.version} are schema {rollouts.manifest.get('schema_version', 1)}: "
+                          "written before the EOS token was stored, so replay would never train stopping; "
+                          "rerun `looper rollouts`")
+    rows, empty = with_tokens(training.rollout_rows(rollouts))
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
         raise LooperError("rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more")
@@ -214,7 +232,7 @@ def run(config: PpoConfig) -> StageResult:
                             kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
     trainer_dir = run_.path / "trainer"
     checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
-    max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"]) or 1
+    max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
@@ -237,7 +255,7 @@ def run(config: PpoConfig) -> StageResult:
     shutil.rmtree(trainer_dir, ignore_errors=True)
     artifact = run_.commit(
         config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
-        counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat,
+        counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat, "skipped_empty": empty,
                 "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
         extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
