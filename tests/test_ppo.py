@@ -271,15 +271,31 @@ def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_online_group_reward_on_hand_written_group():
+    from looper.regime_w.scoring import RegimeWWeights
     from looper.stages.ppo_online import group_reward_func
 
-    fn = group_reward_func(group_size=2)
+    fn = group_reward_func(group_size=2, weights=RegimeWWeights(0.4, 0.3, 0.3), blend=0.5, eos_ids={0})
     rewards = fn(["#### 7", "#### 9", "#### 5", "#### 5"], gold_answer=["7", "7", "5", "5"],
-                 completion_ids=[[1] * 10] * 4)
+                 completion_ids=[[1] * 10] * 3 + [[1] * 9 + [0]])  # the last ends on EOS: 9 tokens, s_path < 1
     # group 1: one right, answers disagree (s_end 0): right arm 1 + 0.7*(0.5*0 + 0.5*0.3); wrong -0.5 + same
     assert rewards[:2] == pytest.approx([1.105, -0.395])
-    # group 2: both right and agreeing (s_end 1, s_wm 0.7): 1 + 0.7*(0.5*1 + 0.5*0.7)
-    assert rewards[2:] == pytest.approx([1.595, 1.595])
+    # group 2: both right and agreeing (s_end 1), lengths 10 and 9 (EOS not counted)
+    from looper.regime_w import scoring
+
+    s_wm = 0.4 + 0.3 * scoring.s_path([10, 9])
+    assert s_wm < 0.7 and rewards[2:] == pytest.approx([1 + 0.7 * (0.5 + 0.5 * s_wm)] * 2)
+
+
+def test_online_reward_uses_the_rollouts_weights_and_blend():
+    from looper.regime_w.scoring import RegimeWWeights
+    from looper.stages.ppo_online import group_reward_func, reward_settings
+
+    weights, blend = reward_settings({"w_end": 0.9, "w_path": 0.1, "w_cf": 0.0, "coherence_blend": 1.0})
+    assert (weights, blend) == (RegimeWWeights(0.9, 0.1, 0.0), 1.0)
+    assert reward_settings({}) == (RegimeWWeights(0.4, 0.3, 0.3), 0.5)  # rollouts' defaults
+    fn = group_reward_func(2, weights, blend)
+    # blend 1: coherence is the arm's own agreement alone; disagreeing arms get none of s_wm
+    assert fn(["#### 7", "#### 9"], gold_answer=["7", "7"], completion_ids=[[1] * 10] * 2) == [1.0, -0.5]
 
 
 @pytest.mark.slow
