@@ -181,8 +181,10 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
                                      "differences smaller than it stay small (a length penalty of a few tokens).")
     loss_type: str = opt("dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...).")
     kl_coef: float = opt(0.04, "Initial coefficient of the per-token KL penalty to the reference policy.")
-    kl_target: float = opt(0.1, "Adaptive KL control: target mean per-token KL; the coefficient moves towards it. 0 = fixed.")
-    kl_horizon: int = opt(10000, "Adaptive KL control horizon (Ziegler et al.): larger = slower coefficient changes.")
+    kl_target: float = opt(0.1, "Adaptive KL control: target KL to the reference in nats per token (TRL's `kl`: mean "
+                           "per-token k3 estimate); the coefficient moves towards it after every step. 0 = fixed.")
+    kl_horizon: int = opt(0, "Adaptive KL control: optimizer steps over which the coefficient can change by a factor "
+                          "e (larger = slower). 0 = a tenth of the run's steps, between 2 and 10.")
     online: bool = opt(False, "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.")
     online_generations: int = opt(8, "With --online: completions sampled per question.")
     online_temperature: float = opt(0.7, "With --online: sampling temperature.")

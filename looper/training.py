@@ -54,6 +54,20 @@ def last_checkpoint(trainer_dir: Path) -> str | None:
     return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
 
 
+def resume_point(trainer_dir: Path, metrics_path: Path) -> str | None:
+    """The checkpoint to resume from; metrics.jsonl loses the lines logged after it (they are logged again).
+
+    Without a checkpoint the run starts over, and so does its metrics file."""
+    from looper.artifacts import atomic_write_bytes
+
+    checkpoint = last_checkpoint(trainer_dir)
+    if metrics_path.is_file():
+        step = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else -1
+        kept = [line for line in metrics_path.read_bytes().splitlines() if orjson.loads(line)["step"] <= step]
+        atomic_write_bytes(metrics_path, b"".join(line + b"\n" for line in kept))
+    return checkpoint
+
+
 def metrics_callback(path: Path):
     """A TrainerCallback appending each log line (+ tokens/s) to metrics.jsonl."""
     from transformers import TrainerCallback

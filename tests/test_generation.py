@@ -103,7 +103,7 @@ def test_logprobs_are_untempered_policy(lm, sampling):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids + c.token_ids])).logits[0].float()
-        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + c.tokens)
+        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(c.token_ids))
         targets = torch.tensor(c.token_ids)
         raw = logits.log_softmax(-1)[positions, targets]
         assert torch.allclose(torch.tensor(c.logprobs), raw, atol=1e-4)
@@ -150,12 +150,13 @@ def test_stop_string_cuts_text_and_tokens(lm):
         assert stop in tokenizer.decode(c.token_ids) and stop not in tokenizer.decode(c.token_ids[:-1])
 
 
-def test_eos_ends_completion_and_is_excluded(lm):
+def test_eos_ends_completion_and_is_stored(lm):
     model, tokenizer, prompts = lm
     s = Sampling(max_new_tokens=16)
     free = hf(lm).generate(prompts, s)
     # Declare a token that the first prompt's greedy run emits to be a second EOS (the
-    # generation config may list several): completions must end just before its first use.
+    # generation config may list several): completions must end with its first use, kept
+    # with its log-prob (so RL trains stopping), and not counted in `tokens`.
     eos = free[0].token_ids[4]
     original = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [original, eos]
@@ -166,11 +167,25 @@ def test_eos_ends_completion_and_is_excluded(lm):
     for f, c in zip(free, out):
         if eos in f.token_ids:
             n = f.token_ids.index(eos)
-            assert (c.token_ids, c.finish_reason) == (f.token_ids[:n], "stop")
+            assert (c.token_ids, c.finish_reason, c.eos, c.tokens) == (f.token_ids[: n + 1], "stop", True, n)
+            assert c.logprobs == pytest.approx(f.logprobs[: n + 1], abs=1e-4)
             assert c.text == tokenizer.decode(f.token_ids[:n], skip_special_tokens=True)
         else:
-            assert (c.token_ids, c.finish_reason) == (f.token_ids, "length")
+            assert (c.token_ids, c.finish_reason, c.eos) == (f.token_ids, "length", False)
     assert out[0].tokens <= 4
+
+
+def test_first_token_eos_is_one_stored_token(lm):
+    model, _, prompts = lm
+    first = hf(lm).generate(prompts[:1], Sampling(max_new_tokens=8))[0]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [original, first.token_ids[0]]
+    try:
+        c = hf(lm).generate(prompts[:1], Sampling(max_new_tokens=8))[0]
+    finally:
+        model.generation_config.eos_token_id = original
+    assert (c.token_ids, c.tokens, c.text, c.finish_reason) == ([first.token_ids[0]], 0, "", "stop")
+    assert c.logprobs == pytest.approx(first.logprobs[:1], abs=1e-4)
 
 
 def test_leaves_model_mode_rng_and_tokenizer_alone(lm):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
-from looper.rl import StepPlan, floored_advantages
-from looper.stages.ppo import AdaptiveKL, replay_func
+from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
+from looper.stages.ppo import replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
 FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
@@ -42,7 +43,8 @@ def make_adapter(model_dir, path, *, dropout: float) -> str:
     return str(path)
 
 
-def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None):
+def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None,
+                   questions: int = 2, edit=None):
     """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
 
     Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
@@ -58,20 +60,22 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: s
 
         model = PeftModel.from_pretrained(model, adapter).eval()
     rows = []
-    for q in range(2):
+    for q in range(questions):
         question = f"Tom has 3 apples and gets 4 more (case {q}). How many apples?"
         prompt = render_prompt(tokenizer, tutoring_messages(question))
         outputs = []
         for arm in range(4):
             text = GOOD if arm % 2 == 0 else BAD
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # EOS stored
             logprobs = [lp + logprob_shift for lp in completion_logprobs(model, tokenizer, prompt, ids)]
             outputs.append({"arm": f"a{arm}", "style": "wolfram", "temperature": 0.3, "prompt": prompt, "text": text,
                             "reasoning": text, "answer": "7" if arm % 2 == 0 else "9", "correct": arm % 2 == 0,
-                            "tokens": len(ids), "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
+                            "tokens": len(ids) - 1, "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
         rows.append({"id": f"q{q}", "question": question, "gold_answer": "7", "policy": "base",
                      "arm_outputs": outputs, "cf_outputs": [], "s_end": 1 / 3, "s_path": 1.0, "s_cf": 1.0,
                      "s_wm": 0.7, "reward": 1.49, "arm_rewards": [1.0, -0.5, 1.0, -0.5]})
+    if edit is not None:
+        edit(rows, tokenizer)
     store = Store(workdir)
     run = store.begin("rollouts", f"hand{int(logprob_shift)}")
     write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
@@ -101,7 +105,7 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
                              "--learning-rate", "2e-2", "--lora-r", "16", "--json")
     assert code == 0, err
     result = last_json(out)
-    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "steps": 8}
+    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "skipped_empty": 0, "steps": 8}
     assert "2 questions x 4 arms; 0 question group(s) have zero reward variance" in out
     trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result["path"])
     gap_after = mean_logprob(trained, tokenizer, rows, True) - mean_logprob(trained, tokenizer, rows, False)
@@ -112,6 +116,33 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
     metrics = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl")]
     steps = [m for m in metrics if "kl_coef" in m]
     assert len(steps) == 8 and all("kl" in m and "clip_ratio/region_mean" in m for m in steps)
+    assert all(m["completions/clipped_ratio"] == 0 for m in steps)  # every stored completion ends on its EOS
+
+
+@pytest.mark.slow
+def test_first_token_eos_trains_and_an_empty_completion_is_skipped(run_cli, tiny_model_dir, tmp_path):
+    def edit(rows, tokenizer):
+        eos_only = rows[1]["arm_outputs"][1]  # the first sampled token was EOS: one stored token, 0 counted
+        eos_only.update(token_ids=eos_only["token_ids"][-1:], logprobs=eos_only["logprobs"][-1:], text="", tokens=0)
+        empty = rows[2]["arm_outputs"][3]  # what an older backend stored for it: nothing (TRL raised IndexError)
+        empty.update(token_ids=[], logprobs=[], text="", tokens=0)
+
+    build_rollouts(tmp_path, tiny_model_dir, questions=3, edit=edit)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "2",
+                             "--json")
+    assert code == 0, err
+    assert "1 question(s) skipped: an arm with no stored token" in out
+    counts = last_json(out)["counts"]
+    assert counts["questions"] == 2 and counts["skipped_empty"] == 1 and counts["steps"] == 2
+
+
+def test_ppo_refuses_rollouts_without_stored_eos(run_cli, tiny_model_dir, tmp_path):
+    build_rollouts(tmp_path, tiny_model_dir)
+    manifest_path = next((tmp_path / "data" / "rollouts").glob("hand*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(manifest | {"schema_version": 1}))
+    code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path)
+    assert code == 1 and "rerun `looper rollouts`" in err and "schema 1" in err, err
 
 
 def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_path):
@@ -144,13 +175,29 @@ def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
     assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["clip_ratio/region_mean"] == 0.0, step
 
 
-def test_adaptive_kl_controller():
-    up = AdaptiveKL(0.04, target=0.1, horizon=100)
-    assert up.update(kl=0.5, n_samples=10) == pytest.approx(0.04 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
-    down = AdaptiveKL(0.04, target=0.1, horizon=100)
-    assert down.update(kl=0.05, n_samples=10) == pytest.approx(0.04 * (1 - 0.5 * 0 - 0.2 * 10 / 100))
-    fixed = AdaptiveKL(0.04, target=0.0, horizon=100)
-    assert fixed.update(kl=5.0, n_samples=10) == 0.04
+@pytest.mark.parametrize("start_coef", [0.004, 0.4])
+def test_adaptive_kl_reaches_its_target_within_tens_of_steps(start_coef):
+    """A synthetic policy whose per-token KL is 0.004 / coef (and lags one step): target 0.1 needs coef 0.04."""
+    controller = AdaptiveKL(start_coef, target=0.1, horizon=kl_horizon(0, total_steps(60, 1.0, None)))
+    kl, history = 0.0, []  # the first step's KL is 0: the policy starts at the reference
+    for _ in range(40):
+        coef = controller.update(kl)
+        kl = 0.5 * kl + 0.5 * 0.004 / coef  # KL follows the coefficient with a lag
+        history.append(kl)
+    assert all(abs(k / 0.1 - 1) < 0.1 for k in history[30:]), history  # within 10% of target from step 30 on
+    assert controller.coef == pytest.approx(0.04, rel=0.1) and controller.steps == 40
+
+
+def test_adaptive_kl_controller_step_rule():
+    up = AdaptiveKL(0.04, target=0.1, horizon=5)
+    assert up.update(kl=10.0) == pytest.approx(0.04 * math.exp(1 / 5))  # log-error clipped at +1
+    assert AdaptiveKL(0.04, target=0.1, horizon=5).update(kl=0.05) == pytest.approx(0.04 * 0.5 ** (1 / 5))
+    assert AdaptiveKL(0.04, target=0.1, horizon=5).update(kl=0.0) == pytest.approx(0.04 * math.exp(-1 / 5))
+    assert AdaptiveKL(0.04, target=0.0, horizon=5).update(kl=5.0) == 0.04  # target 0: fixed
+    restored = AdaptiveKL(0.04, target=0.1, horizon=5)
+    restored.load_state_dict(up.state_dict())
+    assert restored.coef == up.coef and restored.steps == 1
+    assert kl_horizon(0, 8) == 2 and kl_horizon(0, 50) == 5 and kl_horizon(0, 1000) == 10 and kl_horizon(7, 50) == 7
 
 
 def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
@@ -224,47 +271,79 @@ def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_online_group_reward_on_hand_written_group():
+    from looper.regime_w.scoring import RegimeWWeights
     from looper.stages.ppo_online import group_reward_func
 
-    fn = group_reward_func(group_size=2)
+    fn = group_reward_func(group_size=2, weights=RegimeWWeights(0.4, 0.3, 0.3), blend=0.5, eos_ids={0})
     rewards = fn(["#### 7", "#### 9", "#### 5", "#### 5"], gold_answer=["7", "7", "5", "5"],
-                 completion_ids=[[1] * 10] * 4)
+                 completion_ids=[[1] * 10] * 3 + [[1] * 9 + [0]])  # the last ends on EOS: 9 tokens, s_path < 1
     # group 1: one right, answers disagree (s_end 0): right arm 1 + 0.7*(0.5*0 + 0.5*0.3); wrong -0.5 + same
     assert rewards[:2] == pytest.approx([1.105, -0.395])
-    # group 2: both right and agreeing (s_end 1, s_wm 0.7): 1 + 0.7*(0.5*1 + 0.5*0.7)
-    assert rewards[2:] == pytest.approx([1.595, 1.595])
+    # group 2: both right and agreeing (s_end 1), lengths 10 and 9 (EOS not counted)
+    from looper.regime_w import scoring
+
+    s_wm = 0.4 + 0.3 * scoring.s_path([10, 9])
+    assert s_wm < 0.7 and rewards[2:] == pytest.approx([1 + 0.7 * (0.5 + 0.5 * s_wm)] * 2)
 
 
+def test_online_reward_uses_the_rollouts_weights_and_blend():
+    from looper.regime_w.scoring import RegimeWWeights
+    from looper.stages.ppo_online import group_reward_func, reward_settings
+
+    weights, blend = reward_settings({"w_end": 0.9, "w_path": 0.1, "w_cf": 0.0, "coherence_blend": 1.0})
+    assert (weights, blend) == (RegimeWWeights(0.9, 0.1, 0.0), 1.0)
+    assert reward_settings({}) == (RegimeWWeights(0.4, 0.3, 0.3), 0.5)  # rollouts' defaults
+    fn = group_reward_func(2, weights, blend)
+    # blend 1: coherence is the arm's own agreement alone; disagreeing arms get none of s_wm
+    assert fn(["#### 7", "#### 9"], gold_answer=["7", "7"], completion_ids=[[1] * 10] * 2) == [1.0, -0.5]
+
+
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    """Killed in step 4 (step 3 logged, last checkpoint at 2): the resumed run ends where an uninterrupted one
+    does (adapter, KL controller), and metrics.jsonl holds each step once."""
     from safetensors.torch import load_file
 
     from looper.stages.ppo import ReplayGRPOTrainer
 
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
-    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0", "--json"]
+    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0",
+            "--kl-target", "0.001", "--json"]
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
     assert code == 0, err
-    reference = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
+    reference = last_json(out)
+    reference_weights = load_file(f"{reference['path']}/adapter_model.safetensors")
 
     original, calls = ReplayGRPOTrainer.training_step, {"n": 0}
 
-    def dies_in_step_three(self, *a, **k):
+    def dies_in_step_four(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:  # 2 micro-batches per step: the 5th is step 3, after checkpoint-2
+        if calls["n"] == 7:  # 2 micro-batches per step: the 7th is step 4, after step 3 was logged
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", dies_in_step_three)
+    monkeypatch.setattr(ReplayGRPOTrainer, "training_step", dies_in_step_four)
     code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 130
+    partial = next((broken / "checkpoints" / "ppo").glob("*.partial"))
+    saved = json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())
+    logged = [json.loads(line) for line in open(f"{reference['path']}/metrics.jsonl")]
+    assert saved["steps"] == 2 and saved["coef"] == next(m["kl_coef"] for m in logged if m["step"] == 2)
     monkeypatch.setattr(ReplayGRPOTrainer, "training_step", original)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 0, err
     assert "resuming from checkpoint-2" in out
-    resumed = load_file(f"{last_json(out)['path']}/adapter_model.safetensors")
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-4, atol=1e-6)
+    resumed = last_json(out)
+    resumed_weights = load_file(f"{resumed['path']}/adapter_model.safetensors")
+    for name in reference_weights:
+        torch.testing.assert_close(resumed_weights[name], reference_weights[name], rtol=1e-4, atol=1e-6)
+    final = [json.loads(open(f"{r['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+             for r in (reference, resumed)]
+    assert final[0] != 0.04 and final[1] == pytest.approx(final[0], rel=1e-6), final
+    lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
+    steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
+    assert steps == [1, 2, 3, 4], steps

@@ -75,7 +75,9 @@ def test_rollouts_end_to_end(run_cli, workdir, tiny_model_dir):
         outputs = row["arm_outputs"]
         assert [o["arm"] for o in outputs] == ["wolfram-t0.2", "maudlin-t0.2"]
         for o in outputs:
-            assert len(o["logprobs"]) == len(o["token_ids"]) == o["tokens"] <= 6
+            assert len(o["logprobs"]) == len(o["token_ids"]) and o["tokens"] <= 6
+            # token_ids keep the EOS that ended a completion; `tokens` does not count it
+            assert len(o["token_ids"]) - o["tokens"] == (o["finish_reason"] == "stop")
             assert all(lp <= 0 for lp in o["logprobs"]) and o["prompt"].endswith("assistant\n")
         assert [c["perturbation"] for c in row["cf_outputs"]] == ["irrelevant", "question_first"]
         # stored scores and rewards are what the pure functions give on the stored outputs

@@ -8,14 +8,18 @@ Conventions shared by both backends (the tests pin them for `hf`):
 
 * prompts are fully rendered chat-template strings; they are tokenized with
   ``add_special_tokens=False`` because the template already put in any BOS;
-* ``Completion.token_ids`` are the generated tokens **without** the EOS token that ended
-  the completion (and without any padding after it); when a stop string ended it, they run
-  up to and including the token that completed the stop string, while ``text`` is cut just
-  before the stop string (the same split vLLM makes);
-* ``Completion.logprobs[i]`` is ``log_softmax(raw logits)[token_ids[i]]``: the policy at
-  temperature 1 with no top-p, whatever temperature the token was sampled at. The RL stage
-  uses these as the behaviour policy's log-probs, and its importance ratios are taken
-  against the untempered policy it trains.
+* ``Completion.token_ids`` are the generated tokens **including** the EOS token that ended
+  the completion (then ``eos`` is True), without any padding after it, so replaying them
+  trains the model's stopping too; a first-token EOS gives ``token_ids == [eos]``, never an
+  empty list. When a stop string ended it, they run up to and including the token that
+  completed the stop string (no EOS, ``eos`` False), while ``text`` is cut just before the
+  stop string (the same split vLLM makes);
+* ``Completion.tokens`` counts the generated tokens **without** that EOS (``len(token_ids) -
+  eos``): the length Regime W's s_path and length penalty score, and the one reported;
+* ``Completion.logprobs[i]`` is ``log_softmax(raw logits)[token_ids[i]]`` (the EOS's
+  included): the policy at temperature 1 with no top-p, whatever temperature the token was
+  sampled at. The RL stage uses these as the behaviour policy's log-probs, and its
+  importance ratios are taken against the untempered policy it trains.
 """
 
 from __future__ import annotations
@@ -58,13 +62,15 @@ class Completion:
     """One generated continuation. See the module docstring for what the token lists hold."""
 
     text: str  # decoded generated text, special tokens skipped, cut before a stop string
-    token_ids: list[int]  # generated tokens; EOS and padding excluded
+    token_ids: list[int]  # generated tokens, the EOS that ended the completion included; no padding
     logprobs: list[float]  # untempered log-prob of each token in token_ids (same length)
     finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
+    eos: bool = False  # token_ids[-1] is the EOS that ended the completion
 
     @property
     def tokens(self) -> int:
-        return len(self.token_ids)
+        """Generated tokens, the ending EOS not counted."""
+        return len(self.token_ids) - self.eos
 
 
 @runtime_checkable

@@ -116,17 +116,22 @@ class HFGenerator:
         )
         is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device))
         ended = is_eos.any(1)
-        lengths = torch.where(ended, is_eos.float().argmax(1), gen.shape[1])
+        # up to and including the first EOS: the one sampled (its log-prob is real, the row was still
+        # running), or the filler after a stop string, which `_completion` drops with the stop string's cut
+        lengths = torch.where(ended, is_eos.float().argmax(1) + 1, gen.shape[1])
         return [
             self._completion(g[:n], lp[:n], e, s.stop)
             for g, lp, n, e in zip(gen.tolist(), logprobs.tolist(), lengths.tolist(), ended.tolist())
         ]
 
     def _completion(self, ids: list[int], logprobs: list[float], ended: bool, stop: tuple[str, ...]) -> Completion:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        """`ids` end with the EOS (or post-stop-string filler) that ended the row when `ended`."""
+        text = self.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
         cut = cut_at_stop(text, stop) if stop else None
-        if cut is None:
-            return Completion(text, ids, logprobs, "stop" if ended else "length")
+        if cut is None:  # ended on EOS (kept, with its log-prob) or on max_new_tokens
+            return Completion(text, ids, logprobs, "stop" if ended else "length", eos=ended)
+        if ended:
+            ids, logprobs = ids[:-1], logprobs[:-1]
         # Keep tokens up to and including the one that completed the stop string: the smallest
         # prefix whose text contains it (binary search; `generate` already stopped there, so
         # this normally keeps every token, but it holds even if decoding joins text differently).

@@ -126,7 +126,7 @@ def run(config: DpoConfig) -> StageResult:
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     trainer_dir = run_.path / "trainer"
-    checkpoint = training.last_checkpoint(trainer_dir)
+    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     dataset = Dataset.from_list([{"prompt": strip_template_bos(p["prompt"], tokenizer), "chosen": p["chosen"],
                                   "rejected": p["rejected"]} for p in pairs])
     trainer = DPOTrainer(

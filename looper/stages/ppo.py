@@ -16,53 +16,87 @@ What we add to TRL, and why:
   bounds how far training moves from it. With `--reward question` every arm of a question
   shares one reward, so group-relative advantages would all be zero: we centre (and scale)
   rewards over the batch instead.
-- `AdaptiveKL`: TRL's KL coefficient is fixed; we move it each step towards a target KL
-  with Ziegler et al.'s (2019) proportional controller.
+- `RegimeWGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
+  towards `--kl-target` (nats per token) with `looper.rl.AdaptiveKL`, saved with each checkpoint;
+  advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
+  forward (TRL's `disable_dropout`), so the ratio and the KL measure policy change, not noise.
 
 Reference and adapter: the reference policy is the one that generated the rollouts. From an
 sft adapter, training continues that adapter and TRL keeps a frozen copy as the reference;
 from the base model, a fresh LoRA is trained and the reference is the base (adapter off).
-Simplification: a completion's EOS token is not trained on (rollouts store no log-prob for it).
+A completion's EOS token is part of its stored token ids and log-probs (rollouts schema 2), so
+the model is trained to stop where its rewarded completions stopped; older rollouts are refused.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import orjson
 import torch
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from looper import models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
-from looper.rl import StepPlan, floored_advantages, step_plan
+from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, step_plan, total_steps
 from looper.stages import StageResult
 
 STAGE = "ppo"
 
 
-class AdaptiveKL:
-    """Ziegler et al. (2019): coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
-
-    def __init__(self, coef: float, target: float, horizon: int):
-        self.coef, self.target, self.horizon = coef, target, horizon
-
-    def update(self, kl: float, n_samples: int) -> float:
-        if self.target > 0:
-            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.coef *= 1.0 + error * n_samples / self.horizon
-        return self.coef
-
-
 class RegimeWGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose advantages divide by a floored std (`looper.rl.floored_advantages`).
+    """GRPOTrainer with Looper's advantages and adaptive KL coefficient (offline and online).
 
-    TRL runs with scale_rewards="none", so its advantages are the centred rewards r - group mean."""
+    Advantages divide by a floored std (`looper.rl.floored_advantages`); TRL runs with
+    scale_rewards="none", so its advantages are the centred rewards r - group mean.
+    The KL coefficient (`self.beta`) moves after every optimizer step (`looper.rl.AdaptiveKL`)
+    on the mean KL of that step's micro-batches, whatever `logging_steps` is; the controller's
+    state is written into each checkpoint before transformers' trainer_state.json, so a
+    complete checkpoint always has it and a resumed run continues it."""
 
-    reward_mode = "arm"
-    std_floor = 0.1
+    KL_STATE = "kl_controller.json"
+
+    def __init__(self, *args, kl_controller: AdaptiveKL, reward_mode: str = "arm", std_floor: float = 0.1,
+                 **kwargs):
+        self.kl_controller, self.reward_mode, self.std_floor, self.step_kls = kl_controller, reward_mode, std_floor, []
+        super().__init__(*args, callbacks=[*kwargs.pop("callbacks", []), KLStep(self)], **kwargs)
+        self.beta = kl_controller.coef
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self.model.training and self._metrics["train"].get("kl"):  # TRL's per-micro-batch KL, all ranks gathered
+            self.step_kls.append(self._metrics["train"]["kl"][-1])
+        return loss
+
+    def end_of_step(self) -> None:
+        if self.step_kls:
+            self.beta = self.kl_controller.update(sum(self.step_kls) / len(self.step_kls))
+            self.step_kls.clear()
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # a training log line: the coefficient in force for the next step
+            logs["kl_coef"] = self.beta
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / self.KL_STATE).write_bytes(orjson.dumps(self.kl_controller.state_dict()))
+        super()._save_checkpoint(model, trial)
+
+    def restore_kl(self, checkpoint: str | None) -> None:
+        """The controller's state as saved with `checkpoint` (a resumed run)."""
+        path = Path(checkpoint or "") / self.KL_STATE
+        if checkpoint and path.is_file():
+            self.kl_controller.load_state_dict(orjson.loads(path.read_bytes()))
+            self.beta = self.kl_controller.coef
+        elif checkpoint:
+            print(f"ppo: {checkpoint} holds no KL controller state: the coefficient restarts at {self.beta}")
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -86,16 +120,27 @@ class ReplayGRPOTrainer(RegimeWGRPOTrainer):
         return output
 
 
-def kl_callback(controller: AdaptiveKL, trainer_ref: dict, n_samples: int):
-    from transformers import TrainerCallback
+class KLStep(TrainerCallback):
+    """Moves the trainer's KL coefficient after each optimizer step."""
 
-    class AdaptiveKLCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "kl" in logs and "eval_loss" not in logs:
-                trainer_ref["trainer"].beta = controller.update(float(logs["kl"]), n_samples)
-                logs["kl_coef"] = trainer_ref["trainer"].beta  # logged with the step (metrics.jsonl)
+    def __init__(self, trainer: RegimeWGRPOTrainer):
+        self.trainer = trainer
 
-    return AdaptiveKLCallback()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.end_of_step()
+
+
+def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
+    """The questions whose every arm has at least one token, and how many were skipped.
+
+    A group must keep all its arms, so a question with an empty completion (a backend that
+    stored none for a first-token EOS) is left out whole; TRL cannot train a 0-token completion."""
+    kept = [r for r in rows if all(a["token_ids"] for a in r["arm_outputs"])]
+    if len(kept) < len(rows):
+        print(f"ppo: {len(rows) - len(kept)} question(s) skipped: an arm with no stored token")
+    if not kept:
+        raise LooperError("every question of the rollouts has an arm with no stored token: rerun `looper rollouts`")
+    return kept, len(rows) - len(kept)
 
 
 def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
@@ -169,7 +214,11 @@ def run(config: PpoConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    rows = training.rollout_rows(rollouts)
+    if rollouts.manifest.get("schema_version", 1) < 2:
+        raise LooperError(f"rollouts {rollouts.version} are schema {rollouts.manifest.get('schema_version', 1)}: "
+                          "written before the EOS token was stored, so replay would never train stopping; "
+                          "rerun `looper rollouts`")
+    rows, empty = with_tokens(training.rollout_rows(rollouts))
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
         raise LooperError("rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more")
@@ -185,13 +234,11 @@ def run(config: PpoConfig) -> StageResult:
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
-    controller = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
+    controller = AdaptiveKL(config.kl_coef, config.kl_target,
+                            kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
     trainer_dir = run_.path / "trainer"
-    checkpoint = training.last_checkpoint(trainer_dir)
-    if checkpoint and (run_.path / "kl_coef.json").is_file():  # the controller's state at the last save
-        controller.coef = orjson.loads((run_.path / "kl_coef.json").read_bytes())["coef"]
-    holder: dict = {}
-    max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"]) or 1
+    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
+    max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
@@ -200,11 +247,10 @@ def run(config: PpoConfig) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, config.reward, n_arms),
-        callbacks=[kl_callback(controller, holder, config.questions_per_step * n_arms),
-                   training.metrics_callback(run_.path / "metrics.jsonl"), save_kl_callback(controller, run_.path)],
+        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        kl_controller=controller, reward_mode=config.reward, std_floor=config.advantage_std_floor,
     )
-    trainer.beta, trainer.reward_mode, trainer.std_floor = controller.coef, config.reward, config.advantage_std_floor
-    holder["trainer"] = trainer
+    trainer.restore_kl(checkpoint)
     if checkpoint:
         print(f"ppo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -213,10 +259,9 @@ def run(config: PpoConfig) -> StageResult:
 
     training.save_adapter(trainer.model, tokenizer, run_.path)
     shutil.rmtree(trainer_dir, ignore_errors=True)
-    (run_.path / "kl_coef.json").unlink(missing_ok=True)
     artifact = run_.commit(
         config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
-        counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat,
+        counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat, "skipped_empty": empty,
                 "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
         extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
@@ -229,14 +274,3 @@ def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> 
     print(f"ppo: {plan.steps_per_epoch} optimizer step(s) per epoch of {questions_per_step} questions"
           + (f"; {plan.left_out} of the {n_questions} questions are left out of each epoch (a different random "
              f"{plan.left_out} each time)" if plan.left_out else ""))
-
-
-def save_kl_callback(controller: AdaptiveKL, run_dir):
-    """Keep the KL coefficient with each checkpoint so a resumed run continues the controller."""
-    from transformers import TrainerCallback
-
-    class SaveKL(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            (run_dir / "kl_coef.json").write_bytes(orjson.dumps({"step": state.global_step, "coef": controller.coef}))
-
-    return SaveKL()

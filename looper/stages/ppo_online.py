@@ -5,8 +5,9 @@ offline). Each step TRL generates `--online-generations` completions per questio
 current policy in one prompt style at `--online-temperature` (vLLM on GPU when TRL is set up
 for it, transformers otherwise) and scores them with the per-arm reward, whose coherence
 term is computed over that group: agreement with the group's other answers blended with
-the group's s_wm. There is no s_cf online (it would need extra generations per step): its
-weight counts as 0, which only shifts a whole group's rewards and so leaves advantages alone.
+the group's s_wm, with the s_wm weights and blend the rollouts were scored with. There is
+no s_cf online (it would need extra generations per step): its weight counts as 0, which only
+shifts a whole group's rewards and so leaves advantages alone.
 """
 
 from __future__ import annotations
@@ -18,27 +19,38 @@ import orjson
 from looper import models, training
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Store
-from looper.config import PpoConfig, identity
+from looper.config import PpoConfig, RolloutsConfig, identity
+from looper.generation.hf import eos_token_ids
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.regime_w import reward, scoring
 from looper.stages import StageResult
-from looper.rl import step_plan
-from looper.stages.ppo import AdaptiveKL, RegimeWGRPOTrainer, announce_plan, grpo_config, kl_callback
+from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
+from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config
 
 STAGE = "ppo"
 
 
-def group_reward_func(group_size: int, blend: float = 0.5):
-    """A TRL reward function: per-arm Regime W rewards computed over each group of completions."""
+def reward_settings(rollouts_config: dict) -> tuple[scoring.RegimeWWeights, float]:
+    """The s_wm weights and coherence blend the rollouts were scored with (their defaults where unset)."""
+    defaults = RolloutsConfig()
+    get = lambda key: float(rollouts_config.get(key, getattr(defaults, key)))  # noqa: E731
+    return scoring.RegimeWWeights(get("w_end"), get("w_path"), get("w_cf")), get("coherence_blend")
+
+
+def group_reward_func(group_size: int, weights: scoring.RegimeWWeights, blend: float, eos_ids=()):
+    """A TRL reward function: per-arm Regime W rewards computed over each group of completions.
+
+    TRL's completion ids end with the EOS that stopped them; like rollouts' `tokens`, the
+    length scored does not count it."""
 
     def online_arm_reward(completions, gold_answer, completion_ids, **kwargs) -> list[float]:
         rewards = []
         for start in range(0, len(completions), group_size):
             texts = completions[start:start + group_size]
-            tokens = [len(ids) for ids in completion_ids[start:start + group_size]]
+            tokens = [len(ids) - bool(ids and ids[-1] in eos_ids) for ids in completion_ids[start:start + group_size]]
             answers = [extract_answer(t) for t in texts]
             correct = [is_correct(t, g) for t, g in zip(texts, gold_answer[start:start + group_size])]
-            s_wm = scoring.s_wm(scoring.s_end(answers), scoring.s_path(tokens), 0.0)
+            s_wm = scoring.s_wm(scoring.s_end(answers), scoring.s_path(tokens), 0.0, weights)
             rewards += reward.arm_rewards(correct, tokens, answers, s_wm, blend=blend)
         return rewards
 
@@ -65,19 +77,21 @@ def run_online(config: PpoConfig) -> StageResult:
     group = config.online_generations
     dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
                                   "gold_answer": r["gold_answer"]} for r in rows])
-    controller, holder = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon), {}
+    controller = AdaptiveKL(config.kl_coef, config.kl_target,
+                            kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
     trainer_dir = run_.path / "trainer"
+    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
+    weights, blend = reward_settings(rollouts.manifest.get("config", {}))
     trainer = RegimeWGRPOTrainer(
-        model=model, reward_funcs=[group_reward_func(group)],
+        model=model, reward_funcs=[group_reward_func(group, weights, blend, set(eos_token_ids(model, tokenizer)))],
         args=grpo_config(config, trainer_dir, group, config.max_new_tokens, plan,
                          temperature=config.online_temperature),
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[kl_callback(controller, holder, config.questions_per_step * group),
-                   training.metrics_callback(run_.path / "metrics.jsonl")],
+        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        kl_controller=controller, std_floor=config.advantage_std_floor,
     )
-    trainer.beta, holder["trainer"] = controller.coef, trainer
-    trainer.std_floor = config.advantage_std_floor
-    result = trainer.train(resume_from_checkpoint=training.last_checkpoint(trainer_dir))
+    trainer.restore_kl(checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.accelerator.is_main_process:
         return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
     training.save_adapter(trainer.model, tokenizer, run_.path)

@@ -126,7 +126,7 @@ def run(config: SftConfig) -> StageResult:
     trainer = build_trainer(config, run_.path / "trainer", model, tokenizer, train_rows, dev_rows,
                             [training.metrics_callback(run_.path / "metrics.jsonl")])
     trainer_dir = run_.path / "trainer"
-    checkpoint = training.last_checkpoint(trainer_dir)
+    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     if checkpoint:
         print(f"sft: resuming from {Path(checkpoint).name}")
     elif dev_rows:
