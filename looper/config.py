@@ -206,12 +206,12 @@ class LoopConfig(RunOptions):
     rounds: int = opt(3, "Rounds to run (each: rollouts from the newest policy, train on them, eval on dev).")
     patience: int = opt(2, "Stop early when dev accuracy has not improved on the best so far (sft included) "
                            "for this many rounds.")
-    algorithm: str = opt("ppo", "What each round trains with: 'ppo' ([ppo] table) or 'dpo' ([dpo] table).")
+    algorithm: str = opt("ppo", "What each round trains with: 'ppo' or 'dpo' (configured by that stage's table).")
     dev_limit: int | None = opt(None, "Dev questions of each round's eval (the first ones; none = the whole split).")
-    fresh_questions: bool = opt(True, "Each round rolls out the next --limit train questions of [rollouts] "
+    fresh_questions: bool = opt(True, "Each round rolls out the next `limit` train questions of the rollouts table "
                                       "(wrapping around); off: every round the same ones.")
     final: str = opt("best", "Final policy: 'best' (highest dev accuracy, earliest on ties) or 'last' round.")
-    test_eval: bool = opt(True, "After the rounds, evaluate sft against the final policy as the [eval] table says "
+    test_eval: bool = opt(True, "After the rounds, evaluate sft against the final policy as the eval table says "
                                 "(its split, default test), with McNemar's test.")
     pipeline: str | None = opt(None, "Pipeline file whose stage tables configure the rounds' stages "
                                      "(default: the global --config).", identity=False)
