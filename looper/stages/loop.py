@@ -19,6 +19,9 @@ rewritten atomically after every step) lists the finished rounds with their vers
 figures; a rerun of the same command skips those rounds entirely and calls the steps of the
 unfinished one again, where each stage skips what it finished and resumes what it had begun
 (ppo from its last trainer checkpoint, rollouts from its last shard, eval from its cache).
+`--force` starts the loop's record afresh; the stages still reuse their finished versions (to
+redo one, run that stage with --force). A rerun with more --rounds is a new loop version whose
+first rounds are found finished by every stage, so only the new rounds cost anything.
 
 Early stop: when dev accuracy has not beaten the best so far (sft's dev accuracy counts as
 round 0) for `--patience` rounds. Then, optionally, one eval of sft against the final policy
