@@ -217,3 +217,28 @@ def test_early_stop_when_dev_accuracy_does_not_improve(pipeline, tmp_path, run_c
     # the final policy is usable by name
     code, out, err = run_cli("--config", pipeline, "eval", "--compare", "loop", "--split", "dev", "--workdir", home)
     assert code == 0, err
+
+
+def test_report_from_a_hand_written_summary(tmp_path):
+    def figures(acc, reward, kl):
+        return {"dev": {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "correct": int(100 * acc), "n": 100},
+                "sft_dev": {"accuracy": 0.2, "ci95": [0.13, 0.29], "correct": 20, "n": 100},
+                "vs_sft": {"diff": acc - 0.2, "mcnemar_p": 0.04}, "arms": 8, "mean_reward": reward,
+                "mean_question_reward": reward, "pass_at_n": 0.6, "maj_at_n": 0.3, "auroc_s_wm": 0.7,
+                "zero_variance_groups": 5, "questions": 32, "kl_mean": kl, "kl_last": kl, "steps": 8}
+
+    rounds = [{"round": k, "rollouts": {"version": f"r{k}"}, "train": {"stage": "ppo", "version": f"p{k}"},
+               "wall_s": 600.0, "figures": figures(acc, reward, kl)}
+              for k, acc, reward, kl in ((1, 0.25, 0.1, 0.01), (2, 0.3, 0.2, None))]
+    test = {"split": "prepare v test split", "version": "e1", "diff": 0.08, "ci95": [0.03, 0.13], "mcnemar_p": 0.0123,
+            "only_sft_right": 4, "only_final_right": 28,
+            "sft": {"accuracy": 0.2, "ci95": [0.16, 0.25], "correct": 60, "n": 300},
+            "final": {"accuracy": 0.28, "ci95": [0.23, 0.33], "correct": 84, "n": 300}}
+    summary = {"rounds": rounds, "final": {"round": 2, "stage": "ppo", "version": "p2"}, "stop": "rounds",
+               "test": test}
+    loop_stage.write_report(tmp_path, summary, "sft")
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1 | r1 | p1 | 25.0% | [20.0%, 30.0%] |" in report
+    assert "| 2 | r2 | p2 | 30.0% |" in report and "| - |" in report  # no KL logged: a dash, not a crash
+    assert "McNemar exact p = 0.0123" in report and "| final | 28.0% | [23.0%, 33.0%] | 84/300 |" in report
+    assert (tmp_path / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

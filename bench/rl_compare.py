@@ -1,0 +1,88 @@
+"""On the same rollouts: ppo with --reward arm, question and correctness, and dpo, each against sft.
+
+    .venv/bin/python bench/rl_compare.py --config pipelines/rl-cpu.toml --workdir runs/rl-cpu [--rollouts V]
+
+Run after `looper loop` (or `looper rollouts`) in that home. Every method trains from the same
+rollouts artifact (default: round 1 of the latest loop, i.e. rolled out by sft; else the latest
+rollouts) with the pipeline file's [ppo] / [dpo] table, then one eval compares sft with every
+adapter on the [eval] table's questions (300 test questions in rl-cpu): accuracy with its Wilson
+interval, and per method the paired-bootstrap interval and McNemar p against sft. A method that
+fails (e.g. dpo with no correct/incorrect pair) is reported as such, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from looper.artifacts import Store  # noqa: E402
+from looper.config import STAGE_CONFIGS, build_config, read_pipeline_file  # noqa: E402
+from looper.errors import LooperError  # noqa: E402
+
+METHODS = (("ppo", {"reward": "arm"}), ("ppo", {"reward": "question"}), ("ppo", {"reward": "correctness"}),
+           ("dpo", {}))
+
+
+def stage_config(tables: dict, stage: str, workdir: str, **values):
+    return build_config(STAGE_CONFIGS[stage], file_values=tables.get(stage, {}),
+                        cli_values={"workdir": workdir, **values})
+
+
+def default_rollouts(store: Store) -> str:
+    """Round 1's rollouts of the latest loop (sampled from sft), else the latest rollouts."""
+    if store.latest("loop"):
+        return store.resolve("loop").manifest["rounds"][0]["rollouts"]["version"]
+    return store.resolve("rollouts").version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--rollouts", help="rollouts version (default: round 1 of the latest loop)")
+    args = parser.parse_args()
+
+    from looper.stages import dpo, evaluate, ppo
+
+    tables = read_pipeline_file(args.config)
+    store = Store(args.workdir)
+    rollouts = args.rollouts or default_rollouts(store)
+    sft = str(store.resolve("sft").path)
+    adapters, failures = {}, {}
+    for stage, values in METHODS:
+        label = stage + "".join(f" --reward {v}" for v in values.values())
+        try:
+            result = (ppo if stage == "ppo" else dpo).run(
+                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values))
+            adapters[label] = result.path
+        except LooperError as exc:
+            failures[label] = str(exc)
+    result = evaluate.run(stage_config(tables, "eval", args.workdir, compare=",".join([sft, *adapters.values()])))
+    report = json.loads((Path(result.path) / "report.json").read_text())
+
+    def row(name: str, path: str) -> str:
+        e = report["models"][path]
+        line = f"| {name} | {100 * e['accuracy']:.1f}% [{100 * e['ci95'][0]:.1f}, {100 * e['ci95'][1]:.1f}] |"
+        if path == sft:
+            return line + " - | - |"
+        pair = report["pairs"][f"{sft} vs {path}"]
+        return line + (f" {100 * pair['diff']:+.1f} pts [{100 * pair['ci95'][0]:+.1f}, {100 * pair['ci95'][1]:+.1f}] | "
+                       f"{pair['mcnemar_p']:.3g} |")
+
+    print(f"rollouts {rollouts}; eval {result.version}: {report['questions']} questions "
+          f"({report['settings']['questions_from']})")
+    print("| method | accuracy [95% Wilson] | vs sft [paired bootstrap 95%] | McNemar p |")
+    print("|---|---|---|---|")
+    print(row("sft", sft))
+    for label, path in adapters.items():
+        print(row(label, path))
+    for label, message in failures.items():
+        print(f"| {label} | failed: {message} | | |")
+
+
+if __name__ == "__main__":
+    main()
