@@ -30,7 +30,6 @@ the model is trained to stop where its rewarded completions stopped; older rollo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import orjson
@@ -250,52 +249,41 @@ def run(config: PpoConfig) -> StageResult:
 
     from datasets import Dataset
 
-    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     controller = AdaptiveKL(config.kl_coef, config.kl_target,
                             kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
-    trainer_dir = run_.path / "trainer"
-    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
-        args=grpo_config(config, trainer_dir, n_arms, max_completion, plan),
+        args=grpo_config(config, job.trainer_dir, n_arms, max_completion, plan),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, config.reward, n_arms),
-        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        callbacks=job.callbacks(),
         kl_controller=controller, reward_mode=config.reward, std_floor=config.advantage_std_floor,
     )
-    trainer.restore_kl(checkpoint)
+    trainer.restore_kl(job.checkpoint)
     gap = None
     if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
         gap = recompute_behaviour_logprobs(trainer, rows, prompt_encoder(tokenizer),
                                            config.questions_per_minibatch * n_arms)
     print(f"ppo: behaviour log-probs {behaviour} ({why})"
           + (f"; mean |stored - recomputed| = {gap:.3g} nats per token" if gap is not None else ""))
-    if checkpoint:
-        print(f"ppo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if not trainer.accelerator.is_main_process:
-        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
-
-    training.save_adapter(trainer.model, tokenizer, run_.path)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
-    artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+    result = job.train(trainer)
+    return job.finish(
+        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
         counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat, "skipped_empty": empty,
                 "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef,
                  "behaviour_logprob_gap": gap},
-        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
-               "reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward,
+        extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward,
                "behaviour_logprobs": behaviour},
     )
-    return StageResult.from_artifact(artifact)
 
 
 def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:
