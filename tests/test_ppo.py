@@ -353,7 +353,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
     args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0",
-            "--kl-target", "0.001", "--json"]
+            "--kl-target", "100", "--json"]  # KL far below target: every step shrinks the coefficient
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)
@@ -391,3 +391,36 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
     steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
     assert steps == [1, 2, 3, 4], steps
+
+
+@pytest.mark.slow
+def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    from looper.stages.ppo import RegimeWGRPOTrainer
+
+    args = ["--online", *FAST, "--online-generations", "2", "--max-new-tokens", "4", "--max-steps", "3",
+            "--save-steps", "1", "--kl-target", "100", "--json"]  # every step shrinks the coefficient: a restart shows
+    straight, broken = tmp_path / "a", tmp_path / "b"
+    build_rollouts(straight, tiny_model_dir)
+    build_rollouts(broken, tiny_model_dir)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
+    assert code == 0, err
+    reference = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+
+    original, calls = RegimeWGRPOTrainer.training_step, {"n": 0}
+
+    def dies_in_step_three(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 micro-batches per step
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", dies_in_step_three)
+    code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 130
+    partial = next((broken / "checkpoints" / "ppo").glob("*.partial"))
+    assert json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())["steps"] == 2
+    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", original)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 0 and "resuming from checkpoint-2" in out, err
+    resumed = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+    assert resumed == pytest.approx(reference, rel=1e-6) and resumed != 0.04
