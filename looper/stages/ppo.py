@@ -15,7 +15,9 @@ What we add to TRL, and why:
   ratio is taken against the behaviour policy that produced the rollouts and clipping
   bounds how far training moves from it. With `--reward question` every arm of a question
   shares one reward, so group-relative advantages would all be zero: we centre (and scale)
-  rewards over the batch instead.
+  rewards over the batch instead. `--behaviour-logprobs recompute` (or `auto`, when the rollouts
+  were sampled with other weights: vLLM bf16 for an NF4 policy) first scores the stored
+  completions with the training model and takes the ratio against those.
 - `RegimeWGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
   towards `--kl-target` (nats per token) with `looper.rl.AdaptiveKL`, saved with each checkpoint;
   advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
