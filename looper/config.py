@@ -185,6 +185,10 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
                            "per-token k3 estimate); the coefficient moves towards it after every step. 0 = fixed.")
     kl_horizon: int = opt(0, "Adaptive KL control: optimizer steps over which the coefficient can change by a factor "
                           "e (larger = slower). 0 = a tenth of the run's steps, between 2 and 10.")
+    behaviour_logprobs: str = opt("auto", "Denominator of the importance ratio: 'stored' (the rollouts' log-probs), "
+                                  "'recompute' (the training model scores the stored completions once, before the "
+                                  "first update), 'auto' (recompute when the rollouts were sampled with other weights "
+                                  "- backend, quantisation, dtype - than the trained ones).")
     online: bool = opt(False, "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.")
     online_generations: int = opt(8, "With --online: completions sampled per question.")
     online_temperature: float = opt(0.7, "With --online: sampling temperature.")

@@ -58,6 +58,18 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
+def generation_weights(backend: str, policy: Policy) -> dict:
+    """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not.
+
+    Recorded in the rollouts manifest so `looper ppo` knows whether the stored log-probs are
+    its own model's (see `--behaviour-logprobs`)."""
+    backend = choose_backend(backend)
+    if backend == "vllm":  # vLLM's dtype "auto": the checkpoint's (bf16 for the models Looper names)
+        return {"backend": "vllm", "quant": "none", "dtype": "auto", "adapter": "lora" if policy.adapter else None}
+    return {"backend": "hf", "quant": "none", "dtype": "bfloat16" if models.has_cuda() else "float32",
+            "adapter": "merged" if policy.adapter else None}
+
+
 def load_generator(policy: Policy, *, backend: str, batch_size: int, trust_remote_code: bool = False,
                    require_chat_template: bool = True):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base

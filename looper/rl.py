@@ -99,3 +99,39 @@ def total_steps(max_steps: int | None, epochs: float, plan: StepPlan) -> int:
     import math
 
     return max_steps if max_steps is not None else max(1, math.ceil(epochs * plan.steps_per_epoch))
+
+
+BEHAVIOUR_CHOICES = ("stored", "recompute", "auto")
+
+
+def behaviour_logprobs_source(choice: str, generated_by: dict | None, training: dict) -> tuple[str, str]:
+    """("stored" | "recompute", why): where the ratio's denominator comes from.
+
+    `auto` recomputes when the weights that sampled the rollouts (`generated_by` in their
+    manifest: backend, quantisation, dtype) are not the ones ppo trains (`training`: hf,
+    its quant and dtype): e.g. vLLM bf16 rollouts for an NF4 QLoRA policy. Without a record
+    (older rollouts) it recomputes too: the cost is one forward pass over the rollouts."""
+    if choice not in BEHAVIOUR_CHOICES:
+        raise LooperError(f"--behaviour-logprobs {choice}: choose {', '.join(BEHAVIOUR_CHOICES)}")
+    if choice != "auto":
+        return choice, f"--behaviour-logprobs {choice}"
+    if not generated_by:
+        return "recompute", "the rollouts do not record the weights that sampled them"
+    differ = [f"{key} {generated_by.get(key)} vs {training[key]}" for key in ("backend", "quant", "dtype")
+              if generated_by.get(key) != training[key]]
+    if differ:
+        return "recompute", "rollouts sampled with other weights than trained: " + ", ".join(differ)
+    return "stored", "rollouts sampled with the weights trained (backend, quant, dtype)"
+
+
+def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
+    """The questions whose every arm has at least one token, and how many were skipped.
+
+    A group must keep all its arms, so a question with an empty completion (a backend that
+    stored none for a first-token EOS) is left out whole; TRL cannot train a 0-token completion."""
+    kept = [r for r in rows if all(len(a["token_ids"]) for a in r["arm_outputs"])]
+    if len(kept) < len(rows):
+        print(f"ppo: {len(rows) - len(kept)} question(s) skipped: an arm with no stored token")
+    if not kept:
+        raise LooperError("every question of the rollouts has an arm with no stored token: rerun `looper rollouts`")
+    return kept, len(rows) - len(kept)

@@ -1,11 +1,14 @@
-"""Glue shared by the training stages (sft, ppo, dpo): LoRA config, metrics file, resume.
+"""Glue shared by the training stages (sft, ppo, dpo): LoRA config, metrics file, resume, and
+`TrainingRun`, the one skeleton every training stage begins, resumes and ends with.
 
 Kept out of the stage modules because stages never import each other.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +139,60 @@ def policy_model(config: Any, base: Any, adapter_path: str | None, quant: str) -
     if adapter_path is None:
         return model, lora_config(config)
     return models.attach_adapter(model, adapter_path, base, trainable=True), None
+
+
+@dataclass
+class TrainingRun:
+    """One training stage's run, from `begin` to `finish`:
+
+        job = training.TrainingRun.begin(store, STAGE, version, config, base=..., quant=...)
+        trainer = SomeTrainer(..., args=...(output_dir=job.trainer_dir), callbacks=job.callbacks())
+        result = job.train(trainer)
+        return job.finish(trainer, tokenizer, inputs=..., identity=..., counts=..., metrics=..., extra=...)
+
+    `begin` opens (or, with --resume, reopens) `<version>.partial/` and finds the checkpoint to
+    resume from; `finish` has rank 0 alone save the adapter, drop the trainer's resume state and
+    commit the artifact (with the config, base model and quant every training stage records)."""
+
+    stage: str
+    version: str
+    store: Any
+    run: Any  # looper.artifacts.Run
+    config: Any
+    base: Any  # models.ModelSource
+    quant: str
+    checkpoint: str | None
+
+    @classmethod
+    def begin(cls, store: Any, stage: str, version: str, config: Any, *, base: Any, quant: str) -> "TrainingRun":
+        run_ = store.begin(stage, version, resume=config.resume and not config.force)
+        checkpoint = resume_point(run_.path / "trainer", run_.path / "metrics.jsonl")
+        return cls(stage, version, store, run_, config, base, quant, checkpoint)
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.run.path / "trainer"
+
+    def callbacks(self) -> list:
+        return [metrics_callback(self.run.path / "metrics.jsonl")]
+
+    def train(self, trainer: Any) -> Any:
+        if self.checkpoint:
+            print(f"{self.stage}: resuming from {Path(self.checkpoint).name}")
+        return trainer.train(resume_from_checkpoint=self.checkpoint)
+
+    def finish(self, trainer: Any, tokenizer: Any, *, inputs: dict, identity: dict, counts: dict, metrics: dict,
+               extra: dict | None = None) -> Any:
+        from looper.stages import StageResult
+
+        if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
+            return StageResult(self.stage, self.version, str(self.store.stage_root(self.stage) / self.version))
+        save_adapter(trainer.model, tokenizer, self.run.path)  # the trained adapter, not TRL's 'ref' copy
+        shutil.rmtree(self.trainer_dir, ignore_errors=True)  # resume state is useless once finished
+        artifact = self.run.commit(
+            config=orjson.loads(orjson.dumps(vars(self.config))), inputs=inputs, identity=identity,
+            counts=counts, metrics=metrics,
+            extra={"base_model": {"spec": self.base.spec, "identity": self.base.identity}, "quant": self.quant}
+            | (extra or {}),
+        )
+        return StageResult.from_artifact(artifact)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import last_json
 from looper.artifacts import Store, write_parquet
+from looper.errors import LooperError
 from looper.regime_w.summary import ROW_SCHEMA
 from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
 from looper.stages.ppo import replay_func
@@ -44,7 +45,7 @@ def make_adapter(model_dir, path, *, dropout: float) -> str:
 
 
 def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None,
-                   questions: int = 2, edit=None):
+                   questions: int = 2, edit=None, generated_by: dict | None = None):
     """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
 
     Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
@@ -82,7 +83,8 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: s
     base = resolve_model(str(model_dir))
     run.commit(config={}, inputs={}, identity={}, extra={
         "base_model": {"spec": str(model_dir), "identity": base.identity},
-        "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter}})
+        "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter},
+        "generated_by": generated_by or {"backend": "hf", "quant": "none", "dtype": "float32", "adapter": "merged"}})
     return rows
 
 
@@ -173,6 +175,48 @@ def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
     metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
     step = next(m for m in metrics if "kl" in m)
     assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["clip_ratio/region_mean"] == 0.0, step
+
+
+@pytest.mark.slow
+def test_recomputed_behaviour_logprobs_equal_stored_ones_for_the_same_weights(run_cli, tiny_model_dir, tmp_path):
+    build_rollouts(tmp_path, tiny_model_dir)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
+                             "--behaviour-logprobs", "recompute", "--json")
+    assert code == 0, err
+    manifest = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())
+    assert manifest["behaviour_logprobs"] == "recompute" and manifest["metrics"]["behaviour_logprob_gap"] < 1e-5
+    assert "mean |stored - recomputed| = " in out
+
+
+@pytest.mark.slow
+def test_auto_recomputes_behaviour_logprobs_of_other_weights(run_cli, tiny_model_dir, tmp_path):
+    """Rollouts sampled by vLLM in bf16 (stand-in: log-probs 1 nat off): auto recomputes, logs the gap, and the
+    ratio starts at 1 (nothing clipped at lr ~0), where the stored ones would clip half the tokens."""
+    build_rollouts(tmp_path, tiny_model_dir, logprob_shift=-1.0,
+                   generated_by={"backend": "vllm", "quant": "none", "dtype": "auto", "adapter": None})
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
+                             "--learning-rate", "1e-9", "--json")
+    assert code == 0, err
+    assert "behaviour log-probs recompute (rollouts sampled with other weights than trained: backend vllm vs hf" in out
+    result = last_json(out)
+    manifest = json.loads(open(f"{result['path']}/manifest.json").read())
+    assert manifest["metrics"]["behaviour_logprob_gap"] == pytest.approx(1.0, abs=1e-4)
+    metrics = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl")]
+    assert next(m for m in metrics if "clip_ratio/region_mean" in m)["clip_ratio/region_mean"] == 0.0
+
+
+def test_behaviour_logprobs_source():
+    from looper.rl import behaviour_logprobs_source
+
+    hf_cpu = {"backend": "hf", "quant": "none", "dtype": "float32"}
+    assert behaviour_logprobs_source("auto", hf_cpu | {"adapter": "merged"}, hf_cpu)[0] == "stored"
+    source, why = behaviour_logprobs_source("auto", {"backend": "vllm", "quant": "none", "dtype": "auto"},
+                                            {"backend": "hf", "quant": "4bit", "dtype": "bfloat16"})
+    assert source == "recompute" and "quant none vs 4bit" in why and "backend vllm vs hf" in why
+    assert behaviour_logprobs_source("auto", None, hf_cpu)[0] == "recompute"
+    assert behaviour_logprobs_source("stored", None, hf_cpu)[0] == "stored"
+    with pytest.raises(LooperError, match="--behaviour-logprobs both"):
+        behaviour_logprobs_source("both", None, hf_cpu)
 
 
 @pytest.mark.parametrize("start_coef", [0.004, 0.4])
@@ -309,7 +353,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
     args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0",
-            "--kl-target", "0.001", "--json"]
+            "--kl-target", "100", "--json"]  # KL far below target: every step shrinks the coefficient
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)
@@ -347,3 +391,36 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
     steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
     assert steps == [1, 2, 3, 4], steps
+
+
+@pytest.mark.slow
+def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
+    from looper.stages.ppo import RegimeWGRPOTrainer
+
+    args = ["--online", *FAST, "--online-generations", "2", "--max-new-tokens", "4", "--max-steps", "3",
+            "--save-steps", "1", "--kl-target", "100", "--json"]  # every step shrinks the coefficient: a restart shows
+    straight, broken = tmp_path / "a", tmp_path / "b"
+    build_rollouts(straight, tiny_model_dir)
+    build_rollouts(broken, tiny_model_dir)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
+    assert code == 0, err
+    reference = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+
+    original, calls = RegimeWGRPOTrainer.training_step, {"n": 0}
+
+    def dies_in_step_three(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 micro-batches per step
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", dies_in_step_three)
+    code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 130
+    partial = next((broken / "checkpoints" / "ppo").glob("*.partial"))
+    assert json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())["steps"] == 2
+    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", original)
+    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
+    assert code == 0 and "resuming from checkpoint-2" in out, err
+    resumed = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+    assert resumed == pytest.approx(reference, rel=1e-6) and resumed != 0.04

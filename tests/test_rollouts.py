@@ -90,6 +90,7 @@ def test_rollouts_end_to_end(run_cli, workdir, tiny_model_dir):
     manifest = Store(workdir).resolve("rollouts").manifest
     assert set(manifest["metrics"]["arm_accuracy"]) == {"wolfram-t0.2", "maudlin-t0.2"}
     assert manifest["sampling"]["max_new_tokens"] == 6 and manifest["policy"]["name"] == "base"
+    assert manifest["generated_by"] == {"backend": "hf", "quant": "none", "dtype": "float32", "adapter": None}
     assert rollout(run_cli, workdir, tiny_model_dir, "--limit", "5", "--shard-size", "2")["skipped"]
 
 

@@ -28,10 +28,6 @@ are not reused), and TRL appends EOS to every completion, truncated ones include
 
 from __future__ import annotations
 
-import shutil
-
-import orjson
-
 from looper import models, training
 from looper.artifacts import Store
 from looper.config import DpoConfig, identity
@@ -121,40 +117,28 @@ def run(config: DpoConfig) -> StageResult:
     from datasets import Dataset
     from trl import DPOTrainer
 
-    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
-    trainer_dir = run_.path / "trainer"
-    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     dataset = Dataset.from_list([{"prompt": strip_template_bos(p["prompt"], tokenizer), "chosen": p["chosen"],
                                   "rejected": p["rejected"]} for p in pairs])
     trainer = DPOTrainer(
         model=model,
-        args=dpo_config(config, trainer_dir, max_length(pairs, tokenizer)),
+        args=dpo_config(config, job.trainer_dir, max_length(pairs, tokenizer)),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        callbacks=job.callbacks(),
     )
-    if checkpoint:
-        print(f"dpo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
-        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
-
-    training.save_adapter(trainer.model, tokenizer, run_.path)  # the trained adapter, not the 'ref' copy
-    shutil.rmtree(trainer_dir, ignore_errors=True)
+    result = job.train(trainer)
     history = trainer.state.log_history
-    artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+    return job.finish(
+        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
         counts={"questions": len(rows), "pairs": len(pairs), "questions_without_pairs": without,
                 "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss,
                  "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
                  "final_reward_margin": last_logged(history, "rewards/margins")},
-        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
-               "reference": adapter_path or "base", "beta": config.beta,
-               "pairs_per_question": config.pairs_per_question},
+        extra={"reference": adapter_path or "base", "beta": config.beta, "pairs_per_question": config.pairs_per_question},
     )
-    return StageResult.from_artifact(artifact)

@@ -15,7 +15,9 @@ What we add to TRL, and why:
   ratio is taken against the behaviour policy that produced the rollouts and clipping
   bounds how far training moves from it. With `--reward question` every arm of a question
   shares one reward, so group-relative advantages would all be zero: we centre (and scale)
-  rewards over the batch instead.
+  rewards over the batch instead. `--behaviour-logprobs recompute` (or `auto`, when the rollouts
+  were sampled with other weights: vLLM bf16 for an NF4 policy) first scores the stored
+  completions with the training model and takes the ratio against those.
 - `RegimeWGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
   towards `--kl-target` (nats per token) with `looper.rl.AdaptiveKL`, saved with each checkpoint;
   advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
@@ -30,7 +32,6 @@ the model is trained to stop where its rewarded completions stopped; older rollo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import orjson
@@ -42,7 +43,8 @@ from looper import models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
-from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, step_plan, total_steps
+from looper.rl import (AdaptiveKL, StepPlan, behaviour_logprobs_source, floored_advantages, kl_horizon, step_plan,
+                       total_steps, with_tokens)
 from looper.stages import StageResult
 
 STAGE = "ppo"
@@ -130,17 +132,32 @@ class KLStep(TrainerCallback):
         self.trainer.end_of_step()
 
 
-def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
-    """The questions whose every arm has at least one token, and how many were skipped.
+def recompute_behaviour_logprobs(trainer: GRPOTrainer, rows: list[dict], encode, batch_size: int) -> float:
+    """Replace each stored completion's log-probs by the training model's (before any update, dropout
+    off, TRL's own forward); returns the mean |stored - recomputed| per token."""
+    from trl.trainer.utils import pad
 
-    A group must keep all its arms, so a question with an empty completion (a backend that
-    stored none for a first-token EOS) is left out whole; TRL cannot train a 0-token completion."""
-    kept = [r for r in rows if all(a["token_ids"] for a in r["arm_outputs"])]
-    if len(kept) < len(rows):
-        print(f"ppo: {len(rows) - len(kept)} question(s) skipped: an arm with no stored token")
-    if not kept:
-        raise LooperError("every question of the rollouts has an arm with no stored token: rerun `looper rollouts`")
-    return kept, len(rows) - len(kept)
+    arms, pad_id = [a for r in rows for a in r["arm_outputs"]], trainer.processing_class.pad_token_id
+    gap = tokens = 0.0
+    device = trainer.accelerator.device
+    with torch.no_grad():
+        for start in range(0, len(arms), batch_size):
+            chunk = arms[start:start + batch_size]
+            prompts = [torch.tensor(encode(a["prompt"])) for a in chunk]
+            completions = [torch.tensor(list(a["token_ids"])) for a in chunk]
+            ones = lambda ids: [torch.ones_like(x) for x in ids]  # noqa: E731
+            input_ids = torch.cat([pad(prompts, pad_id, padding_side="left"),
+                                   pad(completions, pad_id, padding_side="right")], dim=1).to(device)
+            mask = torch.cat([pad(ones(prompts), 0, padding_side="left"),
+                              pad(ones(completions), 0, padding_side="right")], dim=1).to(device)
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask,
+                                                                     max(map(len, completions)))
+            for arm, new in zip(chunk, logps.float().cpu().tolist()):
+                new = new[:len(arm["token_ids"])]
+                gap += sum(abs(x - y) for x, y in zip(new, arm["logprobs"]))
+                tokens += len(new)
+                arm["logprobs"] = new
+    return gap / max(tokens, 1)
 
 
 def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
@@ -153,15 +170,22 @@ def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
 ARM_REWARDS = {"arm": lambda arm, stored: stored, "correctness": lambda arm, stored: float(arm["correct"])}
 
 
+def prompt_encoder(tokenizer):
+    """Prompt string -> token ids, as rollouts generated from them (cached: arms share prompts)."""
+    cache: dict[str, list[int]] = {}
+
+    def encode(prompt: str) -> list[int]:
+        if prompt not in cache:  # the chat template already holds BOS: add no special tokens
+            cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return cache[prompt]
+
+    return encode
+
+
 def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
     """A TRL rollout_func that returns the stored arms of each question instead of generating."""
     by_id = {r["id"]: r for r in rows}
-    prompt_cache: dict[str, list[int]] = {}
-
-    def encode(prompt: str) -> list[int]:
-        if prompt not in prompt_cache:  # the chat template already holds BOS: add no special tokens
-            prompt_cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return prompt_cache[prompt]
+    encode = prompt_encoder(tokenizer)
 
     def rollout_func(prompts: list[str], trainer) -> dict:
         prompt_ids, completion_ids, logprobs, rewards = [], [], [], []
@@ -219,6 +243,9 @@ def run(config: PpoConfig) -> StageResult:
                           "written before the EOS token was stored, so replay would never train stopping; "
                           "rerun `looper rollouts`")
     rows, empty = with_tokens(training.rollout_rows(rollouts))
+    training_weights = {"backend": "hf", "quant": quant, "dtype": "bfloat16" if models.has_cuda() else "float32"}
+    behaviour, why = behaviour_logprobs_source(config.behaviour_logprobs, rollouts.manifest.get("generated_by"),
+                                               training_weights)
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
         raise LooperError("rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more")
@@ -230,44 +257,41 @@ def run(config: PpoConfig) -> StageResult:
 
     from datasets import Dataset
 
-    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     controller = AdaptiveKL(config.kl_coef, config.kl_target,
                             kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
-    trainer_dir = run_.path / "trainer"
-    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
         reward_funcs=[stored_reward],
-        args=grpo_config(config, trainer_dir, n_arms, max_completion, plan),
+        args=grpo_config(config, job.trainer_dir, n_arms, max_completion, plan),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, config.reward, n_arms),
-        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        callbacks=job.callbacks(),
         kl_controller=controller, reward_mode=config.reward, std_floor=config.advantage_std_floor,
     )
-    trainer.restore_kl(checkpoint)
-    if checkpoint:
-        print(f"ppo: resuming from {checkpoint.rsplit('/', 1)[-1]}")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if not trainer.accelerator.is_main_process:
-        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
-
-    training.save_adapter(trainer.model, tokenizer, run_.path)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
-    artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+    trainer.restore_kl(job.checkpoint)
+    gap = None
+    if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
+        gap = recompute_behaviour_logprobs(trainer, rows, prompt_encoder(tokenizer),
+                                           config.questions_per_minibatch * n_arms)
+    print(f"ppo: behaviour log-probs {behaviour} ({why})"
+          + (f"; mean |stored - recomputed| = {gap:.3g} nats per token" if gap is not None else ""))
+    result = job.train(trainer)
+    return job.finish(
+        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
         counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat, "skipped_empty": empty,
                 "steps": trainer.state.global_step},
-        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
-        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
-               "reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward},
+        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef,
+                 "behaviour_logprob_gap": gap},
+        extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward,
+               "behaviour_logprobs": behaviour},
     )
-    return StageResult.from_artifact(artifact)
 
 
 def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:

@@ -12,10 +12,6 @@ shifts a whole group's rewards and so leaves advantages alone.
 
 from __future__ import annotations
 
-import shutil
-
-import orjson
-
 from looper import models, training
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Store
@@ -70,7 +66,7 @@ def run_online(config: PpoConfig) -> StageResult:
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
-    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
+    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
@@ -79,28 +75,19 @@ def run_online(config: PpoConfig) -> StageResult:
                                   "gold_answer": r["gold_answer"]} for r in rows])
     controller = AdaptiveKL(config.kl_coef, config.kl_target,
                             kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
-    trainer_dir = run_.path / "trainer"
-    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
     weights, blend = reward_settings(rollouts.manifest.get("config", {}))
     trainer = RegimeWGRPOTrainer(
         model=model, reward_funcs=[group_reward_func(group, weights, blend, set(eos_token_ids(model, tokenizer)))],
-        args=grpo_config(config, trainer_dir, group, config.max_new_tokens, plan,
+        args=grpo_config(config, job.trainer_dir, group, config.max_new_tokens, plan,
                          temperature=config.online_temperature),
-        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[training.metrics_callback(run_.path / "metrics.jsonl")],
+        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=job.callbacks(),
         kl_controller=controller, std_floor=config.advantage_std_floor,
     )
-    trainer.restore_kl(checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if not trainer.accelerator.is_main_process:
-        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
-    training.save_adapter(trainer.model, tokenizer, run_.path)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
-    artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"rollouts": rollouts}, identity=stage_identity,
+    trainer.restore_kl(job.checkpoint)
+    result = job.train(trainer)
+    return job.finish(
+        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
-        extra={"base_model": {"spec": base.spec, "identity": base.identity}, "quant": quant,
-               "reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},
+        extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},
     )
-    return StageResult.from_artifact(artifact)

@@ -181,6 +181,7 @@ def run(config: RolloutsConfig) -> StageResult:
         extra={"base_model": {"spec": base.spec, "identity": base.identity},
                "policy": {"name": policy.name, "adapter_path": str(policy.adapter) if policy.adapter else None,
                           **policy.identity()},
+               "generated_by": policies.generation_weights(config.backend, policy),
                "sampling": {"arms": [vars(a) for a in arms], "cf_arms": cf_names,
                             "max_new_tokens": config.max_new_tokens, "seed": config.seed},
                "shard": {"index": shard_index, "count": shard_count, "chunks": mine,
@@ -223,7 +224,7 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
         counts={"questions": len(all_rows), "shards": len(list(run_.path.glob("shard-*.parquet"))),
                 "arms": first["counts"]["arms"]},
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
-        extra={k: first[k] for k in ("base_model", "policy", "sampling")}
+        extra={k: first[k] for k in ("base_model", "policy", "sampling", "generated_by") if k in first}
         | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},
     )
     return StageResult.from_artifact(artifact)

@@ -23,7 +23,6 @@ command continues from the last one. A finished version is never trained again.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import orjson
@@ -116,36 +115,23 @@ def run(config: SftConfig) -> StageResult:
     if not train_rows:
         raise LooperError(f"prepare artifact {prepare.version} has an empty train split")
 
-    run_ = store.begin(STAGE, version, resume=config.resume and not config.force)
-    tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     if config.padding_free and not models.has_cuda():
         raise LooperError("--padding-free needs FlashAttention on a CUDA GPU (a flattened batch would attend "
                           "across examples with the CPU's attention); leave it off on this machine")
+
+    job = training.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
+    tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code,
                               attn_implementation="flash_attention_2" if config.padding_free else None)
-    trainer = build_trainer(config, run_.path / "trainer", model, tokenizer, train_rows, dev_rows,
-                            [training.metrics_callback(run_.path / "metrics.jsonl")])
-    trainer_dir = run_.path / "trainer"
-    checkpoint = training.resume_point(trainer_dir, run_.path / "metrics.jsonl")
-    if checkpoint:
-        print(f"sft: resuming from {Path(checkpoint).name}")
-    elif dev_rows:
+    trainer = build_trainer(config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks())
+    if dev_rows and not job.checkpoint:
         trainer.evaluate()  # the dev loss before training, logged at step 0
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = job.train(trainer)
     dev_after = trainer.evaluate()["eval_loss"] if dev_rows else None
-    if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
-        return StageResult(STAGE, version, str(store.stage_root(STAGE) / version))
-
-    training.save_adapter(trainer.model, tokenizer, run_.path)
-    shutil.rmtree(trainer_dir, ignore_errors=True)  # resume state is useless once finished
-    artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))),
-        inputs={"prepare": prepare},
-        identity=stage_identity,
+    return job.finish(
+        trainer, tokenizer, inputs={"prepare": prepare}, identity=stage_identity,
         counts={"train_questions": len(train_rows), "dev_questions": len(dev_rows),
                 "steps": trainer.state.global_step, "train_tokens": int(trainer._total_train_tokens)},
-        metrics={"train_loss": result.training_loss, "dev_loss_before": first_dev_loss(run_.path / "metrics.jsonl"),
-                 "dev_loss": dev_after},
-        extra={"base_model": {"spec": source.spec, "identity": source.identity}, "quant": quant},
+        metrics={"train_loss": result.training_loss,
+                 "dev_loss_before": first_dev_loss(job.run.path / "metrics.jsonl"), "dev_loss": dev_after},
     )
-    return StageResult.from_artifact(artifact)
