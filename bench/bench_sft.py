@@ -25,9 +25,22 @@ def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False) 
     from looper.config import SftConfig
     from looper.stages import sft
 
-    config = SftConfig(model=SMOLLM, workdir=str(workdir), limit=64, max_steps=steps, batch_size=4, grad_accum=1,
-                       gradient_checkpointing=False, dev_limit=0, save_steps=10_000, eval_steps=10_000,
-                       learning_rate=5e-5, seed=tag, padding_free=padding_free, force=True)
+    config = SftConfig(
+        model=SMOLLM,
+        workdir=str(workdir),
+        limit=64,
+        max_steps=steps,
+        batch_size=4,
+        grad_accum=1,
+        gradient_checkpointing=False,
+        dev_limit=0,
+        save_steps=10_000,
+        eval_steps=10_000,
+        learning_rate=5e-5,
+        seed=tag,
+        padding_free=padding_free,
+        force=True,
+    )
     result = sft.run(config)
     rows = [json.loads(line) for line in open(Path(result.path) / "metrics.jsonl")]
     runtime = next(r["train_runtime"] for r in rows if "train_runtime" in r)
@@ -45,19 +58,37 @@ def plain_trl_run(workdir: Path, steps: int, tag: int) -> float:
 
     path = resolve_model(SMOLLM).path
     rows = read_rows(Store(workdir).resolve("prepare").path / "train.parquet")[:64]
-    data = Dataset.from_list([{"messages": r["prompt"] + [{"role": "assistant", "content": r["solution"]}]}
-                              for r in rows])
+    data = Dataset.from_list(
+        [{"messages": r["prompt"] + [{"role": "assistant", "content": r["solution"]}]} for r in rows]
+    )
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=1, learning_rate=5e-5, report_to=[], save_strategy="no",
-                     logging_steps=1, seed=tag, disable_tqdm=True,
-                     # TRL >= 1.x defaults to bf16=True (refused on a CPU without use_cpu) and
-                     # gradient_checkpointing=True: pin both to the settings looper uses here (fp32 on CPU, none).
-                     bf16=False, gradient_checkpointing=False)
-    lora = LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-5,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=tag,
+        disable_tqdm=True,
+        # TRL >= 1.x defaults to bf16=True (refused on a CPU without use_cpu) and
+        # gradient_checkpointing=True: pin both to the settings looper uses here (fp32 on CPU, none).
+        bf16=False,
+        gradient_checkpointing=False,
+    )
+    lora = LoraConfig(
+        r=32,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
+    )
     result = trainer.train()
     return trainer._total_train_tokens / result.metrics["train_runtime"]
 
@@ -79,8 +110,11 @@ def main() -> None:
         ours.append(looper_run(workdir, args.steps, i))
         if args.padding_free:
             ours_pf.append(looper_run(workdir, args.steps, i, padding_free=True))
-        print(f"round {i}: plain {plain[-1]:.0f} tok/s, looper {ours[-1]:.0f} tok/s "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"round {i}: plain {plain[-1]:.0f} tok/s, looper {ours[-1]:.0f} tok/s "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
     p, o = statistics.median(plain), statistics.median(ours)
     print(f"machine: {machine()}")
     print(f"plain TRL SFTTrainer: {p:.0f} tokens/s (median of {args.repeats})")

@@ -40,7 +40,9 @@ def main() -> None:
     shots, note = fewshot_examples(prepare, rows)
     ours = [lm_eval_format.build_prompt(s, r["question"]) for s, r in zip(shots, rows)]
     differ = [i for i in range(len(rows)) if harness_prompt(harness[i]) != ours[i]]
-    print(f"{len(rows)} questions; few-shot answers: {note}; prompts differing byte for byte: {len(differ)} {differ[:10]}")
+    print(
+        f"{len(rows)} questions; few-shot answers: {note}; prompts differing byte for byte: {len(differ)} {differ[:10]}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 
 
 def machine() -> str:
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout
+    cpu = subprocess.run(
+        ["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True
+    ).stdout
     return f"{platform.node()}: {os.cpu_count()} cores ({cpu.strip() or platform.processor()}), Python {platform.python_version()}"
 
 

@@ -23,13 +23,18 @@ from looper.artifacts import Store  # noqa: E402
 from looper.config import STAGE_CONFIGS, build_config, read_pipeline_file  # noqa: E402
 from looper.errors import LooperError  # noqa: E402
 
-METHODS = (("ppo", {"reward": "arm"}), ("ppo", {"reward": "question"}), ("ppo", {"reward": "correctness"}),
-           ("dpo", {}))
+METHODS = (
+    ("ppo", {"reward": "arm"}),
+    ("ppo", {"reward": "question"}),
+    ("ppo", {"reward": "correctness"}),
+    ("dpo", {}),
+)
 
 
 def stage_config(tables: dict, stage: str, workdir: str, **values):
-    return build_config(STAGE_CONFIGS[stage], file_values=tables.get(stage, {}),
-                        cli_values={"workdir": workdir, **values})
+    return build_config(
+        STAGE_CONFIGS[stage], file_values=tables.get(stage, {}), cli_values={"workdir": workdir, **values}
+    )
 
 
 def default_rollouts(store: Store) -> str:
@@ -57,11 +62,14 @@ def main() -> None:
         label = stage + "".join(f" --reward {v}" for v in values.values())
         try:
             result = (ppo if stage == "ppo" else dpo).run(
-                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values))
+                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values)
+            )
             adapters[label] = result.path
         except LooperError as exc:
             failures[label] = str(exc)
-    result = evaluate.run(stage_config(tables, "eval", args.workdir, compare=",".join([sft, *adapters.values()])))
+    result = evaluate.run(
+        stage_config(tables, "eval", args.workdir, compare=",".join([sft, *adapters.values()]))
+    )
     report = json.loads((Path(result.path) / "report.json").read_text())
 
     def row(name: str, path: str) -> str:
@@ -70,11 +78,15 @@ def main() -> None:
         if path == sft:
             return line + " - | - |"
         pair = report["pairs"][f"{sft} vs {path}"]
-        return line + (f" {100 * pair['diff']:+.1f} pts [{100 * pair['ci95'][0]:+.1f}, {100 * pair['ci95'][1]:+.1f}] | "
-                       f"{pair['mcnemar_p']:.3g} |")
+        return line + (
+            f" {100 * pair['diff']:+.1f} pts [{100 * pair['ci95'][0]:+.1f}, {100 * pair['ci95'][1]:+.1f}] | "
+            f"{pair['mcnemar_p']:.3g} |"
+        )
 
-    print(f"rollouts {rollouts}; eval {result.version}: {report['questions']} questions "
-          f"({report['settings']['questions_from']})")
+    print(
+        f"rollouts {rollouts}; eval {result.version}: {report['questions']} questions "
+        f"({report['settings']['questions_from']})"
+    )
     print("| method | accuracy [95% Wilson] | vs sft [paired bootstrap 95%] | McNemar p |")
     print("|---|---|---|---|")
     print(row("sft", sft))

@@ -232,7 +232,5 @@ def _phrase_value(rest_of_line: str) -> str:
 
 
 def _last_number(text: str) -> str | None:
-    last = None
-    for last in _LAST_NUMBER.finditer(text):
-        pass
-    return None if last is None else normalize_number(last[0])
+    matches = list(_LAST_NUMBER.finditer(text))
+    return normalize_number(matches[-1][0]) if matches else None

@@ -24,10 +24,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
@@ -78,7 +79,9 @@ def dumps_json(obj: Any) -> bytes:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_bytes(path, b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows))
+    atomic_write_bytes(
+        path, b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows)
+    )
 
 
 def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
@@ -132,8 +135,9 @@ def short_hash(obj: Any, n: int = 12) -> str:
 
 def environment() -> dict[str, Any]:
     """Package versions and git commit recorded in every manifest, for traceability."""
-    import looper
     import platform
+
+    import looper
 
     packages = {"python": platform.python_version(), "looper": looper.__version__}
     for name in PACKAGES:
@@ -142,13 +146,16 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(looper.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(looper.__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"packages": packages, "git_commit": commit}
@@ -175,7 +182,7 @@ class Artifact:
         return {"version": self.version, "hash": self.hash, "path": str(self.path)}
 
     @classmethod
-    def load(cls, path: Path) -> "Artifact":
+    def load(cls, path: Path) -> Artifact:
         path = Path(path).resolve()
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -194,18 +201,25 @@ class Artifact:
 class Run:
     """An artifact being written: files go into `path` (the .partial dir) until `commit`."""
 
-    def __init__(self, store: "Store", stage: str, version: str, path: Path):
+    def __init__(self, store: Store, stage: str, version: str, path: Path):
         self.store, self.stage, self.version, self.path = store, stage, version, path
 
-    def commit(self, *, config: dict, inputs: dict[str, Artifact], identity: dict,
-               counts: dict | None = None, metrics: dict | None = None,
-               extra: dict | None = None) -> Artifact:
+    def commit(
+        self,
+        *,
+        config: dict,
+        inputs: dict[str, Artifact],
+        identity: dict,
+        counts: dict | None = None,
+        metrics: dict | None = None,
+        extra: dict | None = None,
+    ) -> Artifact:
         """Hash the content, write the manifest, and atomically publish the artifact."""
         manifest = {
             "stage": self.stage,
             "version": self.version,
             "schema_version": SCHEMA_VERSIONS[self.stage],
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "config": config,
             "identity": identity,
             "inputs": {name: art.ref() for name, art in inputs.items()},

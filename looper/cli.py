@@ -14,12 +14,20 @@ import os
 import sys
 import traceback
 import typing
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import orjson
 import typer
 
-from looper.config import STAGE_CONFIGS, PrepareConfig, RunOptions, build_config, cli_option, read_pipeline_file
+from looper.config import (
+    STAGE_CONFIGS,
+    PrepareConfig,
+    RunOptions,
+    build_config,
+    cli_option,
+    read_pipeline_file,
+)
 from looper.errors import LooperError
 
 app = typer.Typer(
@@ -46,7 +54,17 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "torch", "httpx", "bitsandbytes", "math_verify"):
+    for name in (
+        "transformers",
+        "datasets",
+        "trl",
+        "peft",
+        "accelerate",
+        "torch",
+        "httpx",
+        "bitsandbytes",
+        "math_verify",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
@@ -63,9 +81,13 @@ def quiet_libraries() -> None:
 @app.callback()
 def main_options(
     config: Annotated[
-        Optional[str],
-        typer.Option("--config", "-c", envvar="LOOPER_CONFIG",
-                     help="Pipeline file (pipelines/<name>.toml) supplying defaults per stage; CLI options override it."),
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="LOOPER_CONFIG",
+            help="Pipeline file (pipelines/<name>.toml) supplying defaults per stage; CLI options override it.",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logging.")] = False,
 ) -> None:
@@ -116,8 +138,10 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
             flags = (f"{flag}/--no-{flag[2:]}",) if f.default else (flag,)
         else:
             flags = (flag,)
-        annotation = Annotated[Optional[hints[f.name]], cli_option(cls, f.name, *flags)]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        annotation = Annotated[hints[f.name] | None, cli_option(cls, f.name, *flags)]
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        )
 
     def command(ctx: typer.Context, **values: Any) -> None:
         if ctx.invoked_subcommand is not None:
@@ -136,22 +160,41 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
 
 
 stage_command("prepare", "Load GSM8K (hub, local JSONL or synthetic), split train/dev/test, write Parquet.")
-stage_command("sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split.")
-stage_command("ppo", "Offline policy optimisation (GRPO-style, TRL) on the scored rollouts; --online samples fresh groups.")
-stage_command("dpo", "Direct Preference Optimisation (TRL DPOTrainer) on best-correct vs worst-wrong arm pairs of the rollouts.")
-stage_command("loop", "Rounds of rollouts from the newest policy -> ppo (or dpo) -> dev eval, with early stop and a report.")
-stage_command("eval", "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.")
+stage_command(
+    "sft", "Supervised LoRA/QLoRA fine-tuning (TRL SFTTrainer) of the base model on the train split."
+)
+stage_command(
+    "ppo",
+    "Offline policy optimisation (GRPO-style, TRL) on the scored rollouts; --online samples fresh groups.",
+)
+stage_command(
+    "dpo",
+    "Direct Preference Optimisation (TRL DPOTrainer) on best-correct vs worst-wrong arm pairs of the rollouts.",
+)
+stage_command(
+    "loop",
+    "Rounds of rollouts from the newest policy -> ppo (or dpo) -> dev eval, with early stop and a report.",
+)
+stage_command(
+    "eval",
+    "Evaluate and compare models (base, sft, ppo, ...) with intervals, paired tests, a report and plots.",
+)
 rollouts_app = typer.Typer(help="Multi-arm rollouts scored by Regime W.", add_completion=False)
-stage_command("rollouts", "Sample every arm (style x temperature) on each train question; score with Regime W.",
-              group=rollouts_app)
+stage_command(
+    "rollouts",
+    "Sample every arm (style x temperature) on each train question; score with Regime W.",
+    group=rollouts_app,
+)
 
 
 @rollouts_app.command("merge")
 def rollouts_merge(
-    parts: Annotated[list[str], typer.Argument(help="Rollouts artifacts made with --shard i/n: version ids or paths.")],
-    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
-    force: Annotated[Optional[bool], cli_option(RunOptions, "force", "--force")] = None,
-    json: Annotated[Optional[bool], cli_option(RunOptions, "json", "--json")] = None,
+    parts: Annotated[
+        list[str], typer.Argument(help="Rollouts artifacts made with --shard i/n: version ids or paths.")
+    ],
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
+    force: Annotated[bool | None, cli_option(RunOptions, "force", "--force")] = None,
+    json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
 ) -> None:
     """Combine the shard artifacts of one rollouts run (--shard 1/n ... n/n) into one version."""
     from looper.stages.rollouts import merge
@@ -174,8 +217,8 @@ def regime_w_demo() -> None:
 
 @app.command()
 def status(
-    workdir: Annotated[Optional[str], cli_option(PrepareConfig, "workdir")] = None,
-    json: Annotated[Optional[bool], cli_option(PrepareConfig, "json", "--json")] = None,
+    workdir: Annotated[str | None, cli_option(PrepareConfig, "workdir")] = None,
+    json: Annotated[bool | None, cli_option(PrepareConfig, "json", "--json")] = None,
 ) -> None:
     """Show every artifact: version, inputs, created time, and whether it is stale."""
     from looper.status import collect
@@ -186,42 +229,66 @@ def status(
         flag = "latest" if row["latest"] else ""
         stale = "STALE (" + ", ".join(row["stale"]) + ")" if row["stale"] else "ok"
         inputs = ", ".join(f"{k}={v}" for k, v in row["inputs"].items()) or "-"
-        typer.echo(f"{row['stage']:<9} {row['version']}  {row['created']}  {stale:<8} {flag:<6} inputs: {inputs}")
+        typer.echo(
+            f"{row['stage']:<9} {row['version']}  {row['created']}  {stale:<8} {flag:<6} inputs: {inputs}"
+        )
     if not rows:
         typer.echo(f"no artifacts under {os.path.abspath(workdir)}")
     if json:
-        typer.echo(orjson.dumps({"stage": "status", "path": os.path.abspath(workdir), "artifacts": rows}).decode())
+        typer.echo(
+            orjson.dumps({"stage": "status", "path": os.path.abspath(workdir), "artifacts": rows}).decode()
+        )
 
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Option(help="Adapter to merge: sft, ppo, dpo (latest), or an adapter directory.")],
+    model: Annotated[
+        str, typer.Option(help="Adapter to merge: sft, ppo, dpo (latest), or an adapter directory.")
+    ],
     out: Annotated[str, typer.Option(help="New directory for the standalone model (must not exist).")],
-    base_model: Annotated[Optional[str], typer.Option(help="Base model, when the adapter has no looper manifest. [default: from the manifest]")] = None,
-    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model, when the adapter has no looper manifest. [default: from the manifest]"
+        ),
+    ] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Merge an adapter into its base and write a standalone Hugging Face model (safetensors)."""
     from looper.maintenance import export as do_export
 
-    target = do_export(name=model, out=out, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", base_model=base_model)
+    target = do_export(
+        name=model, out=out, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", base_model=base_model
+    )
     typer.echo(f"exported {model} -> {target}")
 
 
 @app.command()
 def gc(
-    keep: Annotated[int, typer.Option(help="Versions to keep per stage (newest first; latest and inputs of kept ones always stay).")] = 2,
-    partials: Annotated[bool, typer.Option("--partials", help="Also remove interrupted runs (.partial dirs: their resume state).")] = False,
+    keep: Annotated[
+        int,
+        typer.Option(
+            help="Versions to keep per stage (newest first; latest and inputs of kept ones always stay)."
+        ),
+    ] = 2,
+    partials: Annotated[
+        bool,
+        typer.Option("--partials", help="Also remove interrupted runs (.partial dirs: their resume state)."),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
-    workdir: Annotated[Optional[str], cli_option(RunOptions, "workdir")] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Remove older artifact versions that no kept artifact depends on, saying what it frees."""
     from looper.maintenance import gc as do_gc
 
-    removed, freed = do_gc(workdir=workdir or os.environ.get("LOOPER_HOME") or ".", keep=keep, partials=partials,
-                           dry_run=dry_run)
+    removed, freed = do_gc(
+        workdir=workdir or os.environ.get("LOOPER_HOME") or ".", keep=keep, partials=partials, dry_run=dry_run
+    )
     for path in removed:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    typer.echo(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(removed)} director(y/ies)")
+    typer.echo(
+        f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(removed)} director(y/ies)"
+    )
 
 
 def main() -> None:

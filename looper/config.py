@@ -66,7 +66,9 @@ class PrepareConfig(RunOptions):
 class ModelOptions:
     """How the base model is named and loaded; shared by every stage that loads one."""
 
-    model: str = opt(DEFAULT_MODEL, "Base model: hub id, local directory, .gguf file, or pkg:<package>/<file>.")
+    model: str = opt(
+        DEFAULT_MODEL, "Base model: hub id, local directory, .gguf file, or pkg:<package>/<file>."
+    )
     trust_remote_code: bool = opt(False, "Allow the model repo's own Python code to run (off: safer).")
 
 
@@ -87,7 +89,9 @@ class LoraOptions:
 class SftConfig(LoraOptions, ModelOptions, RunOptions):
     prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
     quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.")
-    optimizer: str = opt("auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name.")
+    optimizer: str = opt(
+        "auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name."
+    )
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     lr_scheduler: str = opt("linear", "Learning-rate schedule (HF scheduler name).")
     warmup_ratio: float = opt(0.03, "Fraction of steps spent warming the learning rate up.")
@@ -96,14 +100,21 @@ class SftConfig(LoraOptions, ModelOptions, RunOptions):
     batch_size: int = opt(1, "Sequences per device per forward pass.")
     grad_accum: int = opt(8, "Gradient-accumulation steps per optimizer step.")
     max_length: int = opt(1024, "Truncate training sequences (prompt + solution) to this many tokens.")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass (less memory, ~30% slower).")
-    padding_free: bool = opt(False, "Concatenate a batch into one row without padding (TRL padding_free; CUDA + FlashAttention 2 only).")
+    gradient_checkpointing: bool = opt(
+        True, "Recompute activations in the backward pass (less memory, ~30% slower)."
+    )
+    padding_free: bool = opt(
+        False,
+        "Concatenate a batch into one row without padding (TRL padding_free; CUDA + FlashAttention 2 only).",
+    )
     limit: int | None = opt(None, "Train on at most this many questions of the train split.")
     dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.")
     eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).")
     save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
     seed: int = opt(0, "Seed for LoRA initialisation, data order and dropout.")
-    resume: bool = opt(True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False)
+    resume: bool = opt(
+        True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False
+    )
     report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
     logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
 
@@ -112,22 +123,35 @@ class SftConfig(LoraOptions, ModelOptions, RunOptions):
 class GenerationOptions:
     """How a stage generates text; shared by rollouts and eval."""
 
-    backend: str = opt("auto", "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).")
+    backend: str = opt(
+        "auto",
+        "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
+    )
     batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).")
-    max_new_tokens: int = opt(512, "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).")
+    max_new_tokens: int = opt(
+        512, "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer)."
+    )
     seed: int = opt(0, "Sampling seed (each batch derives its own from it).")
 
 
 @dataclass
 class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
-    policy: str = opt("sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path.")
-    prepare: str = opt("latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path.")
+    policy: str = opt(
+        "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
+    )
+    prepare: str = opt(
+        "latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path."
+    )
     split: str = opt("train", "Split of the prepare artifact to roll out (train; never test).")
     limit: int | None = opt(500, "Number of questions (from --offset).")
     offset: int = opt(0, "Index of the first question.")
     arms: int = opt(8, "Number of arms, taken in order from the arm list (see `looper.regime_w.arms`).")
-    arm_file: str | None = opt(None, "TOML file of arms ([[arm]] name, style, temperature, top_p) replacing the built-in ones.")
-    cf_arms: str = opt("wolfram-t0.2,maudlin-t0.2", "Comma-separated arms re-asked on perturbed questions for s_cf.")
+    arm_file: str | None = opt(
+        None, "TOML file of arms ([[arm]] name, style, temperature, top_p) replacing the built-in ones."
+    )
+    cf_arms: str = opt(
+        "wolfram-t0.2,maudlin-t0.2", "Comma-separated arms re-asked on perturbed questions for s_cf."
+    )
     w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.")
     w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.")
     w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.")
@@ -138,15 +162,22 @@ class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
 
 @dataclass
 class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
-    compare: str = opt("base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path.")
+    compare: str = opt(
+        "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
+    )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt("test", "Split of the prepare artifact: test (never trained on) or dev.")
-    source: str | None = opt(None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum).")
+    source: str | None = opt(
+        None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum)."
+    )
     limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).")
     samples: int = opt(1, "Completions per question; > 1 adds maj@k and pass@k (needs --temperature > 0).")
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy (reproducible).")
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
-    format: str = opt("chat", "'chat' (the training prompt through the chat template) or 'lm-eval' (5-shot, as lm-evaluation-harness gsm8k).")
+    format: str = opt(
+        "chat",
+        "'chat' (the training prompt through the chat template) or 'lm-eval' (5-shot, as lm-evaluation-harness gsm8k).",
+    )
     bootstrap: int = opt(10000, "Paired-bootstrap resamples for the accuracy-difference intervals.")
 
 
@@ -156,40 +187,68 @@ class TrainOptions:
 
     rollouts: str = opt("latest", "Rollouts artifact to learn from: 'latest', a version id, or a path.")
     quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4), 'none'.")
-    optimizer: str = opt("auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name.")
+    optimizer: str = opt(
+        "auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name."
+    )
     learning_rate: float = opt(5e-6, "Peak learning rate.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
     epochs: float = opt(1.0, "Passes over the rollouts' questions (ignored when --max-steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass (less memory, slower).")
+    gradient_checkpointing: bool = opt(
+        True, "Recompute activations in the backward pass (less memory, slower)."
+    )
     save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
     seed: int = opt(0, "Seed for data order, dropout and a fresh adapter's initialisation.")
-    resume: bool = opt(True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False)
+    resume: bool = opt(
+        True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False
+    )
     report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
     logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
 
 
 @dataclass
 class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
-    reward: str = opt("arm", "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
-                      "'question': the shared question reward, advantages centred over the batch; "
-                      "'correctness': 1 for a right arm, 0 for a wrong one, advantages relative to the arms.")
+    reward: str = opt(
+        "arm",
+        "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
+        "'question': the shared question reward, advantages centred over the batch; "
+        "'correctness': 1 for a right arm, 0 for a wrong one, advantages relative to the arms.",
+    )
     questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.")
-    questions_per_minibatch: int = opt(4, "Questions per forward/backward pass (gradient accumulation makes up the step).")
+    questions_per_minibatch: int = opt(
+        4, "Questions per forward/backward pass (gradient accumulation makes up the step)."
+    )
     clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.")
-    advantage_std_floor: float = opt(0.1, "Advantages = (reward - group mean) / max(group std, this): reward "
-                                     "differences smaller than it stay small (a length penalty of a few tokens).")
-    loss_type: str = opt("dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...).")
+    advantage_std_floor: float = opt(
+        0.1,
+        "Advantages = (reward - group mean) / max(group std, this): reward "
+        "differences smaller than it stay small (a length penalty of a few tokens).",
+    )
+    loss_type: str = opt(
+        "dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...)."
+    )
     kl_coef: float = opt(0.04, "Initial coefficient of the per-token KL penalty to the reference policy.")
-    kl_target: float = opt(0.1, "Adaptive KL control: target KL to the reference in nats per token (TRL's `kl`: mean "
-                           "per-token k3 estimate); the coefficient moves towards it after every step. 0 = fixed.")
-    kl_horizon: int = opt(0, "Adaptive KL control: optimizer steps over which the coefficient can change by a factor "
-                          "e (larger = slower). 0 = a tenth of the run's steps, between 2 and 10.")
-    behaviour_logprobs: str = opt("auto", "Denominator of the importance ratio: 'stored' (the rollouts' log-probs), "
-                                  "'recompute' (the training model scores the stored completions once, before the "
-                                  "first update), 'auto' (recompute when the rollouts were sampled with other weights "
-                                  "- backend, quantisation, dtype - than the trained ones).")
-    online: bool = opt(False, "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.")
+    kl_target: float = opt(
+        0.1,
+        "Adaptive KL control: target KL to the reference in nats per token (TRL's `kl`: mean "
+        "per-token k3 estimate); the coefficient moves towards it after every step. 0 = fixed.",
+    )
+    kl_horizon: int = opt(
+        0,
+        "Adaptive KL control: optimizer steps over which the coefficient can change by a factor "
+        "e (larger = slower). 0 = a tenth of the run's steps, between 2 and 10.",
+    )
+    behaviour_logprobs: str = opt(
+        "auto",
+        "Denominator of the importance ratio: 'stored' (the rollouts' log-probs), "
+        "'recompute' (the training model scores the stored completions once, before the "
+        "first update), 'auto' (recompute when the rollouts were sampled with other weights "
+        "- backend, quantisation, dtype - than the trained ones).",
+    )
+    online: bool = opt(
+        False,
+        "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.",
+    )
     online_generations: int = opt(8, "With --online: completions sampled per question.")
     online_temperature: float = opt(0.7, "With --online: sampling temperature.")
     max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.")
@@ -197,7 +256,9 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
 
 @dataclass
 class DpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
-    pairs_per_question: int = opt(1, "Preference pairs per question: best correct arms against worst incorrect arms.")
+    pairs_per_question: int = opt(
+        1, "Preference pairs per question: best correct arms against worst incorrect arms."
+    )
     beta: float = opt(0.1, "DPO beta: strength of the implicit KL constraint to the reference policy.")
     batch_size: int = opt(4, "Pairs per device per forward pass.")
     grad_accum: int = opt(2, "Gradient-accumulation steps per optimizer step.")
@@ -208,17 +269,33 @@ class LoopConfig(RunOptions):
     """`looper loop`: rounds of rollouts -> ppo|dpo -> dev eval; each stage is configured by its own table."""
 
     rounds: int = opt(3, "Rounds to run (each: rollouts from the newest policy, train on them, eval on dev).")
-    patience: int = opt(2, "Stop early when dev accuracy has not improved on the best so far (sft included) "
-                           "for this many rounds.")
-    algorithm: str = opt("ppo", "What each round trains with: 'ppo' or 'dpo' (configured by that stage's table).")
-    dev_limit: int | None = opt(None, "Dev questions of each round's eval (the first ones; none = the whole split).")
-    fresh_questions: bool = opt(True, "Each round rolls out the next `limit` train questions of the rollouts table "
-                                      "(wrapping around); off: every round the same ones.")
+    patience: int = opt(
+        2,
+        "Stop early when dev accuracy has not improved on the best so far (sft included) "
+        "for this many rounds.",
+    )
+    algorithm: str = opt(
+        "ppo", "What each round trains with: 'ppo' or 'dpo' (configured by that stage's table)."
+    )
+    dev_limit: int | None = opt(
+        None, "Dev questions of each round's eval (the first ones; none = the whole split)."
+    )
+    fresh_questions: bool = opt(
+        True,
+        "Each round rolls out the next `limit` train questions of the rollouts table "
+        "(wrapping around); off: every round the same ones.",
+    )
     final: str = opt("best", "Final policy: 'best' (highest dev accuracy, earliest on ties) or 'last' round.")
-    test_eval: bool = opt(True, "After the rounds, evaluate sft against the final policy as the eval table says "
-                                "(its split, default test), with McNemar's test.")
-    pipeline: str | None = opt(None, "Pipeline file whose stage tables configure the rounds' stages "
-                                     "(default: the global --config).", identity=False)
+    test_eval: bool = opt(
+        True,
+        "After the rounds, evaluate sft against the final policy as the eval table says "
+        "(its split, default test), with McNemar's test.",
+    )
+    pipeline: str | None = opt(
+        None,
+        "Pipeline file whose stage tables configure the rounds' stages (default: the global --config).",
+        identity=False,
+    )
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -259,7 +336,9 @@ def cli_option(cls: type, name: str, *flags: str) -> Any:
     flags = flags or ("--" + name.replace("_", "-"),)
     # "\\[" keeps rich from reading the brackets as markup
     extra = {"metavar": ""} if f.type in (bool, "bool") else {}
-    return typer.Option(*flags, help=f"{f.metadata['help']} \\[default: {shown}]", show_default=False, **extra)
+    return typer.Option(
+        *flags, help=f"{f.metadata['help']} \\[default: {shown}]", show_default=False, **extra
+    )
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
@@ -293,8 +372,7 @@ def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
     if unknown_tables:
         name = sorted(unknown_tables)[0]
         raise LooperError(
-            f"{path}: unknown table [{name}]; known: [common], "
-            + ", ".join(f"[{s}]" for s in STAGE_CONFIGS)
+            f"{path}: unknown table [{name}]; known: [common], " + ", ".join(f"[{s}]" for s in STAGE_CONFIGS)
         )
     common = raw.get("common", {})
     for key in common:
@@ -312,9 +390,7 @@ def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
             values[key] = value
         for key, value in values.items():
             if not _accepts(fields_[key].type, value):
-                raise LooperError(
-                    f"{path}: [{stage}] {key} = {value!r} is not a valid {fields_[key].type}"
-                )
+                raise LooperError(f"{path}: [{stage}] {key} = {value!r} is not a valid {fields_[key].type}")
         merged[stage] = values
     return merged
 

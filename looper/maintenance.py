@@ -1,7 +1,7 @@
 """`looper export` (adapter merged into a standalone model) and `looper gc` (free disk).
 
-    looper export --model ppo --out exported/ppo-8b      # serve with vLLM or transformers
-    looper gc --keep 2                                    # keep the 2 newest versions per stage
+looper export --model ppo --out exported/ppo-8b      # serve with vLLM or transformers
+looper gc --keep 2                                    # keep the 2 newest versions per stage
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def export(*, name: str, out: str, workdir: str, base_model: str | None = None) 
     store = Store(workdir)
     if name in policies.ADAPTER_STAGES:
         if store.latest(name) is None:
-            raise LooperError(f"no {name} adapter under {store.workdir}: run `{policies.ADAPTER_STAGES[name]}` first")
+            raise LooperError(
+                f"no {name} adapter under {store.workdir}: run `{policies.ADAPTER_STAGES[name]}` first"
+            )
         adapter_dir = store.resolve(name).path
     else:
         adapter_dir = Path(name).expanduser().resolve()
@@ -39,8 +41,9 @@ def export(*, name: str, out: str, workdir: str, base_model: str | None = None) 
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     merged.save_pretrained(tmp, safe_serialization=True)
     models.load_tokenizer(base).save_pretrained(tmp)
-    (tmp / "looper_manifest.json").write_bytes(dumps_json({"exported_from": str(adapter_dir), "base_model": spec,
-                                                           "adapter_manifest": manifest}))
+    (tmp / "looper_manifest.json").write_bytes(
+        dumps_json({"exported_from": str(adapter_dir), "base_model": spec, "adapter_manifest": manifest})
+    )
     os.replace(tmp, target)
     return target
 
@@ -58,10 +61,15 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
     artifacts = {}
     for stage in SCHEMA_VERSIONS:
         root = store.stage_root(stage)
-        found = [Artifact.load(p) for p in root.iterdir() if (p / MANIFEST).is_file()] if root.is_dir() else []
+        found = (
+            [Artifact.load(p) for p in root.iterdir() if (p / MANIFEST).is_file()] if root.is_dir() else []
+        )
         # newest first; `created` has one-second resolution, the manifest's mtime breaks ties
-        artifacts[stage] = sorted(found, key=lambda a: (a.manifest.get("created", ""),
-                                                        (a.path / MANIFEST).stat().st_mtime_ns), reverse=True)
+        artifacts[stage] = sorted(
+            found,
+            key=lambda a: (a.manifest.get("created", ""), (a.path / MANIFEST).stat().st_mtime_ns),
+            reverse=True,
+        )
     kept = {(s, a.version) for s, arts in artifacts.items() for a in arts[:keep]}
     kept |= {(s, store.latest(s)) for s in artifacts if store.latest(s)}
     # keep what kept artifacts were built from, transitively (eval -> ppo -> rollouts -> sft -> prepare)

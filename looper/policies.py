@@ -65,30 +65,51 @@ def generation_weights(backend: str, policy: Policy) -> dict:
     its own model's (see `--behaviour-logprobs`)."""
     backend = choose_backend(backend)
     if backend == "vllm":  # vLLM's dtype "auto": the checkpoint's (bf16 for the models Looper names)
-        return {"backend": "vllm", "quant": "none", "dtype": "auto", "adapter": "lora" if policy.adapter else None}
-    return {"backend": "hf", "quant": "none", "dtype": "bfloat16" if models.has_cuda() else "float32",
-            "adapter": "merged" if policy.adapter else None}
+        return {
+            "backend": "vllm",
+            "quant": "none",
+            "dtype": "auto",
+            "adapter": "lora" if policy.adapter else None,
+        }
+    return {
+        "backend": "hf",
+        "quant": "none",
+        "dtype": "bfloat16" if models.has_cuda() else "float32",
+        "adapter": "merged" if policy.adapter else None,
+    }
 
 
-def load_generator(policy: Policy, *, backend: str, batch_size: int, trust_remote_code: bool = False,
-                   require_chat_template: bool = True):
+def load_generator(
+    policy: Policy,
+    *,
+    backend: str,
+    batch_size: int,
+    trust_remote_code: bool = False,
+    require_chat_template: bool = True,
+):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
     weights first: generation then costs what the base model costs. Plain-text prompting
     (eval's lm-eval format) passes require_chat_template=False to allow base models."""
     from looper.generation import make_generator
 
-    tokenizer = models.load_tokenizer(policy.source, trust_remote_code=trust_remote_code,
-                                      require_chat_template=require_chat_template)
+    tokenizer = models.load_tokenizer(
+        policy.source, trust_remote_code=trust_remote_code, require_chat_template=require_chat_template
+    )
     backend = choose_backend(backend)
     if backend == "vllm":
         rank = _lora_rank(policy.adapter) if policy.adapter else 16
-        generator = make_generator("vllm", model_path=policy.source.path,
-                                   adapter_path=str(policy.adapter) if policy.adapter else None,
-                                   max_lora_rank=max(16, rank))
+        generator = make_generator(
+            "vllm",
+            model_path=policy.source.path,
+            adapter_path=str(policy.adapter) if policy.adapter else None,
+            max_lora_rank=max(16, rank),
+        )
         return generator, tokenizer
     model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code)
     if policy.adapter is not None:
-        model = models.attach_adapter(model, policy.adapter, policy.source, trainable=False).merge_and_unload()
+        model = models.attach_adapter(
+            model, policy.adapter, policy.source, trainable=False
+        ).merge_and_unload()
     model.eval()
     return make_generator(backend, model=model, tokenizer=tokenizer, batch_size=batch_size), tokenizer
 

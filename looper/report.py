@@ -29,8 +29,15 @@ from looper.data import lm_eval_format
 MAX_DISAGREEMENTS = 50  # rows of the "models disagree" table in report.md
 
 
-def summarize(rows: list[dict], models: list[str], *, fmt: str = "chat", samples: int = 1,
-              bootstrap: int = 10000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    rows: list[dict],
+    models: list[str],
+    *,
+    fmt: str = "chat",
+    samples: int = 1,
+    bootstrap: int = 10000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The report dict (without settings) from eval rows of `models`, all on the same questions."""
     grouped: dict[str, dict[str, list[dict]]] = {m: defaultdict(list) for m in models}
     order: list[str] = []
@@ -54,22 +61,32 @@ def summarize(rows: list[dict], models: list[str], *, fmt: str = "chat", samples
             "truncation_rate": _mean(r["truncated"] for r in everything),
         }
         if fmt == "lm-eval":
-            flexible = sum(lm_eval_format.exact_match(lm_eval_format.flexible_extract(s[0]["completion"]),
-                                                      s[0]["gold_answer"]) for s in per_q)
+            flexible = sum(
+                lm_eval_format.exact_match(
+                    lm_eval_format.flexible_extract(s[0]["completion"]), s[0]["gold_answer"]
+                )
+                for s in per_q
+            )
             entry["flexible"] = _accuracy(flexible, len(order))
         if samples > 1:
             entry[f"maj@{samples}"] = _mean(_majority_right(s, fmt) for s in per_q)
             entry[f"pass@{samples}"] = _mean(any(r["correct"] for r in s) for s in per_q)
     for i, a in enumerate(models):
-        for b in models[i + 1:]:
+        for b in models[i + 1 :]:
             diff = stats.paired_bootstrap_diff(first[a], first[b], n_resamples=bootstrap, seed=seed)
             test = stats.mcnemar_exact(first[a], first[b])
             report["pairs"][f"{a} vs {b}"] = {
-                "a": a, "b": b, "diff": diff["diff"], "ci95": [diff["low"], diff["high"]],
-                "mcnemar_p": test["p_value"], "only_a_right": test["b10"], "only_b_right": test["b01"],
+                "a": a,
+                "b": b,
+                "diff": diff["diff"],
+                "ci95": [diff["low"], diff["high"]],
+                "mcnemar_p": test["p_value"],
+                "only_a_right": test["b10"],
+                "only_b_right": test["b01"],
             }
     report["per_question"] = [
-        {"id": q, "gold_answer": gold[q], "correct": {m: first[m][i] for m in models}} for i, q in enumerate(order)
+        {"id": q, "gold_answer": gold[q], "correct": {m: first[m][i] for m in models}}
+        for i, q in enumerate(order)
     ]
     return report
 
@@ -100,7 +117,9 @@ def compact(report: dict[str, Any]) -> dict[str, Any]:
     if any("flexible" in e for e in report["models"].values()):
         extra.append("flexible")
     for key in extra:
-        out[key] = {m: (e[key]["accuracy"] if key == "flexible" else e[key]) for m, e in report["models"].items()}
+        out[key] = {
+            m: (e[key]["accuracy"] if key == "flexible" else e[key]) for m, e in report["models"].items()
+        }
     if report["pairs"]:
         out["diff"] = {p: e["diff"] for p, e in report["pairs"].items()}
         out["mcnemar_p"] = {p: e["mcnemar_p"] for p, e in report["pairs"].items()}
@@ -123,10 +142,17 @@ def markdown(report: dict[str, Any]) -> str:
     k = report["samples"]
     lines = [f"# Looper eval {report.get('version', '')}".rstrip(), ""]
     if s:
-        decoding = "greedy" if s.get("temperature", 0) == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
-        lines += [f"{report['questions']} questions from {s.get('questions_from')}; format `{s.get('format')}`; "
-                  f"{decoding}; {k} sample(s) per question; at most {s.get('max_new_tokens')} new tokens; "
-                  f"seed {s.get('seed')}; backend {s.get('backend')}.", ""]
+        decoding = (
+            "greedy"
+            if s.get("temperature", 0) == 0
+            else f"temperature {s['temperature']}, top-p {s['top_p']}"
+        )
+        lines += [
+            f"{report['questions']} questions from {s.get('questions_from')}; format `{s.get('format')}`; "
+            f"{decoding}; {k} sample(s) per question; at most {s.get('max_new_tokens')} new tokens; "
+            f"seed {s.get('seed')}; backend {s.get('backend')}.",
+            "",
+        ]
     lm_eval = any("flexible" in e for e in report["models"].values())
     head = ["model", "accuracy" + (" (strict)" if lm_eval else ""), "95% CI", "correct"]
     head += ["flexible"] if lm_eval else []
@@ -134,21 +160,30 @@ def markdown(report: dict[str, Any]) -> str:
     head += ["answer found", "mean tokens", "truncated"]
     lines += ["## Accuracy", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, e in report["models"].items():
-        cells = [_cell(model), _pct(e["accuracy"]), f"[{_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}]",
-                 f"{e['correct']}/{e['n']}"]
+        cells = [
+            _cell(model),
+            _pct(e["accuracy"]),
+            f"[{_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}]",
+            f"{e['correct']}/{e['n']}",
+        ]
         cells += [_pct(e["flexible"]["accuracy"])] if lm_eval else []
         cells += [_pct(e[f"maj@{k}"]), _pct(e[f"pass@{k}"])] if k > 1 else []
         cells += [_pct(e["format_compliance"]), f"{e['mean_tokens']:.1f}", _pct(e["truncation_rate"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy is the first sample's; CI is the 95% Wilson interval.", ""]
     if report["pairs"]:
-        lines += ["## Pairwise (same questions)", "",
-                  "| A | B | B - A | 95% CI (paired bootstrap) | McNemar p | only A right | only B right |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Pairwise (same questions)",
+            "",
+            "| A | B | B - A | 95% CI (paired bootstrap) | McNemar p | only A right | only B right |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in report["pairs"].values():
-            lines.append(f"| {_cell(e['a'])} | {_cell(e['b'])} | {100 * e['diff']:+.1f} pts | "
-                         f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}] | {e['mcnemar_p']:.3g} | "
-                         f"{e['only_a_right']} | {e['only_b_right']} |")
+            lines.append(
+                f"| {_cell(e['a'])} | {_cell(e['b'])} | {100 * e['diff']:+.1f} pts | "
+                f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}] | {e['mcnemar_p']:.3g} | "
+                f"{e['only_a_right']} | {e['only_b_right']} |"
+            )
         lines.append("")
     lines += ["![accuracy per model](accuracy.png)", "", "![completion lengths](lengths.png)", ""]
     models = list(report["models"])
@@ -158,9 +193,13 @@ def markdown(report: dict[str, Any]) -> str:
         if not split:
             lines += ["None: every model got the same questions right.", ""]
         else:
-            lines += [f"{len(split)} questions ({min(len(split), MAX_DISAGREEMENTS)} shown; every question is in "
-                      "report.json under per_question).", "",
-                      "| id | gold | " + " | ".join(map(_cell, models)) + " |", "|" + "---|" * (len(models) + 2)]
+            lines += [
+                f"{len(split)} questions ({min(len(split), MAX_DISAGREEMENTS)} shown; every question is in "
+                "report.json under per_question).",
+                "",
+                "| id | gold | " + " | ".join(map(_cell, models)) + " |",
+                "|" + "---|" * (len(models) + 2),
+            ]
             for q in split[:MAX_DISAGREEMENTS]:
                 marks = " | ".join("yes" if q["correct"][m] else "no" for m in models)
                 lines.append(f"| {_cell(q['id'])} | {_cell(q['gold_answer'])} | {marks} |")

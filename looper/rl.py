@@ -23,13 +23,20 @@ def step_plan(n_questions: int, questions_per_step: int, questions_per_minibatch
     if questions_per_step < 1 or questions_per_minibatch < 1:
         raise LooperError("--questions-per-step and --questions-per-minibatch must be 1 or more")
     if questions_per_step % questions_per_minibatch:
-        raise LooperError(f"--questions-per-step {questions_per_step} is not a whole number of "
-                          f"--questions-per-minibatch {questions_per_minibatch}: make it a multiple")
+        raise LooperError(
+            f"--questions-per-step {questions_per_step} is not a whole number of "
+            f"--questions-per-minibatch {questions_per_minibatch}: make it a multiple"
+        )
     if n_questions < questions_per_step:
-        raise LooperError(f"the rollouts hold {n_questions} question(s), fewer than --questions-per-step "
-                          f"{questions_per_step}: no whole step; lower --questions-per-step or roll out more")
-    return StepPlan(questions_per_step // questions_per_minibatch, n_questions // questions_per_step,
-                    n_questions % questions_per_step)
+        raise LooperError(
+            f"the rollouts hold {n_questions} question(s), fewer than --questions-per-step "
+            f"{questions_per_step}: no whole step; lower --questions-per-step or roll out more"
+        )
+    return StepPlan(
+        questions_per_step // questions_per_minibatch,
+        n_questions // questions_per_step,
+        n_questions % questions_per_step,
+    )
 
 
 def floored_advantages(rewards, group_size: int | None, std_floor: float):
@@ -117,8 +124,11 @@ def behaviour_logprobs_source(choice: str, generated_by: dict | None, training: 
         return choice, f"--behaviour-logprobs {choice}"
     if not generated_by:
         return "recompute", "the rollouts do not record the weights that sampled them"
-    differ = [f"{key} {generated_by.get(key)} vs {training[key]}" for key in ("backend", "quant", "dtype")
-              if generated_by.get(key) != training[key]]
+    differ = [
+        f"{key} {generated_by.get(key)} vs {training[key]}"
+        for key in ("backend", "quant", "dtype")
+        if generated_by.get(key) != training[key]
+    ]
     if differ:
         return "recompute", "rollouts sampled with other weights than trained: " + ", ".join(differ)
     return "stored", "rollouts sampled with the weights trained (backend, quant, dtype)"
@@ -133,5 +143,7 @@ def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
     if len(kept) < len(rows):
         print(f"ppo: {len(rows) - len(kept)} question(s) skipped: an arm with no stored token")
     if not kept:
-        raise LooperError("every question of the rollouts has an arm with no stored token: rerun `looper rollouts`")
+        raise LooperError(
+            "every question of the rollouts has an arm with no stored token: rerun `looper rollouts`"
+        )
     return kept, len(rows) - len(kept)

@@ -28,13 +28,15 @@ def collect(workdir: str | Path) -> list[dict]:
                 continue  # written by a newer looper: not ours to judge
             inputs = artifact.manifest.get("inputs", {})
             stale = [name for name, ref in inputs.items() if store.latest(name) not in (None, ref["version"])]
-            rows.append({
-                "stage": stage,
-                "version": artifact.version,
-                "path": str(artifact.path),
-                "created": artifact.manifest.get("created"),
-                "latest": artifact.version == latest,
-                "inputs": {name: ref["version"] for name, ref in inputs.items()},
-                "stale": stale,
-            })
+            rows.append(
+                {
+                    "stage": stage,
+                    "version": artifact.version,
+                    "path": str(artifact.path),
+                    "created": artifact.manifest.get("created"),
+                    "latest": artifact.version == latest,
+                    "inputs": {name: ref["version"] for name, ref in inputs.items()},
+                    "stale": stale,
+                }
+            )
     return rows

@@ -19,9 +19,16 @@ def lora_config(config: Any):
     """A PEFT LoraConfig from a stage config's lora_* fields."""
     from peft import LoraConfig
 
-    targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    targets = (
+        config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
+    )
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
 
 
 def optimizer_name(choice: str, cuda: bool) -> str:
@@ -114,8 +121,10 @@ def rollouts_input(store: Any, config: Any) -> tuple[Any, Any, str]:
     base = models.resolve_model(config.model)
     made_on = rollouts.manifest.get("base_model", {}).get("identity")
     if made_on != base.identity:
-        raise LooperError(f"rollouts {rollouts.version} were generated from base '{made_on}', not --model "
-                          f"{config.model} ('{base.identity}'): pass the matching --model")
+        raise LooperError(
+            f"rollouts {rollouts.version} were generated from base '{made_on}', not --model "
+            f"{config.model} ('{base.identity}'): pass the matching --model"
+        )
     return rollouts, base, models.resolve_quant(config.quant)
 
 
@@ -126,7 +135,9 @@ def rollout_rows(rollouts: Any) -> list[dict]:
 
     rows = [r for f in sorted(rollouts.path.glob("shard-*.parquet")) for r in read_rows(f)]
     if not rows:
-        raise LooperError(f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions")
+        raise LooperError(
+            f"rollouts {rollouts.version} hold no questions: run `looper rollouts` with more questions"
+        )
     return rows
 
 
@@ -164,7 +175,9 @@ class TrainingRun:
     checkpoint: str | None
 
     @classmethod
-    def begin(cls, store: Any, stage: str, version: str, config: Any, *, base: Any, quant: str) -> "TrainingRun":
+    def begin(
+        cls, store: Any, stage: str, version: str, config: Any, *, base: Any, quant: str
+    ) -> TrainingRun:
         run_ = store.begin(stage, version, resume=config.resume and not config.force)
         checkpoint = resume_point(run_.path / "trainer", run_.path / "metrics.jsonl")
         return cls(stage, version, store, run_, config, base, quant, checkpoint)
@@ -181,18 +194,35 @@ class TrainingRun:
             print(f"{self.stage}: resuming from {Path(self.checkpoint).name}")
         return trainer.train(resume_from_checkpoint=self.checkpoint)
 
-    def finish(self, trainer: Any, tokenizer: Any, *, inputs: dict, identity: dict, counts: dict, metrics: dict,
-               extra: dict | None = None) -> Any:
+    def finish(
+        self,
+        trainer: Any,
+        tokenizer: Any,
+        *,
+        inputs: dict,
+        identity: dict,
+        counts: dict,
+        metrics: dict,
+        extra: dict | None = None,
+    ) -> Any:
         from looper.stages import StageResult
 
         if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
-            return StageResult(self.stage, self.version, str(self.store.stage_root(self.stage) / self.version))
+            return StageResult(
+                self.stage, self.version, str(self.store.stage_root(self.stage) / self.version)
+            )
         save_adapter(trainer.model, tokenizer, self.run.path)  # the trained adapter, not TRL's 'ref' copy
         shutil.rmtree(self.trainer_dir, ignore_errors=True)  # resume state is useless once finished
         artifact = self.run.commit(
-            config=orjson.loads(orjson.dumps(vars(self.config))), inputs=inputs, identity=identity,
-            counts=counts, metrics=metrics,
-            extra={"base_model": {"spec": self.base.spec, "identity": self.base.identity}, "quant": self.quant}
+            config=orjson.loads(orjson.dumps(vars(self.config))),
+            inputs=inputs,
+            identity=identity,
+            counts=counts,
+            metrics=metrics,
+            extra={
+                "base_model": {"spec": self.base.spec, "identity": self.base.identity},
+                "quant": self.quant,
+            }
             | (extra or {}),
         )
         return StageResult.from_artifact(artifact)

@@ -46,8 +46,10 @@ def write_gsm8k(path: Path, rows: list[dict | str]) -> Path:
 
 def make_rows(n: int, start: int = 0) -> list[dict]:
     return [
-        {"question": f"Ann has {i} apples and buys 2 more. How many apples does she have?",
-         "answer": f"Ann has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}"}
+        {
+            "question": f"Ann has {i} apples and buys 2 more. How many apples does she have?",
+            "answer": f"Ann has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}",
+        }
         for i in range(start, start + n)
     ]
 

@@ -68,9 +68,15 @@ def test_content_hash_and_version(tmp_path):
     a = commit(store, version="v1", content=b"x")
     b = commit(store, version="v2", content=b"y")
     assert a.hash != b.hash
-    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) == store.version_for("sft", {"lr": 1}, {"prepare": a})
-    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) != store.version_for("sft", {"lr": 1}, {"prepare": b})
-    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) != store.version_for("sft", {"lr": 2}, {"prepare": a})
+    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) == store.version_for(
+        "sft", {"lr": 1}, {"prepare": a}
+    )
+    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) != store.version_for(
+        "sft", {"lr": 1}, {"prepare": b}
+    )
+    assert store.version_for("sft", {"lr": 1}, {"prepare": a}) != store.version_for(
+        "sft", {"lr": 2}, {"prepare": a}
+    )
 
 
 def test_inputs_lineage_and_model_stage_alias(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
 from conftest import last_json
 
 
@@ -25,7 +24,9 @@ def test_config_file_supplies_defaults_and_cli_overrides(run_cli, gsm8k_dir, tmp
     code, out, err = run_cli("--config", pipeline, "prepare", "--workdir", tmp_path, "--json")
     assert code == 0, err
     assert last_json(out)["counts"]["dev"] == 5
-    code, out, _ = run_cli("--config", pipeline, "prepare", "--dev-fraction", "0.2", "--workdir", tmp_path, "--json")
+    code, out, _ = run_cli(
+        "--config", pipeline, "prepare", "--dev-fraction", "0.2", "--workdir", tmp_path, "--json"
+    )
     assert last_json(out)["counts"]["dev"] == 10
 
 
@@ -65,8 +66,24 @@ def test_console_script_unexpected_error_is_one_line(tmp_path):
     """A real subprocess: the installed entry point, exit code and stderr as a user sees them."""
     workdir = tmp_path / "file-not-dir"
     workdir.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "looper", "prepare", "--source", "synthetic",
-                           "--synthetic-train", "10", "--synthetic-test", "2", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "looper",
+            "prepare",
+            "--source",
+            "synthetic",
+            "--synthetic-train",
+            "10",
+            "--synthetic-test",
+            "2",
+            "--workdir",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "--debug" in proc.stderr

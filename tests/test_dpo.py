@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 
 from conftest import last_json
+from test_ppo import build_rollouts, mean_logprob
+
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
 from looper.stages.dpo import preference_pairs, strip_template_bos
-from test_ppo import build_rollouts, mean_logprob
 
 FAST = ["--batch-size", "2", "--grad-accum", "1", "--no-gradient-checkpointing", "--save-steps", "100"]
 
 
 def question(qid: str, arms: list[tuple[bool, float]]) -> dict:
     """A rollouts row reduced to what pairing reads; arm i answers `a{i}` under prompt `p{i % 2}`."""
-    return {"id": qid, "arm_rewards": [r for _, r in arms],
-            "arm_outputs": [{"arm": f"a{i}", "prompt": f"p{i % 2}", "text": f"{qid}-a{i}", "correct": ok}
-                            for i, (ok, _) in enumerate(arms)]}
+    return {
+        "id": qid,
+        "arm_rewards": [r for _, r in arms],
+        "arm_outputs": [
+            {"arm": f"a{i}", "prompt": f"p{i % 2}", "text": f"{qid}-a{i}", "correct": ok}
+            for i, (ok, _) in enumerate(arms)
+        ],
+    }
 
 
 def write_rollouts(workdir, model_dir, rows, version: str, adapter_path=None) -> None:
@@ -25,19 +31,31 @@ def write_rollouts(workdir, model_dir, rows, version: str, adapter_path=None) ->
 
     run = Store(workdir).begin("rollouts", version)
     write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
-    run.commit(config={}, inputs={}, identity={}, extra={
-        "base_model": {"spec": str(model_dir), "identity": resolve_model(str(model_dir)).identity},
-        "policy": {"name": "sft" if adapter_path else "base", "adapter_path": adapter_path}})
+    run.commit(
+        config={},
+        inputs={},
+        identity={},
+        extra={
+            "base_model": {"spec": str(model_dir), "identity": resolve_model(str(model_dir)).identity},
+            "policy": {"name": "sft" if adapter_path else "base", "adapter_path": adapter_path},
+        },
+    )
 
 
 def test_pairs_best_correct_against_worst_incorrect():
-    rows = [question("mixed", [(True, 0.9), (False, -0.2), (True, 1.3), (False, -0.7), (True, 1.1), (False, -0.5)]),
-            question("none-right", [(False, -0.5), (False, -0.4)]),
-            question("all-right", [(True, 1.0), (True, 1.2)]),
-            question("one-wrong", [(True, 1.0), (True, 1.2), (False, -0.5)])]
+    rows = [
+        question(
+            "mixed", [(True, 0.9), (False, -0.2), (True, 1.3), (False, -0.7), (True, 1.1), (False, -0.5)]
+        ),
+        question("none-right", [(False, -0.5), (False, -0.4)]),
+        question("all-right", [(True, 1.0), (True, 1.2)]),
+        question("one-wrong", [(True, 1.0), (True, 1.2), (False, -0.5)]),
+    ]
     one = preference_pairs(rows, 1)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in one] == [
-        ("mixed", "mixed-a2", "mixed-a3"), ("one-wrong", "one-wrong-a1", "one-wrong-a2")]
+        ("mixed", "mixed-a2", "mixed-a3"),
+        ("one-wrong", "one-wrong-a1", "one-wrong-a2"),
+    ]
     assert one[0]["prompt"] == "p0" and one[0]["cross_prompt"]  # the chosen arm's prompt, for both
     assert (one[0]["chosen_reward"], one[0]["rejected_reward"]) == (1.3, -0.7)
     two = preference_pairs(rows, 2)  # paired in order; limited by the smaller side (one-wrong: 1 wrong arm)
@@ -68,8 +86,25 @@ def test_dpo_trains_chosen_over_rejected(run_cli, tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     gap_before = mean_logprob(base, tokenizer, rows, True) - mean_logprob(base, tokenizer, rows, False)
 
-    args = ["dpo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--pairs-per-question", "2",
-            "--max-steps", "4", "--learning-rate", "2e-2", "--lora-r", "16", "--beta", "0.5", "--json"]
+    args = [
+        "dpo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--pairs-per-question",
+        "2",
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "2e-2",
+        "--lora-r",
+        "16",
+        "--beta",
+        "0.5",
+        "--json",
+    ]
     code, out, err = run_cli(*args)
     assert code == 0, err
     assert "dpo: 4 preference pair(s) from 2 questions; 0 question(s) give none" in out
@@ -111,15 +146,28 @@ def test_reference_is_the_rollouts_adapter(run_cli, tiny_model_dir, tmp_path):
     """Rollouts of an sft adapter: DPO's reference is that adapter, so before any update the policy
     equals the reference and the implicit rewards are 0 (with the base as reference they are not)."""
     sft_rollouts(tmp_path, tiny_model_dir)
-    code, out, err = run_cli("dpo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
-                             "--beta", "1.0", "--json")
+    code, out, err = run_cli(
+        "dpo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--max-steps",
+        "1",
+        "--beta",
+        "1.0",
+        "--json",
+    )
     assert code == 0, err
     result = last_json(out)
     first = json.loads(open(f"{result['path']}/metrics.jsonl").readline())
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5, first
     manifest = json.loads(open(f"{result['path']}/manifest.json").read())
     assert manifest["reference"] == str(tmp_path / "sft-adapter")
-    assert not (tmp_path / "checkpoints" / "dpo" / result["version"] / "ref").exists()  # TRL's frozen copy: not saved
+    assert not (
+        tmp_path / "checkpoints" / "dpo" / result["version"] / "ref"
+    ).exists()  # TRL's frozen copy: not saved
 
 
 def test_interrupted_run_resumes(run_cli, tiny_model_dir, tmp_path, monkeypatch):
@@ -133,10 +181,26 @@ def test_interrupted_run_resumes(run_cli, tiny_model_dir, tmp_path, monkeypatch)
             def on_save(self, args, state, control, **kwargs):
                 if state.global_step == 2:
                     raise RuntimeError("power cut")
+
         return Interrupt()
 
-    args = ["dpo", "--model", tiny_model_dir, "--workdir", tmp_path, "--batch-size", "1", "--grad-accum", "1",
-            "--no-gradient-checkpointing", "--save-steps", "1", "--max-steps", "4", "--json"]
+    args = [
+        "dpo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "1",
+        "--no-gradient-checkpointing",
+        "--save-steps",
+        "1",
+        "--max-steps",
+        "4",
+        "--json",
+    ]
     monkeypatch.setattr(training, "metrics_callback", interrupting)
     code, _, err = run_cli(*args)
     assert code == 1 and "power cut" in err
@@ -154,7 +218,10 @@ def test_dpo_errors(run_cli, tiny_model_dir, tmp_path):
         row["arm_outputs"] = [{**o, "correct": True} for o in row["arm_outputs"]]
     write_rollouts(tmp_path, tiny_model_dir, rows, "allright")
     code, _, err = run_cli("dpo", "--model", tiny_model_dir, "--workdir", tmp_path)
-    assert code == 1 and "rollouts allright give no preference pairs: every question's arms are all correct" in err
+    assert (
+        code == 1
+        and "rollouts allright give no preference pairs: every question's arms are all correct" in err
+    )
     assert not list((tmp_path / "checkpoints").glob("dpo/*.partial"))
 
     write_rollouts(tmp_path, tiny_model_dir, [], "empty")
@@ -166,5 +233,7 @@ def test_dpo_errors(run_cli, tiny_model_dir, tmp_path):
     other = tiny_model(tmp_path / "other-model", seed=1)
     code, _, err = run_cli("dpo", "--model", other, "--workdir", tmp_path)
     assert code == 1 and "were generated from base" in err
-    code, _, err = run_cli("dpo", "--model", tiny_model_dir, "--workdir", tmp_path, "--pairs-per-question", "0")
+    code, _, err = run_cli(
+        "dpo", "--model", tiny_model_dir, "--workdir", tmp_path, "--pairs-per-question", "0"
+    )
     assert code == 1 and "--pairs-per-question 0" in err

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import last_json, make_rows, write_gsm8k
+
 from looper.data import lm_eval_format as lm
 
 FAST = ["--max-new-tokens", "8", "--bootstrap", "200", "--json"]
@@ -26,9 +26,23 @@ def trained(tmp_path_factory, tiny_model_dir):
     from looper.stages import prepare, sft
 
     workdir = tmp_path_factory.mktemp("eval-work")
-    prepare.run(PrepareConfig(source="synthetic", synthetic_train=40, synthetic_test=12, workdir=str(workdir)))
-    sft.run(SftConfig(model=str(tiny_model_dir), workdir=str(workdir), max_steps=2, limit=8, batch_size=4,
-                      grad_accum=1, dev_limit=0, save_steps=100, learning_rate=1e-2, gradient_checkpointing=False))
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=40, synthetic_test=12, workdir=str(workdir))
+    )
+    sft.run(
+        SftConfig(
+            model=str(tiny_model_dir),
+            workdir=str(workdir),
+            max_steps=2,
+            limit=8,
+            batch_size=4,
+            grad_accum=1,
+            dev_limit=0,
+            save_steps=100,
+            learning_rate=1e-2,
+            gradient_checkpointing=False,
+        )
+    )
     return workdir
 
 
@@ -67,9 +81,21 @@ def test_eval_compares_base_and_sft(run_cli, workdir, tiny_model_dir):
     assert [set(q["correct"]) for q in report["per_question"]] == [{"base", "sft"}] * 6
 
     table = pq.read_table(path / "completions.parquet")
-    assert table.schema.names == ["id", "model", "question", "gold_answer", "completion", "answer", "correct",
-                                  "tokens", "truncated", "sample"]
-    assert table.schema.field("correct").type == pa.bool_() and table.schema.field("tokens").type == pa.int32()
+    assert table.schema.names == [
+        "id",
+        "model",
+        "question",
+        "gold_answer",
+        "completion",
+        "answer",
+        "correct",
+        "tokens",
+        "truncated",
+        "sample",
+    ]
+    assert (
+        table.schema.field("correct").type == pa.bool_() and table.schema.field("tokens").type == pa.int32()
+    )
     rows = table.to_pylist()
     assert len(rows) == 12 and {r["model"] for r in rows} == {"base", "sft"}
     assert all(r["correct"] == is_correct(r["completion"], r["gold_answer"]) for r in rows)
@@ -82,10 +108,17 @@ def test_eval_compares_base_and_sft(run_cli, workdir, tiny_model_dir):
 
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["inputs"]) == {"prepare", "sft"}
-    assert manifest["generation"]["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "stop": []}
+    assert manifest["generation"]["sampling"] == {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_new_tokens": 8,
+        "stop": [],
+    }
     assert manifest["generation"]["seed"] == 0 and manifest["prompt"]["format"] == "chat"
     example = manifest["models"]["base"]["prompt_example"]
-    assert example.startswith("<|im_start|>user\n") and "#### <answer>" in example  # chat template, training prompt
+    assert (
+        example.startswith("<|im_start|>user\n") and "#### <answer>" in example
+    )  # chat template, training prompt
 
     code, out, _ = run_cli(*args)
     assert code == 0 and last_json(out)["skipped"] and last_json(out)["version"] == result["version"]
@@ -112,8 +145,9 @@ def test_interrupted_eval_resumes_and_reuses_finished_models(run_cli, workdir, t
     monkeypatch.setattr(HFGenerator, "generate", interrupted)
     code, _, err = run_cli(*common, "--compare", "base,sft")
     assert code == 130 and calls == [4]  # base came from the cache
-    assert not [p for p in (workdir / "data" / "eval").iterdir() if (p / "manifest.json").is_file()
-                and p != base_only]
+    assert not [
+        p for p in (workdir / "data" / "eval").iterdir() if (p / "manifest.json").is_file() and p != base_only
+    ]
 
     def counted(self, prompts, *args, **kwargs):
         calls.append(len(prompts))
@@ -125,7 +159,9 @@ def test_interrupted_eval_resumes_and_reuses_finished_models(run_cli, workdir, t
     assert calls == [4, 4]  # only sft generated
     assert base_chunk.stat().st_mtime_ns == mtime
     both = pq.read_table(Path(last_json(out)["path"]) / "completions.parquet").to_pylist()
-    assert [r for r in both if r["model"] == "base"] == pq.read_table(base_only / "completions.parquet").to_pylist()
+    assert [r for r in both if r["model"] == "base"] == pq.read_table(
+        base_only / "completions.parquet"
+    ).to_pylist()
 
     code, out, err = run_cli(*common, "--compare", "sft,base")  # a new report, nothing to generate
     assert code == 0 and not last_json(out)["skipped"] and calls == [4, 4], err
@@ -143,7 +179,9 @@ class Scripted:
 
         out = []
         for prompt in prompts:
-            question = max((q for q in self.golds if q in prompt), key=prompt.rindex)  # the question asked last
+            question = max(
+                (q for q in self.golds if q in prompt), key=prompt.rindex
+            )  # the question asked last
             out.append(Completion(self.answer(question, self.golds[question]), [1, 2, 3], [0.0] * 3, "stop"))
         if on_progress:
             on_progress(len(out), 3 * len(out))
@@ -151,19 +189,29 @@ class Scripted:
 
 
 @pytest.mark.parametrize("fmt", ["chat", "lm-eval"])
-def test_scores_and_paired_statistics_with_scripted_models(run_cli, workdir, tiny_model_dir, monkeypatch, fmt):
+def test_scores_and_paired_statistics_with_scripted_models(
+    run_cli, workdir, tiny_model_dir, monkeypatch, fmt
+):
     """base is always wrong (chat) / only flexible-right (lm-eval); sft always right: known statistics."""
     from looper.artifacts import Store, read_rows
     from looper.stages import evaluate
 
     prepare = Store(workdir).resolve("prepare").path
-    golds = {r["question"]: r["gold_answer"] for s in ("train", "dev", "test")
-             for r in read_rows(prepare / f"{s}.parquet")}
-    script = {"base": lambda q, g: f"So the total is {g}." if fmt == "lm-eval" else "#### 100000",
-              "sft": lambda q, g: f"Step one.\n#### {g}"}
-    monkeypatch.setattr(evaluate, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None))
-    code, out, err = run_cli(*eval_args(workdir, tiny_model_dir, "--compare", "base,sft", "--limit", "6",
-                                        "--format", fmt, *FAST))
+    golds = {
+        r["question"]: r["gold_answer"]
+        for s in ("train", "dev", "test")
+        for r in read_rows(prepare / f"{s}.parquet")
+    }
+    script = {
+        "base": lambda q, g: f"So the total is {g}." if fmt == "lm-eval" else "#### 100000",
+        "sft": lambda q, g: f"Step one.\n#### {g}",
+    }
+    monkeypatch.setattr(
+        evaluate, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None)
+    )
+    code, out, err = run_cli(
+        *eval_args(workdir, tiny_model_dir, "--compare", "base,sft", "--limit", "6", "--format", fmt, *FAST)
+    )
     assert code == 0, err
     metrics = last_json(out)["metrics"]
     assert metrics["accuracy"] == {"base": 0.0, "sft": 1.0}
@@ -201,7 +249,9 @@ def test_eval_errors(run_cli, workdir, tiny_model_dir, tmp_path):
     assert "run `looper prepare` first" in error("--compare", "base", where=tmp_path / "empty")
 
     single = tmp_path / "single"
-    prepare.run(PrepareConfig(source=str(write_gsm8k(tmp_path / "one.jsonl", make_rows(20))), workdir=str(single)))
+    prepare.run(
+        PrepareConfig(source=str(write_gsm8k(tmp_path / "one.jsonl", make_rows(20))), workdir=str(single))
+    )
     assert "use --split dev" in error("--compare", "base", where=single)
 
 
@@ -232,8 +282,9 @@ def test_lm_eval_format_through_the_cli(run_cli, gsm8k_dir, tiny_model_dir, tmp_
 
     workdir = tmp_path / "w"
     prepare.run(PrepareConfig(source=str(gsm8k_dir), workdir=str(workdir)))
-    code, out, err = run_cli(*eval_args(workdir, tiny_model_dir, "--format", "lm-eval", "--compare", "base",
-                                        "--limit", "3", *FAST))
+    code, out, err = run_cli(
+        *eval_args(workdir, tiny_model_dir, "--format", "lm-eval", "--compare", "base", "--limit", "3", *FAST)
+    )
     assert code == 0, err
     result = last_json(out)
     assert set(result["metrics"]) >= {"accuracy", "flexible"}
@@ -247,7 +298,10 @@ def test_lm_eval_format_through_the_cli(run_cli, gsm8k_dir, tiny_model_dir, tmp_
     example = manifest["models"]["base"]["prompt_example"]
     first_test = json.loads((gsm8k_dir / "test.jsonl").read_text().splitlines()[0])
     i = first_draw[0]
-    assert example.startswith(f"Question: Ann has {i} apples") and f"<<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}\n\n" in example
+    assert (
+        example.startswith(f"Question: Ann has {i} apples")
+        and f"<<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}\n\n" in example
+    )
     assert example.endswith(f"Question: {first_test['question']}\nAnswer:") and "<|im_start|>" not in example
     report = json.loads((path / "report.json").read_text())
     assert {"accuracy", "ci95"} <= set(report["models"]["base"]["flexible"])
@@ -258,11 +312,19 @@ def test_source_file_overlapping_training_warns(run_cli, workdir, tiny_model_dir
     from looper.artifacts import Store, read_rows
 
     train = read_rows(Store(workdir).resolve("prepare").path / "train.parquet")
-    source = write_gsm8k(tmp_path / "platinum.jsonl", [
-        {"question": train[0]["question"].upper(), "answer": train[0]["solution"]},  # same after folding
-        {"question": "Zed has 5 cats and gets 3 more. How many cats does Zed have?", "answer": "5 + 3 = 8\n#### 8"},
-    ])
-    code, out, err = run_cli(*eval_args(workdir, tiny_model_dir, "--source", source, "--compare", "base", *FAST))
+    source = write_gsm8k(
+        tmp_path / "platinum.jsonl",
+        [
+            {"question": train[0]["question"].upper(), "answer": train[0]["solution"]},  # same after folding
+            {
+                "question": "Zed has 5 cats and gets 3 more. How many cats does Zed have?",
+                "answer": "5 + 3 = 8\n#### 8",
+            },
+        ],
+    )
+    code, out, err = run_cli(
+        *eval_args(workdir, tiny_model_dir, "--source", source, "--compare", "base", *FAST)
+    )
     assert code == 0, err
     assert "warning: 1 of 2 questions" in err
     result = last_json(out)
@@ -274,14 +336,29 @@ def test_source_file_overlapping_training_warns(run_cli, workdir, tiny_model_dir
 
 
 def test_samples_add_maj_and_pass(run_cli, workdir, tiny_model_dir):
-    code, out, err = run_cli(*eval_args(workdir, tiny_model_dir, "--compare", "base", "--limit", "3",
-                                        "--samples", "2", "--temperature", "0.7", *FAST))
+    code, out, err = run_cli(
+        *eval_args(
+            workdir,
+            tiny_model_dir,
+            "--compare",
+            "base",
+            "--limit",
+            "3",
+            "--samples",
+            "2",
+            "--temperature",
+            "0.7",
+            *FAST,
+        )
+    )
     assert code == 0, err
     result = last_json(out)
     assert set(result["metrics"]) == {"accuracy", "maj@2", "pass@2"}
     assert result["metrics"]["pass@2"]["base"] >= result["metrics"]["accuracy"]["base"]
     rows = pq.read_table(Path(result["path"]) / "completions.parquet").to_pylist()
-    assert sorted((r["id"], r["sample"]) for r in rows) == sorted({(r["id"], s) for r in rows for s in (0, 1)})
+    assert sorted((r["id"], r["sample"]) for r in rows) == sorted(
+        {(r["id"], s) for r in rows for s in (0, 1)}
+    )
     assert "maj@2" in (Path(result["path"]) / "report.md").read_text()
 
 
@@ -289,8 +366,18 @@ def test_summarize_hand_written_rows():
     from looper.report import compact, markdown, summarize
 
     def row(model, qid, gold, sample, answer, correct):
-        return {"id": qid, "model": model, "question": "?", "gold_answer": gold, "completion": f"#### {answer}",
-                "answer": answer, "correct": correct, "tokens": 10 + sample, "truncated": sample == 2, "sample": sample}
+        return {
+            "id": qid,
+            "model": model,
+            "question": "?",
+            "gold_answer": gold,
+            "completion": f"#### {answer}",
+            "answer": answer,
+            "correct": correct,
+            "tokens": 10 + sample,
+            "truncated": sample == 2,
+            "sample": sample,
+        }
 
     a = [("q1", "5", ["5", "7", "5"]), ("q2", "3", ["4", "4", "3"]), ("q3", "9", [None, "1", "2"])]
     rows = [row("a", q, g, s, ans, ans == g) for q, g, answers in a for s, ans in enumerate(answers)]

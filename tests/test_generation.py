@@ -43,7 +43,9 @@ def lm(tiny_model_dir):
                 weight.mul_(10.0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in QUESTIONS
     ]
     yield model.eval(), tokenizer, prompts
@@ -66,7 +68,11 @@ def test_generator_protocol_and_shapes(lm):
 
 def test_order_preserved_across_lengths_and_samplings(lm):
     prompts = lm[2]
-    kinds = [Sampling(max_new_tokens=6), Sampling(max_new_tokens=9), Sampling(temperature=0.7, max_new_tokens=7)]
+    kinds = [
+        Sampling(max_new_tokens=6),
+        Sampling(max_new_tokens=9),
+        Sampling(temperature=0.7, max_new_tokens=7),
+    ]
     samplings = [kinds[i % 3] for i in range(len(prompts))]
     progress: list[tuple[int, int]] = []
     out = hf(lm, batch_size=2).generate(prompts, samplings, on_progress=lambda n, t: progress.append((n, t)))
@@ -137,7 +143,8 @@ def test_stop_string_cuts_text_and_tokens(lm):
     free = hf(lm).generate(prompts[:1], Sampling(max_new_tokens=24))[0]
     # A stop string the model is bound to produce: a printable piece of its own greedy output.
     stop = next(
-        piece for t in free.token_ids[3:]
+        piece
+        for t in free.token_ids[3:]
         if (piece := tokenizer.decode([t]).strip()) and piece.isascii() and piece.isprintable()
     )
     cut = free.text.index(stop)

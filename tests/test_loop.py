@@ -68,8 +68,11 @@ def manifest(path: str | Path) -> dict:
 
 
 def loop_config(pipeline: Path, home: Path, **values) -> LoopConfig:
-    return build_config(LoopConfig, file_values=read_pipeline_file(pipeline)["loop"],
-                        cli_values={"workdir": str(home), "pipeline": str(pipeline), **values})
+    return build_config(
+        LoopConfig,
+        file_values=read_pipeline_file(pipeline)["loop"],
+        cli_values={"workdir": str(home), "pipeline": str(pipeline), **values},
+    )
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -84,18 +87,23 @@ def test_rounds_without_improvement_counts_trailing_rounds_not_beating_the_best(
 
 
 def test_final_round_best_is_the_earliest_highest_and_last_is_last():
-    rounds = [{"round": k, "figures": {"dev": {"accuracy": a}}} for k, a in ((1, 0.3), (2, 0.4), (3, 0.4), (4, 0.1))]
+    rounds = [
+        {"round": k, "figures": {"dev": {"accuracy": a}}} for k, a in ((1, 0.3), (2, 0.4), (3, 0.4), (4, 0.1))
+    ]
     assert loop_stage.final_round(rounds, "best")["round"] == 2
     assert loop_stage.final_round(rounds, "last")["round"] == 4
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"rounds": 0}, "--rounds 0"),
-    ({"patience": 0}, "--patience 0"),
-    ({"algorithm": "sac"}, "--algorithm sac"),
-    ({"final": "mean"}, "--final mean"),
-    ({"dev_limit": 0}, "--dev-limit 0"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"rounds": 0}, "--rounds 0"),
+        ({"patience": 0}, "--patience 0"),
+        ({"algorithm": "sac"}, "--algorithm sac"),
+        ({"final": "mean"}, "--final mean"),
+        ({"dev_limit": 0}, "--dev-limit 0"),
+    ],
+)
 def test_bad_options_are_one_line_errors(pipeline, tmp_path, values, message):
     with pytest.raises(LooperError, match=message):
         loop_stage.run(loop_config(pipeline, tmp_path / "home", **values))
@@ -128,12 +136,15 @@ ORIGINAL_STEPS = loop_stage.ROUND_STEPS
 
 def interrupting(step_name: str, at_round: int):
     """The round's steps with `step_name` raising (like Ctrl-C) when it starts round `at_round`."""
+
     def wrap(name, step):
         def run(loop, rnd):
             if name == step_name and rnd["round"] == at_round:
                 raise Interrupt
             return step(loop, rnd)
+
         return name, run
+
     return tuple(wrap(n, s) for n, s in ORIGINAL_STEPS)
 
 
@@ -154,8 +165,13 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
     monkeypatch.setattr(loop_stage, "ROUND_STEPS", interrupting("rollouts", 2))
     with pytest.raises(Interrupt):
         loop_stage.run(config)
-    assert calls == [("setup", "prepare"), ("setup", "sft"), ("round 1", "rollouts"), ("round 1", "ppo"),
-                     ("round 1", "eval")]
+    assert calls == [
+        ("setup", "prepare"),
+        ("setup", "sft"),
+        ("round 1", "rollouts"),
+        ("round 1", "ppo"),
+        ("round 1", "eval"),
+    ]
     partial = next((home / "checkpoints" / "loop").glob("*.partial"))
     record = json.loads((partial / "rounds.json").read_text())
     assert [r["round"] for r in record["rounds"]] == [1]
@@ -167,7 +183,11 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
         loop_stage.run(config)
     assert calls == [("round 2", "rollouts")]
     record = json.loads((partial / "rounds.json").read_text())
-    assert record["current"]["round"] == 2 and "rollouts" in record["current"] and "train" not in record["current"]
+    assert (
+        record["current"]["round"] == 2
+        and "rollouts" in record["current"]
+        and "train" not in record["current"]
+    )
 
     # 3. resumed to the end: round 2's rollouts are found finished (skipped), then ppo and eval
     calls.clear()
@@ -206,8 +226,19 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
 def test_early_stop_when_dev_accuracy_does_not_improve(pipeline, tmp_path, run_cli):
     """The random tiny model scores 0% on dev: round 1 does not beat sft's 0%, so patience 1 stops there."""
     home = tmp_path / "home"
-    code, out, err = run_cli("--config", pipeline, "loop", "--rounds", "3", "--patience", "1", "--no-test-eval",
-                             "--workdir", home, "--json")
+    code, out, err = run_cli(
+        "--config",
+        pipeline,
+        "loop",
+        "--rounds",
+        "3",
+        "--patience",
+        "1",
+        "--no-test-eval",
+        "--workdir",
+        home,
+        "--json",
+    )
     assert code == 0, err
     result = last_json(out)
     assert result["counts"]["rounds"] == 1
@@ -215,27 +246,58 @@ def test_early_stop_when_dev_accuracy_does_not_improve(pipeline, tmp_path, run_c
     assert m["stop"] == "patience"
     assert "stopping early" in out
     # the final policy is usable by name
-    code, out, err = run_cli("--config", pipeline, "eval", "--compare", "loop", "--split", "dev", "--workdir", home)
+    code, out, err = run_cli(
+        "--config", pipeline, "eval", "--compare", "loop", "--split", "dev", "--workdir", home
+    )
     assert code == 0, err
 
 
 def test_report_from_a_hand_written_summary(tmp_path):
     def figures(acc, reward, kl):
-        return {"dev": {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "correct": int(100 * acc), "n": 100},
-                "sft_dev": {"accuracy": 0.2, "ci95": [0.13, 0.29], "correct": 20, "n": 100},
-                "vs_sft": {"diff": acc - 0.2, "mcnemar_p": 0.04}, "arms": 8, "mean_reward": reward,
-                "mean_question_reward": reward, "pass_at_n": 0.6, "maj_at_n": 0.3, "auroc_s_wm": 0.7,
-                "zero_variance_groups": 5, "questions": 32, "kl_mean": kl, "kl_last": kl, "steps": 8}
+        return {
+            "dev": {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "correct": int(100 * acc), "n": 100},
+            "sft_dev": {"accuracy": 0.2, "ci95": [0.13, 0.29], "correct": 20, "n": 100},
+            "vs_sft": {"diff": acc - 0.2, "mcnemar_p": 0.04},
+            "arms": 8,
+            "mean_reward": reward,
+            "mean_question_reward": reward,
+            "pass_at_n": 0.6,
+            "maj_at_n": 0.3,
+            "auroc_s_wm": 0.7,
+            "zero_variance_groups": 5,
+            "questions": 32,
+            "kl_mean": kl,
+            "kl_last": kl,
+            "steps": 8,
+        }
 
-    rounds = [{"round": k, "rollouts": {"version": f"r{k}"}, "train": {"stage": "ppo", "version": f"p{k}"},
-               "wall_s": 600.0, "figures": figures(acc, reward, kl)}
-              for k, acc, reward, kl in ((1, 0.25, 0.1, 0.01), (2, 0.3, 0.2, None))]
-    test = {"split": "prepare v test split", "version": "e1", "diff": 0.08, "ci95": [0.03, 0.13], "mcnemar_p": 0.0123,
-            "only_sft_right": 4, "only_final_right": 28,
-            "sft": {"accuracy": 0.2, "ci95": [0.16, 0.25], "correct": 60, "n": 300},
-            "final": {"accuracy": 0.28, "ci95": [0.23, 0.33], "correct": 84, "n": 300}}
-    summary = {"rounds": rounds, "final": {"round": 2, "stage": "ppo", "version": "p2"}, "stop": "rounds",
-               "test": test}
+    rounds = [
+        {
+            "round": k,
+            "rollouts": {"version": f"r{k}"},
+            "train": {"stage": "ppo", "version": f"p{k}"},
+            "wall_s": 600.0,
+            "figures": figures(acc, reward, kl),
+        }
+        for k, acc, reward, kl in ((1, 0.25, 0.1, 0.01), (2, 0.3, 0.2, None))
+    ]
+    test = {
+        "split": "prepare v test split",
+        "version": "e1",
+        "diff": 0.08,
+        "ci95": [0.03, 0.13],
+        "mcnemar_p": 0.0123,
+        "only_sft_right": 4,
+        "only_final_right": 28,
+        "sft": {"accuracy": 0.2, "ci95": [0.16, 0.25], "correct": 60, "n": 300},
+        "final": {"accuracy": 0.28, "ci95": [0.23, 0.33], "correct": 84, "n": 300},
+    }
+    summary = {
+        "rounds": rounds,
+        "final": {"round": 2, "stage": "ppo", "version": "p2"},
+        "stop": "rounds",
+        "test": test,
+    }
     loop_stage.write_report(tmp_path, summary, "sft")
     report = (tmp_path / "report.md").read_text()
     assert "| 1 | r1 | p1 | 25.0% | [20.0%, 30.0%] |" in report

@@ -34,12 +34,32 @@ def test_export_merges_adapter_into_standalone_model(run_cli, tiny_model_dir, tm
     from looper.config import PrepareConfig
     from looper.stages import prepare
 
-    prepare.run(PrepareConfig(source="synthetic", synthetic_train=20, synthetic_test=4, workdir=str(tmp_path)))
-    code, out, err = run_cli("sft", "--model", tiny_model_dir, "--workdir", tmp_path, "--max-steps", "2",
-                             "--batch-size", "4", "--grad-accum", "1", "--learning-rate", "1e-2", "--dev-limit", "2",
-                             "--no-gradient-checkpointing", "--json")
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=20, synthetic_test=4, workdir=str(tmp_path))
+    )
+    code, out, err = run_cli(
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--learning-rate",
+        "1e-2",
+        "--dev-limit",
+        "2",
+        "--no-gradient-checkpointing",
+        "--json",
+    )
     assert code == 0, err
-    code, out, err = run_cli("export", "--model", "sft", "--out", tmp_path / "exported", "--workdir", tmp_path)
+    code, out, err = run_cli(
+        "export", "--model", "sft", "--out", tmp_path / "exported", "--workdir", tmp_path
+    )
     assert code == 0, err
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     assert (tmp_path / "exported" / "model.safetensors").is_file()

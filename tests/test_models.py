@@ -20,7 +20,9 @@ def test_gguf_from_package_is_converted_once_to_safetensors(tmp_path, monkeypatc
     converted = next((tmp_path / "gguf-v2").iterdir())
     assert source.path == str(converted) and source.identity.startswith("gguf:")
     assert (converted / "model.safetensors").is_file() and (converted / "tokenizer.json").is_file()
-    assert "quantization_config" not in json.loads((converted / "config.json").read_text())  # trainable weights
+    assert "quantization_config" not in json.loads(
+        (converted / "config.json").read_text()
+    )  # trainable weights
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(SMOLLM) == source  # second load reads the cache
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_all(home: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "LOOPER_CACHE": str(cache)}
-    return subprocess.run(["make", "--no-print-directory", "all", "PIPELINE=pipelines/tiny-test.toml",
-                           f"LOOPER_HOME={home}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        ["make", "--no-print-directory", "all", "PIPELINE=pipelines/tiny-test.toml", f"LOOPER_HOME={home}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def manifest(path: Path) -> dict:
@@ -42,15 +48,24 @@ def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     evaluation = latest(home, "data", "eval")
 
     # schemas
-    assert pq.read_schema(prepare / "train.parquet").names == \
-        ["id", "question", "gold_answer", "solution", "prompt", "split", "source"]
+    assert pq.read_schema(prepare / "train.parquet").names == [
+        "id",
+        "question",
+        "gold_answer",
+        "solution",
+        "prompt",
+        "split",
+        "source",
+    ]
     assert (sft / "adapter_model.safetensors").is_file() and (ppo / "adapter_model.safetensors").is_file()
     shard = pq.read_table(sorted(rollouts.glob("shard-*.parquet"))[0])
-    assert {"arm_outputs", "cf_outputs", "s_end", "s_path", "s_cf", "s_wm", "reward", "arm_rewards"} <= \
-        set(shard.column_names)
+    assert {"arm_outputs", "cf_outputs", "s_end", "s_path", "s_cf", "s_wm", "reward", "arm_rewards"} <= set(
+        shard.column_names
+    )
     assert len(shard.column("arm_outputs")[0]) == 4
-    assert {"id", "model", "completion", "answer", "correct", "tokens", "truncated"} <= \
-        set(pq.read_schema(evaluation / "completions.parquet").names)
+    assert {"id", "model", "completion", "answer", "correct", "tokens", "truncated"} <= set(
+        pq.read_schema(evaluation / "completions.parquet").names
+    )
     report = json.loads((evaluation / "report.json").read_text())
     assert report and (evaluation / "report.md").is_file() and (evaluation / "accuracy.png").is_file()
 

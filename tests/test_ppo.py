@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import last_json
+
 from looper.artifacts import Store, write_parquet
 from looper.errors import LooperError
 from looper.regime_w.summary import ROW_SCHEMA
@@ -16,16 +16,25 @@ from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, tota
 from looper.stages.ppo import replay_func
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
-FAST = ["--questions-per-step", "2", "--questions-per-minibatch", "1", "--no-gradient-checkpointing",
-        "--save-steps", "100"]
+FAST = [
+    "--questions-per-step",
+    "2",
+    "--questions-per-minibatch",
+    "1",
+    "--no-gradient-checkpointing",
+    "--save-steps",
+    "100",
+]
 
 
 def completion_logprobs(model, tokenizer, prompt: str, completion_ids: list[int]) -> list[float]:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]
-    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    return (
+        torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
+    )
 
 
 def make_adapter(model_dir, path, *, dropout: float) -> str:
@@ -34,8 +43,10 @@ def make_adapter(model_dir, path, *, dropout: float) -> str:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -44,8 +55,16 @@ def make_adapter(model_dir, path, *, dropout: float) -> str:
     return str(path)
 
 
-def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: str | None = None,
-                   questions: int = 2, edit=None, generated_by: dict | None = None):
+def build_rollouts(
+    workdir,
+    model_dir,
+    *,
+    logprob_shift: float = 0.0,
+    adapter: str | None = None,
+    questions: int = 2,
+    edit=None,
+    generated_by: dict | None = None,
+):
     """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
 
     Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
@@ -67,30 +86,69 @@ def build_rollouts(workdir, model_dir, *, logprob_shift: float = 0.0, adapter: s
         outputs = []
         for arm in range(4):
             text = GOOD if arm % 2 == 0 else BAD
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # EOS stored
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]  # EOS stored
             logprobs = [lp + logprob_shift for lp in completion_logprobs(model, tokenizer, prompt, ids)]
-            outputs.append({"arm": f"a{arm}", "style": "wolfram", "temperature": 0.3, "prompt": prompt, "text": text,
-                            "reasoning": text, "answer": "7" if arm % 2 == 0 else "9", "correct": arm % 2 == 0,
-                            "tokens": len(ids) - 1, "finish_reason": "stop", "token_ids": ids, "logprobs": logprobs})
-        rows.append({"id": f"q{q}", "question": question, "gold_answer": "7", "policy": "base",
-                     "arm_outputs": outputs, "cf_outputs": [], "s_end": 1 / 3, "s_path": 1.0, "s_cf": 1.0,
-                     "s_wm": 0.7, "reward": 1.49, "arm_rewards": [1.0, -0.5, 1.0, -0.5]})
+            outputs.append(
+                {
+                    "arm": f"a{arm}",
+                    "style": "wolfram",
+                    "temperature": 0.3,
+                    "prompt": prompt,
+                    "text": text,
+                    "reasoning": text,
+                    "answer": "7" if arm % 2 == 0 else "9",
+                    "correct": arm % 2 == 0,
+                    "tokens": len(ids) - 1,
+                    "finish_reason": "stop",
+                    "token_ids": ids,
+                    "logprobs": logprobs,
+                }
+            )
+        rows.append(
+            {
+                "id": f"q{q}",
+                "question": question,
+                "gold_answer": "7",
+                "policy": "base",
+                "arm_outputs": outputs,
+                "cf_outputs": [],
+                "s_end": 1 / 3,
+                "s_path": 1.0,
+                "s_cf": 1.0,
+                "s_wm": 0.7,
+                "reward": 1.49,
+                "arm_rewards": [1.0, -0.5, 1.0, -0.5],
+            }
+        )
     if edit is not None:
         edit(rows, tokenizer)
     store = Store(workdir)
     run = store.begin("rollouts", f"hand{int(logprob_shift)}")
     write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
     base = resolve_model(str(model_dir))
-    run.commit(config={}, inputs={}, identity={}, extra={
-        "base_model": {"spec": str(model_dir), "identity": base.identity},
-        "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter},
-        "generated_by": generated_by or {"backend": "hf", "quant": "none", "dtype": "float32", "adapter": "merged"}})
+    run.commit(
+        config={},
+        inputs={},
+        identity={},
+        extra={
+            "base_model": {"spec": str(model_dir), "identity": base.identity},
+            "policy": {"name": "base" if adapter is None else "sft", "adapter_path": adapter},
+            "generated_by": generated_by
+            or {"backend": "hf", "quant": "none", "dtype": "float32", "adapter": "merged"},
+        },
+    )
     return rows
 
 
 def mean_logprob(model, tokenizer, rows, correct: bool) -> float:
-    values = [sum(completion_logprobs(model, tokenizer, o["prompt"], o["token_ids"]))
-              for r in rows for o in r["arm_outputs"] if o["correct"] == correct]
+    values = [
+        sum(completion_logprobs(model, tokenizer, o["prompt"], o["token_ids"]))
+        for r in rows
+        for o in r["arm_outputs"]
+        if o["correct"] == correct
+    ]
     return sum(values) / len(values)
 
 
@@ -103,11 +161,30 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     gap_before = mean_logprob(base, tokenizer, rows, True) - mean_logprob(base, tokenizer, rows, False)
 
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "8",
-                             "--learning-rate", "2e-2", "--lora-r", "16", "--json")
+    code, out, err = run_cli(
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--max-steps",
+        "8",
+        "--learning-rate",
+        "2e-2",
+        "--lora-r",
+        "16",
+        "--json",
+    )
     assert code == 0, err
     result = last_json(out)
-    assert result["counts"] == {"questions": 2, "arms": 4, "zero_variance_groups": 0, "skipped_empty": 0, "steps": 8}
+    assert result["counts"] == {
+        "questions": 2,
+        "arms": 4,
+        "zero_variance_groups": 0,
+        "skipped_empty": 0,
+        "steps": 8,
+    }
     assert "2 questions x 4 arms; 0 question group(s) have zero reward variance" in out
     trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result["path"])
     gap_after = mean_logprob(trained, tokenizer, rows, True) - mean_logprob(trained, tokenizer, rows, False)
@@ -125,13 +202,18 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
 def test_first_token_eos_trains_and_an_empty_completion_is_skipped(run_cli, tiny_model_dir, tmp_path):
     def edit(rows, tokenizer):
         eos_only = rows[1]["arm_outputs"][1]  # the first sampled token was EOS: one stored token, 0 counted
-        eos_only.update(token_ids=eos_only["token_ids"][-1:], logprobs=eos_only["logprobs"][-1:], text="", tokens=0)
-        empty = rows[2]["arm_outputs"][3]  # what an older backend stored for it: nothing (TRL raised IndexError)
+        eos_only.update(
+            token_ids=eos_only["token_ids"][-1:], logprobs=eos_only["logprobs"][-1:], text="", tokens=0
+        )
+        empty = rows[2]["arm_outputs"][
+            3
+        ]  # what an older backend stored for it: nothing (TRL raised IndexError)
         empty.update(token_ids=[], logprobs=[], text="", tokens=0)
 
     build_rollouts(tmp_path, tiny_model_dir, questions=3, edit=edit)
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "2",
-                             "--json")
+    code, out, err = run_cli(
+        "ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "2", "--json"
+    )
     assert code == 0, err
     assert "1 question(s) skipped: an arm with no stored token" in out
     counts = last_json(out)["counts"]
@@ -156,8 +238,19 @@ def test_ratio_is_taken_against_stored_logprobs(run_cli, tiny_model_dir, tmp_pat
     for shift in (0.0, -1.0):
         workdir = tmp_path / f"shift{shift}"
         build_rollouts(workdir, tiny_model_dir, logprob_shift=shift)
-        code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--max-steps", "1",
-                                 "--learning-rate", "1e-9", "--json")
+        code, out, err = run_cli(
+            "ppo",
+            "--model",
+            tiny_model_dir,
+            "--workdir",
+            workdir,
+            *FAST,
+            "--max-steps",
+            "1",
+            "--learning-rate",
+            "1e-9",
+            "--json",
+        )
         assert code == 0, err
         metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
         results[shift] = next(m for m in metrics if "clip_ratio/region_mean" in m)["clip_ratio/region_mean"]
@@ -169,8 +262,19 @@ def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
     """Continuing an adapter with LoRA dropout at lr ~0: policy = reference = behaviour, so kl 0, nothing clipped."""
     adapter = make_adapter(tiny_model_dir, tmp_path / "sft-adapter", dropout=0.3)
     build_rollouts(tmp_path, tiny_model_dir, adapter=adapter)
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
-                             "--learning-rate", "1e-12", "--json")
+    code, out, err = run_cli(
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--max-steps",
+        "1",
+        "--learning-rate",
+        "1e-12",
+        "--json",
+    )
     assert code == 0, err
     metrics = [json.loads(line) for line in open(f"{last_json(out)['path']}/metrics.jsonl")]
     step = next(m for m in metrics if "kl" in m)
@@ -178,13 +282,28 @@ def test_dropout_is_off_in_ratio_and_kl(run_cli, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_recomputed_behaviour_logprobs_equal_stored_ones_for_the_same_weights(run_cli, tiny_model_dir, tmp_path):
+def test_recomputed_behaviour_logprobs_equal_stored_ones_for_the_same_weights(
+    run_cli, tiny_model_dir, tmp_path
+):
     build_rollouts(tmp_path, tiny_model_dir)
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
-                             "--behaviour-logprobs", "recompute", "--json")
+    code, out, err = run_cli(
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--max-steps",
+        "1",
+        "--behaviour-logprobs",
+        "recompute",
+        "--json",
+    )
     assert code == 0, err
     manifest = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())
-    assert manifest["behaviour_logprobs"] == "recompute" and manifest["metrics"]["behaviour_logprob_gap"] < 1e-5
+    assert (
+        manifest["behaviour_logprobs"] == "recompute" and manifest["metrics"]["behaviour_logprob_gap"] < 1e-5
+    )
     assert "mean |stored - recomputed| = " in out
 
 
@@ -192,12 +311,30 @@ def test_recomputed_behaviour_logprobs_equal_stored_ones_for_the_same_weights(ru
 def test_auto_recomputes_behaviour_logprobs_of_other_weights(run_cli, tiny_model_dir, tmp_path):
     """Rollouts sampled by vLLM in bf16 (stand-in: log-probs 1 nat off): auto recomputes, logs the gap, and the
     ratio starts at 1 (nothing clipped at lr ~0), where the stored ones would clip half the tokens."""
-    build_rollouts(tmp_path, tiny_model_dir, logprob_shift=-1.0,
-                   generated_by={"backend": "vllm", "quant": "none", "dtype": "auto", "adapter": None})
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "1",
-                             "--learning-rate", "1e-9", "--json")
+    build_rollouts(
+        tmp_path,
+        tiny_model_dir,
+        logprob_shift=-1.0,
+        generated_by={"backend": "vllm", "quant": "none", "dtype": "auto", "adapter": None},
+    )
+    code, out, err = run_cli(
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        *FAST,
+        "--max-steps",
+        "1",
+        "--learning-rate",
+        "1e-9",
+        "--json",
+    )
     assert code == 0, err
-    assert "behaviour log-probs recompute (rollouts sampled with other weights than trained: backend vllm vs hf" in out
+    assert (
+        "behaviour log-probs recompute (rollouts sampled with other weights than trained: backend vllm vs hf"
+        in out
+    )
     result = last_json(out)
     manifest = json.loads(open(f"{result['path']}/manifest.json").read())
     assert manifest["metrics"]["behaviour_logprob_gap"] == pytest.approx(1.0, abs=1e-4)
@@ -210,8 +347,11 @@ def test_behaviour_logprobs_source():
 
     hf_cpu = {"backend": "hf", "quant": "none", "dtype": "float32"}
     assert behaviour_logprobs_source("auto", hf_cpu | {"adapter": "merged"}, hf_cpu)[0] == "stored"
-    source, why = behaviour_logprobs_source("auto", {"backend": "vllm", "quant": "none", "dtype": "auto"},
-                                            {"backend": "hf", "quant": "4bit", "dtype": "bfloat16"})
+    source, why = behaviour_logprobs_source(
+        "auto",
+        {"backend": "vllm", "quant": "none", "dtype": "auto"},
+        {"backend": "hf", "quant": "4bit", "dtype": "bfloat16"},
+    )
     assert source == "recompute" and "quant none vs 4bit" in why and "backend vllm vs hf" in why
     assert behaviour_logprobs_source("auto", None, hf_cpu)[0] == "recompute"
     assert behaviour_logprobs_source("stored", None, hf_cpu)[0] == "stored"
@@ -241,7 +381,12 @@ def test_adaptive_kl_controller_step_rule():
     restored = AdaptiveKL(0.04, target=0.1, horizon=5)
     restored.load_state_dict(up.state_dict())
     assert restored.coef == up.coef and restored.steps == 1
-    assert kl_horizon(0, 8) == 2 and kl_horizon(0, 50) == 5 and kl_horizon(0, 1000) == 10 and kl_horizon(7, 50) == 7
+    assert (
+        kl_horizon(0, 8) == 2
+        and kl_horizon(0, 50) == 5
+        and kl_horizon(0, 1000) == 10
+        and kl_horizon(7, 50) == 7
+    )
 
 
 def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
@@ -287,11 +432,31 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
     assert code == 1 and "--reward both" in err
     # 2 questions: a step of 3 cannot be made, nor one of 2 questions from mini-batches of 3 (no 0-step adapter)
     for online in ([], ["--online"]):
-        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
-                               "--questions-per-step", "3", "--questions-per-minibatch", "1")
+        code, _, err = run_cli(
+            "ppo",
+            "--model",
+            tiny_model_dir,
+            "--workdir",
+            tmp_path,
+            *online,
+            "--questions-per-step",
+            "3",
+            "--questions-per-minibatch",
+            "1",
+        )
         assert code == 1 and "fewer than --questions-per-step 3" in err, err
-        code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, *online,
-                               "--questions-per-step", "2", "--questions-per-minibatch", "3")
+        code, _, err = run_cli(
+            "ppo",
+            "--model",
+            tiny_model_dir,
+            "--workdir",
+            tmp_path,
+            *online,
+            "--questions-per-step",
+            "2",
+            "--questions-per-minibatch",
+            "3",
+        )
         assert code == 1 and "not a whole number of --questions-per-minibatch 3" in err, err
     assert not list((tmp_path / "checkpoints").glob("ppo/*")), "an error must leave no artifact"
 
@@ -305,8 +470,22 @@ def test_step_plan_reports_the_left_out_questions():
 
 def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
     build_rollouts(tmp_path, tiny_model_dir)
-    code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--online", *FAST,
-                             "--online-generations", "3", "--max-new-tokens", "6", "--max-steps", "2", "--json")
+    code, out, err = run_cli(
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        tmp_path,
+        "--online",
+        *FAST,
+        "--online-generations",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--max-steps",
+        "2",
+        "--json",
+    )
     assert code == 0, err
     result = last_json(out)
     assert result["counts"] == {"questions": 2, "group_size": 3, "steps": 2}
@@ -319,8 +498,11 @@ def test_online_group_reward_on_hand_written_group():
     from looper.stages.ppo_online import group_reward_func
 
     fn = group_reward_func(group_size=2, weights=RegimeWWeights(0.4, 0.3, 0.3), blend=0.5, eos_ids={0})
-    rewards = fn(["#### 7", "#### 9", "#### 5", "#### 5"], gold_answer=["7", "7", "5", "5"],
-                 completion_ids=[[1] * 10] * 3 + [[1] * 9 + [0]])  # the last ends on EOS: 9 tokens, s_path < 1
+    rewards = fn(
+        ["#### 7", "#### 9", "#### 5", "#### 5"],
+        gold_answer=["7", "7", "5", "5"],
+        completion_ids=[[1] * 10] * 3 + [[1] * 9 + [0]],
+    )  # the last ends on EOS: 9 tokens, s_path < 1
     # group 1: one right, answers disagree (s_end 0): right arm 1 + 0.7*(0.5*0 + 0.5*0.3); wrong -0.5 + same
     assert rewards[:2] == pytest.approx([1.105, -0.395])
     # group 2: both right and agreeing (s_end 1), lengths 10 and 9 (EOS not counted)
@@ -352,8 +534,20 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
 
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
-    args = [*FAST, "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--lora-dropout", "0",
-            "--kl-target", "100", "--json"]  # KL far below target: every step shrinks the coefficient
+    args = [
+        *FAST,
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--learning-rate",
+        "1e-2",
+        "--lora-dropout",
+        "0",
+        "--kl-target",
+        "100",
+        "--json",
+    ]  # KL far below target: every step shrinks the coefficient
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)
@@ -385,8 +579,10 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     resumed_weights = load_file(f"{resumed['path']}/adapter_model.safetensors")
     for name in reference_weights:
         torch.testing.assert_close(resumed_weights[name], reference_weights[name], rtol=1e-4, atol=1e-6)
-    final = [json.loads(open(f"{r['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
-             for r in (reference, resumed)]
+    final = [
+        json.loads(open(f"{r['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
+        for r in (reference, resumed)
+    ]
     assert final[0] != 0.04 and final[1] == pytest.approx(final[0], rel=1e-6), final
     lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
     steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
@@ -397,8 +593,21 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
 def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
     from looper.stages.ppo import RegimeWGRPOTrainer
 
-    args = ["--online", *FAST, "--online-generations", "2", "--max-new-tokens", "4", "--max-steps", "3",
-            "--save-steps", "1", "--kl-target", "100", "--json"]  # every step shrinks the coefficient: a restart shows
+    args = [
+        "--online",
+        *FAST,
+        "--online-generations",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "1",
+        "--kl-target",
+        "100",
+        "--json",
+    ]  # every step shrinks the coefficient: a restart shows
     straight, broken = tmp_path / "a", tmp_path / "b"
     build_rollouts(straight, tiny_model_dir)
     build_rollouts(broken, tiny_model_dir)

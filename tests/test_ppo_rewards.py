@@ -6,7 +6,10 @@ from looper.stages.ppo import replay_func
 
 
 def row() -> dict:
-    arms = [{"prompt": "Q", "token_ids": [5, 6], "logprobs": [-0.1, -0.2], "correct": c} for c in (True, False, True)]
+    arms = [
+        {"prompt": "Q", "token_ids": [5, 6], "logprobs": [-0.1, -0.2], "correct": c}
+        for c in (True, False, True)
+    ]
     return {"id": "q1", "arm_outputs": arms, "arm_rewards": [1.6, -0.1, 1.2], "reward": 1.4}
 
 

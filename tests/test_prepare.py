@@ -7,8 +7,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SHARED_GSM8K, last_json, make_rows, write_gsm8k
+
 from looper.data.gsm8k import clean_solution, normalize_gold
 
 
@@ -34,7 +34,9 @@ def test_prepare_local_dir_counts_schema_and_skip(run_cli, gsm8k_dir, tmp_path):
     again = last_json(out)
     assert code == 0 and again["skipped"] and again["version"] == result["version"]
 
-    code, out, _ = run_cli("prepare", "--source", gsm8k_dir, "--workdir", tmp_path / "w", "--seed", "1", "--json")
+    code, out, _ = run_cli(
+        "prepare", "--source", gsm8k_dir, "--workdir", tmp_path / "w", "--seed", "1", "--json"
+    )
     assert code == 0 and last_json(out)["version"] != result["version"]
 
 
@@ -65,7 +67,10 @@ def test_changed_source_gives_new_version(run_cli, gsm8k_dir, tmp_path):
         (json.dumps({"answer": "#### 3"}), "train.jsonl:3: missing 'question'"),
         (json.dumps({"question": "Q?"}), "train.jsonl:3: missing 'answer'"),
         (json.dumps({"question": "Q?", "answer": "no marker"}), "train.jsonl:3: no '#### <answer>' line"),
-        (json.dumps({"question": "Q?", "answer": "#### many"}), "train.jsonl:3: gold answer 'many' is not a number"),
+        (
+            json.dumps({"question": "Q?", "answer": "#### many"}),
+            "train.jsonl:3: gold answer 'many' is not a number",
+        ),
         ("[1, 2]", "train.jsonl:3: not a JSON object"),
     ],
 )
@@ -77,7 +82,9 @@ def test_bad_rows_stop_with_file_and_line(run_cli, gsm8k_dir, tmp_path, bad_line
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "w" / "data" / "prepare").exists()  # nothing half-written
 
-    code, out, err = run_cli("prepare", "--source", gsm8k_dir, "--workdir", tmp_path / "w", "--skip-bad", "--json")
+    code, out, err = run_cli(
+        "prepare", "--source", gsm8k_dir, "--workdir", tmp_path / "w", "--skip-bad", "--json"
+    )
     assert code == 0, err
     counts = last_json(out)["counts"]
     assert counts["skipped_bad"] == 1 and counts["train"] + counts["dev"] == 50
@@ -99,8 +106,18 @@ def test_single_file_source_and_missing_source(run_cli, gsm8k_dir, tmp_path):
 
 
 def test_synthetic_source_offline(run_cli, tmp_path):
-    code, out, err = run_cli("prepare", "--source", "synthetic", "--synthetic-train", "100",
-                             "--synthetic-test", "20", "--workdir", tmp_path, "--json")
+    code, out, err = run_cli(
+        "prepare",
+        "--source",
+        "synthetic",
+        "--synthetic-train",
+        "100",
+        "--synthetic-test",
+        "20",
+        "--workdir",
+        tmp_path,
+        "--json",
+    )
     assert code == 0, err
     assert last_json(out)["counts"] == {"train": 80, "dev": 20, "test": 20, "skipped_bad": 0}
 

@@ -217,7 +217,7 @@ def test_arm_rewards_s_wm_cancels_in_group_advantage():
     hi = arm_rewards(correct, tokens, answers, s_wm=0.9)
     assert advantages(lo) == pytest.approx(advantages(hi))
     # every arm shifts by 0.7 * 0.5 * 0.8
-    assert [h - l for h, l in zip(hi, lo)] == pytest.approx([0.28] * 4)
+    assert [h - low for h, low in zip(hi, lo)] == pytest.approx([0.28] * 4)
 
 
 def test_arm_rewards_consensus_beats_outlier():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import last_json
+
 from looper.artifacts import Store, read_rows
 from looper.errors import LooperError
 from looper.regime_w import reward, scoring
@@ -21,7 +21,9 @@ def workdir(tmp_path):
     from looper.config import PrepareConfig
     from looper.stages import prepare
 
-    prepare.run(PrepareConfig(source="synthetic", synthetic_train=30, synthetic_test=6, workdir=str(tmp_path)))
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=30, synthetic_test=6, workdir=str(tmp_path))
+    )
     return tmp_path
 
 
@@ -34,11 +36,18 @@ def rollout(run_cli, workdir, model, *extra):
 def rows_of(path):
     from pathlib import Path
 
-    return sorted((r for f in sorted(Path(path).glob("shard-*.parquet")) for r in read_rows(f)), key=lambda r: r["id"])
+    return sorted(
+        (r for f in sorted(Path(path).glob("shard-*.parquet")) for r in read_rows(f)), key=lambda r: r["id"]
+    )
 
 
 def test_default_arms_order_and_selection():
-    assert [a.name for a in DEFAULT_ARMS][:4] == ["wolfram-t0.2", "maudlin-t0.2", "wolfram-t0.3", "maudlin-t0.3"]
+    assert [a.name for a in DEFAULT_ARMS][:4] == [
+        "wolfram-t0.2",
+        "maudlin-t0.2",
+        "wolfram-t0.3",
+        "maudlin-t0.3",
+    ]
     assert len(DEFAULT_ARMS) == 8 and {a.temperature for a in DEFAULT_ARMS} == {0.2, 0.3, 0.4, 0.5}
     assert [a.name for a in select_arms(3)] == ["wolfram-t0.2", "maudlin-t0.2", "wolfram-t0.3"]
     with pytest.raises(LooperError, match="--arms 9"):
@@ -47,8 +56,10 @@ def test_default_arms_order_and_selection():
 
 def test_arm_file(tmp_path):
     good = tmp_path / "arms.toml"
-    good.write_text('[[arm]]\nname = "a"\nstyle = "wolfram"\ntemperature = 0.7\n'
-                    '[[arm]]\nname = "b"\nstyle = "Only equations."\ntemperature = 1\ntop_p = 0.9\n')
+    good.write_text(
+        '[[arm]]\nname = "a"\nstyle = "wolfram"\ntemperature = 0.7\n'
+        '[[arm]]\nname = "b"\nstyle = "Only equations."\ntemperature = 1\ntop_p = 0.9\n'
+    )
     arms = load_arm_file(good)
     assert arms[0].instruction.startswith("You are a precise") and arms[1].instruction == "Only equations."
     bad = tmp_path / "bad.toml"
@@ -62,7 +73,9 @@ def test_perturbations_keep_facts_and_question():
     moved = perturb(q, "question_first", key="x")
     assert moved == "How many apples does she have? Ann has 3 apples. She buys 4 more."
     noisy = perturb(q, "irrelevant", key="x")
-    assert noisy.startswith("Ann has 3 apples. She buys 4 more. ") and noisy.endswith("How many apples does she have?")
+    assert noisy.startswith("Ann has 3 apples. She buys 4 more. ") and noisy.endswith(
+        "How many apples does she have?"
+    )
     assert noisy == perturb(q, "irrelevant", key="x") and len(noisy) > len(q)
 
 
@@ -86,7 +99,8 @@ def test_rollouts_end_to_end(run_cli, workdir, tiny_model_dir):
         for key, value in expected.items():
             assert math.isclose(row[key], value)
         assert row["arm_rewards"] == pytest.approx(
-            reward.arm_rewards([o["correct"] for o in outputs], tokens, answers, row["s_wm"]))
+            reward.arm_rewards([o["correct"] for o in outputs], tokens, answers, row["s_wm"])
+        )
     manifest = Store(workdir).resolve("rollouts").manifest
     assert set(manifest["metrics"]["arm_accuracy"]) == {"wolfram-t0.2", "maudlin-t0.2"}
     assert manifest["sampling"]["max_new_tokens"] == 6 and manifest["policy"]["name"] == "base"
@@ -112,16 +126,27 @@ def test_resume_after_crash_matches_uninterrupted(run_cli, workdir, tiny_model_d
         return real_chunk(*args, **kwargs)
 
     monkeypatch.setattr(rollouts, "rollout_chunk", dies_on_second_chunk)
-    code, _, _ = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--limit", "6",
-                         "--shard-size", "2")
+    code, _, _ = run_cli(
+        "rollouts",
+        "--model",
+        tiny_model_dir,
+        "--workdir",
+        workdir,
+        *FAST,
+        "--limit",
+        "6",
+        "--shard-size",
+        "2",
+    )
     assert code == 130
     partial = next((workdir / "data" / "rollouts").glob("*.partial"))
     assert [p.name for p in partial.glob("shard-*.parquet")] == ["shard-00000.parquet"]
     monkeypatch.setattr(rollouts, "rollout_chunk", real_chunk)
     resumed = rows_of(rollout(run_cli, workdir, tiny_model_dir, "--limit", "6", "--shard-size", "2")["path"])
     assert [r["id"] for r in resumed] == [r["id"] for r in straight]
-    assert [[o["text"] for o in r["arm_outputs"]] for r in resumed] == \
-        [[o["text"] for o in r["arm_outputs"]] for r in straight]
+    assert [[o["text"] for o in r["arm_outputs"]] for r in resumed] == [
+        [o["text"] for o in r["arm_outputs"]] for r in straight
+    ]
 
 
 def test_shards_merge_into_the_unsharded_version(run_cli, workdir, tiny_model_dir):
@@ -129,8 +154,9 @@ def test_shards_merge_into_the_unsharded_version(run_cli, workdir, tiny_model_di
     one = rollout(run_cli, workdir, tiny_model_dir, "--limit", "5", "--shard-size", "2", "--shard", "1/2")
     two = rollout(run_cli, workdir, tiny_model_dir, "--limit", "5", "--shard-size", "2", "--shard", "2/2")
     assert one["counts"]["questions"] == 3 and two["counts"]["questions"] == 2
-    code, out, err = run_cli("rollouts", "merge", one["version"], two["version"], "--workdir", workdir,
-                             "--json", "--force")
+    code, out, err = run_cli(
+        "rollouts", "merge", one["version"], two["version"], "--workdir", workdir, "--json", "--force"
+    )
     assert code == 0, err
     merged = last_json(out)
     assert merged["version"] == whole["version"] and merged["counts"]["questions"] == 5
@@ -142,15 +168,23 @@ def test_shards_merge_into_the_unsharded_version(run_cli, workdir, tiny_model_di
 def test_rollouts_errors(run_cli, workdir, tiny_model_dir, tmp_path):
     code, _, err = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir)
     assert code == 1 and "run `looper sft` first" in err and "--policy base" in err
-    code, _, err = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--split", "test")
+    code, _, err = run_cli(
+        "rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--split", "test"
+    )
     assert code == 1 and "never read the test split" in err
-    code, _, err = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--cf-arms", "nope")
+    code, _, err = run_cli(
+        "rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--cf-arms", "nope"
+    )
     assert code == 1 and "nope not among the arms" in err
     bad = tmp_path / "arms.toml"
     bad.write_text("[[arm]]\nname = 3\n")
-    code, _, err = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--arm-file", bad)
+    code, _, err = run_cli(
+        "rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--arm-file", bad
+    )
     assert code == 1 and "arm file" in err
-    code, _, err = run_cli("rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--shard", "3/2")
+    code, _, err = run_cli(
+        "rollouts", "--model", tiny_model_dir, "--workdir", workdir, *FAST, "--shard", "3/2"
+    )
     assert code == 1 and "--shard 3/2" in err
 
 

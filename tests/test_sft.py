@@ -6,13 +6,24 @@ import json
 
 import pytest
 import torch
+from conftest import last_json
 from safetensors.torch import load_file
 
-from conftest import last_json
 from looper.config import SftConfig
 
-FAST = ["--batch-size", "4", "--grad-accum", "1", "--dev-limit", "4", "--eval-steps", "100",
-        "--save-steps", "100", "--no-gradient-checkpointing"]
+FAST = [
+    "--batch-size",
+    "4",
+    "--grad-accum",
+    "1",
+    "--dev-limit",
+    "4",
+    "--eval-steps",
+    "100",
+    "--save-steps",
+    "100",
+    "--no-gradient-checkpointing",
+]
 
 # Shaped like the DeepSeek-R1 distill template: it deletes reasoning from assistant turns
 # and pre-fills "<think>\n" after the generation prompt.
@@ -32,7 +43,9 @@ def prepared(tmp_path_factory):
     from looper.stages import prepare
 
     workdir = tmp_path_factory.mktemp("work")
-    prepare.run(PrepareConfig(source="synthetic", synthetic_train=50, synthetic_test=10, workdir=str(workdir)))
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=50, synthetic_test=10, workdir=str(workdir))
+    )
     return workdir
 
 
@@ -47,13 +60,28 @@ def metric_rows(path):
 def test_sft_lowers_loss_and_writes_adapter(run_cli, prepared, tiny_model_dir, tmp_path):
     workdir = tmp_path / "w"
     import shutil
+
     shutil.copytree(prepared, workdir)
-    code, out, err = run_cli(*sft_args(workdir, tiny_model_dir, "--limit", "8", "--max-steps", "25",
-                                       "--learning-rate", "1e-2", "--lora-r", "16"))
+    code, out, err = run_cli(
+        *sft_args(
+            workdir,
+            tiny_model_dir,
+            "--limit",
+            "8",
+            "--max-steps",
+            "25",
+            "--learning-rate",
+            "1e-2",
+            "--lora-r",
+            "16",
+        )
+    )
     assert code == 0, err
     result = last_json(out)
     assert result["counts"]["steps"] == 25 and result["counts"]["train_questions"] == 8
-    losses = [r["loss"] for r in metric_rows(workdir / "checkpoints" / "sft" / result["version"]) if "loss" in r]
+    losses = [
+        r["loss"] for r in metric_rows(workdir / "checkpoints" / "sft" / result["version"]) if "loss" in r
+    ]
     assert len(losses) == 25
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.2, (first, last)  # learning 8 repeated solutions (from ~ln 512)
@@ -62,19 +90,34 @@ def test_sft_lowers_loss_and_writes_adapter(run_cli, prepared, tiny_model_dir, t
     assert (workdir / "checkpoints" / "sft_lora").resolve().name == result["version"]
     assert not (workdir / "checkpoints" / "sft" / result["version"] / "trainer").exists()
 
-    code, out, _ = run_cli(*sft_args(workdir, tiny_model_dir, "--limit", "8", "--max-steps", "25",
-                                     "--learning-rate", "1e-2", "--lora-r", "16"))
+    code, out, _ = run_cli(
+        *sft_args(
+            workdir,
+            tiny_model_dir,
+            "--limit",
+            "8",
+            "--max-steps",
+            "25",
+            "--learning-rate",
+            "1e-2",
+            "--lora-r",
+            "16",
+        )
+    )
     assert code == 0 and last_json(out)["skipped"]  # a finished version is not trained again
 
 
 def test_adapter_reloads_and_generates(run_cli, prepared, tiny_model_dir, tmp_path):
+    import shutil
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import shutil
     workdir = tmp_path / "w"
     shutil.copytree(prepared, workdir)
-    code, out, err = run_cli(*sft_args(workdir, tiny_model_dir, "--max-steps", "3", "--learning-rate", "1e-2"))
+    code, out, err = run_cli(
+        *sft_args(workdir, tiny_model_dir, "--max-steps", "3", "--learning-rate", "1e-2")
+    )
     assert code == 0, err
     adapter = last_json(out)["path"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -96,11 +139,19 @@ def test_prompt_tokens_carry_no_loss(prepared, tiny_model_dir, tmp_path):
 
     rows = read_rows(Store(prepared).resolve("prepare").path / "train.parquet")[:2]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    trainer = build_trainer(SftConfig(model=str(tiny_model_dir), gradient_checkpointing=False), tmp_path,
-                            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, rows, [])
+    trainer = build_trainer(
+        SftConfig(model=str(tiny_model_dir), gradient_checkpointing=False),
+        tmp_path,
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        tokenizer,
+        rows,
+        [],
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
-    n_prompt = len(tokenizer(render_prompt(tokenizer, rows[0]["prompt"]), add_special_tokens=False)["input_ids"])
+    n_prompt = len(
+        tokenizer(render_prompt(tokenizer, rows[0]["prompt"]), add_special_tokens=False)["input_ids"]
+    )
     assert (labels[:n_prompt] == -100).all()
     assert (labels[n_prompt:] != -100).all()
     assert tokenizer.decode(ids[n_prompt:]) == rows[0]["solution"] + tokenizer.eos_token
@@ -116,8 +167,14 @@ def test_reasoning_template_keeps_the_solution(prepared, tiny_model_dir, tmp_pat
     rows = read_rows(Store(prepared).resolve("prepare").path / "train.parquet")[:1]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = R1_LIKE_TEMPLATE
-    trainer = build_trainer(SftConfig(model=str(tiny_model_dir), gradient_checkpointing=False), tmp_path,
-                            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, rows, [])
+    trainer = build_trainer(
+        SftConfig(model=str(tiny_model_dir), gradient_checkpointing=False),
+        tmp_path,
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        tokenizer,
+        rows,
+        [],
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     trained = tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
     steps, _, gold = rows[0]["solution"].rpartition("####")
@@ -172,8 +229,11 @@ def test_sft_errors(run_cli, tmp_path, tiny_model_dir, prepared, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
     code, _, err = run_cli("sft", "--model", tiny_model_dir, "--workdir", prepared, "--quant", "4bit")
     assert code == 1 and "pip install 'looper[qlora]'" in err
 

@@ -84,7 +84,9 @@ def read_jsonl(path: Path, *, skip_bad: bool, bad: BadRows) -> list[RawRow]:
             except (orjson.JSONDecodeError, ValueError) as exc:
                 message = f"{where}: {'invalid JSON' if isinstance(exc, orjson.JSONDecodeError) else exc}"
                 if not skip_bad:
-                    raise LooperError(f"{message} (fix the row, or pass --skip-bad to skip such rows)") from None
+                    raise LooperError(
+                        f"{message} (fix the row, or pass --skip-bad to skip such rows)"
+                    ) from None
                 bad.add(message)
                 continue
             rows.append(RawRow(question, answer, where, line_no - 1))

@@ -63,15 +63,29 @@ _FLEXIBLE = re.compile(FLEXIBLE_REGEX)
 
 # Everything above in one dict, for the eval manifest.
 CONVENTIONS: dict[str, Any] = {
-    "task": TASK, "task_version": TASK_VERSION, "num_fewshot": NUM_FEWSHOT, "fewshot_split": FEWSHOT_SPLIT,
-    "fewshot_sampler": FEWSHOT_SAMPLER, "doc_to_text": DOC_TO_TEXT, "doc_to_target": DOC_TO_TARGET,
-    "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER, "until": list(UNTIL),
+    "task": TASK,
+    "task_version": TASK_VERSION,
+    "num_fewshot": NUM_FEWSHOT,
+    "fewshot_split": FEWSHOT_SPLIT,
+    "fewshot_sampler": FEWSHOT_SAMPLER,
+    "doc_to_text": DOC_TO_TEXT,
+    "doc_to_target": DOC_TO_TARGET,
+    "target_delimiter": TARGET_DELIMITER,
+    "fewshot_delimiter": FEWSHOT_DELIMITER,
+    "until": list(UNTIL),
     "filters": {
         "strict-match": {"regex": STRICT_REGEX, "group_select": STRICT_GROUP_SELECT, "fallback": FALLBACK},
-        "flexible-extract": {"regex": FLEXIBLE_REGEX, "group_select": FLEXIBLE_GROUP_SELECT, "fallback": FALLBACK},
+        "flexible-extract": {
+            "regex": FLEXIBLE_REGEX,
+            "group_select": FLEXIBLE_GROUP_SELECT,
+            "fallback": FALLBACK,
+        },
     },
-    "exact_match": {"ignore_case": IGNORE_CASE, "ignore_punctuation": IGNORE_PUNCTUATION,
-                    "regexes_to_ignore": list(REGEXES_TO_IGNORE)},
+    "exact_match": {
+        "ignore_case": IGNORE_CASE,
+        "ignore_punctuation": IGNORE_PUNCTUATION,
+        "regexes_to_ignore": list(REGEXES_TO_IGNORE),
+    },
 }
 
 
@@ -84,8 +98,10 @@ def build_prompt(fewshot_rows: Sequence[dict], question: str) -> str:
 
     `fewshot_rows` are dicts with "question" and "answer" (the target text), in order.
     """
-    shots = [doc_to_text(r["question"]) + TARGET_DELIMITER + DOC_TO_TARGET.format(answer=r["answer"])
-             for r in fewshot_rows]
+    shots = [
+        doc_to_text(r["question"]) + TARGET_DELIMITER + DOC_TO_TARGET.format(answer=r["answer"])
+        for r in fewshot_rows
+    ]
     return FEWSHOT_DELIMITER.join([*shots, doc_to_text(question)])
 
 
@@ -101,12 +117,12 @@ def _regex_filter(pattern: re.Pattern, text: str, group_select: int) -> str:
 
 
 def strict_extract(completion: str) -> str:
-    """"strict-match": the number after the first `#### `, or "[invalid]"."""
+    """ "strict-match": the number after the first `#### `, or "[invalid]"."""
     return _regex_filter(_STRICT, completion, STRICT_GROUP_SELECT)
 
 
 def flexible_extract(completion: str) -> str:
-    """"flexible-extract": the last number-like run (`$1,000.`, `42`), or "[invalid]"."""
+    """ "flexible-extract": the last number-like run (`$1,000.`, `42`), or "[invalid]"."""
     return _regex_filter(_FLEXIBLE, completion, FLEXIBLE_GROUP_SELECT)
 
 

@@ -45,4 +45,8 @@ def sft_completion(solution: str, prompt_text: str) -> str:
     if not opens_thinking(prompt_text):
         return solution
     steps, _, final = solution.rpartition("####")
-    return f"{steps.strip()}\n</think>\n\n#### {final.strip()}" if steps.strip() else f"</think>\n\n#### {final.strip()}"
+    return (
+        f"{steps.strip()}\n</think>\n\n#### {final.strip()}"
+        if steps.strip()
+        else f"</think>\n\n#### {final.strip()}"
+    )

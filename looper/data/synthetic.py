@@ -26,65 +26,151 @@ MAX_VALUE = 999  # every intermediate and final count stays below 1000
 MAX_DIFFICULTY = 5
 
 NAMES = [  # (name, subject, possessive, object) pronouns keep sentences grammatical
-    ("Sam", "he", "his", "him"), ("Mia", "she", "her", "her"),
-    ("Tom", "he", "his", "him"), ("Lena", "she", "her", "her"),
-    ("Omar", "he", "his", "him"), ("Priya", "she", "her", "her"),
-    ("Leo", "he", "his", "him"), ("Ava", "she", "her", "her"),
-    ("Ben", "he", "his", "him"), ("Zoe", "she", "her", "her"),
+    ("Sam", "he", "his", "him"),
+    ("Mia", "she", "her", "her"),
+    ("Tom", "he", "his", "him"),
+    ("Lena", "she", "her", "her"),
+    ("Omar", "he", "his", "him"),
+    ("Priya", "she", "her", "her"),
+    ("Leo", "he", "his", "him"),
+    ("Ava", "she", "her", "her"),
+    ("Ben", "he", "his", "him"),
+    ("Zoe", "she", "her", "her"),
 ]
 
-_MUL = ["{He} trades and ends up with {n} times as many {items} as before.",
-        "By the end of the month {he} has {n} times as many {items} as before."]
+_MUL = [
+    "{He} trades and ends up with {n} times as many {items} as before.",
+    "By the end of the month {he} has {n} times as many {items} as before.",
+]
 _DIV = ["{He} splits {his} {items} into {n} equal groups and keeps only one group."]
 
 
-def _scenario(item, items, rate, add, sub=(), *, mul=_MUL, div=_DIV,
-              state="{name} has {expr} {noun}.", start=None, q=None):
+def _scenario(
+    item,
+    items,
+    rate,
+    add,
+    sub=(),
+    *,
+    mul=_MUL,
+    div=_DIV,
+    state="{name} has {expr} {noun}.",
+    start=None,
+    q=None,
+):
     """One scenario. ``state`` states the running count (question start and every
     solution line); op templates always see n >= 2, so they use the plural."""
     ops = {"+": list(add), "-": list(sub), "*": list(mul), "/": list(div)}
-    return {"item": item, "items": items, "rate": rate, "state": state, "start": start,
-            "q": q or "How many {items} does {name} have now?",
-            "ops": {k: v for k, v in ops.items() if v}}
+    return {
+        "item": item,
+        "items": items,
+        "rate": rate,
+        "state": state,
+        "start": start,
+        "q": q or "How many {items} does {name} have now?",
+        "ops": {k: v for k, v in ops.items() if v},
+    }
 
 
 SCENARIOS = [
-    _scenario("apple", "apples", "{name} picks {r} apples from each of {t} trees.",
-              ["{He} picks {n} more apples.", "{His} neighbor gives {him} {n} apples."],
-              ["{He} eats {n} apples.", "{He} gives {n} apples to a friend."]),
-    _scenario("marble", "marbles", "{name} has {t} bags with {r} marbles in each bag.",
-              ["{He} buys {n} more marbles.", "{He} wins {n} marbles in a game."],
-              ["{He} gives away {n} marbles.", "{He} loses {n} marbles."]),
-    _scenario("book", "books", "{name} has {t} shelves with {r} books on each shelf.",
-              ["{He} buys {n} more books.", "{He} gets {n} books as gifts."],
-              ["{He} donates {n} books to the library."]),
-    _scenario("coin", "coins", "{name} saves {r} coins every day for {t} days.",
-              ["{He} finds {n} more coins."], ["{He} spends {n} coins at the arcade."]),
-    _scenario("page", "pages", "{name} reads {r} pages every day for {t} days.",
-              ["On Saturday {he} reads {n} more pages.", "Before bed {he} reads {n} more pages."],
-              mul=(), div=(), state="{name} has read {expr} {noun}.",
-              q="How many pages has {name} read in total?"),
-    _scenario("pencil", "pencils", "{name} buys {t} boxes of pencils with {r} pencils in each box.",
-              ["{He} finds {n} more pencils in {his} desk."],
-              ["{He} gives {n} pencils to {his} classmates."]),
-    _scenario("dollar", "dollars", "{name} saves {r} dollars every week for {t} weeks.",
-              ["{His} grandmother gives {him} {n} dollars.", "{He} earns {n} dollars walking dogs."],
-              ["{He} spends {n} dollars on a gift."], mul=(), div=()),
-    _scenario("cookie", "cookies", "{name} bakes {t} batches of cookies with {r} cookies in each batch.",
-              ["{He} bakes {n} more cookies."], ["{His} family eats {n} cookies."], mul=(),
-              div=["{He} packs the cookies equally into {n} boxes and gives away all but one box."]),
-    _scenario("passenger", "passengers", None,
-              ["At the next stop, {n} passengers get on."], ["At the next stop, {n} passengers get off."],
-              mul=(), div=(), state="The bus has {expr} {noun}.",
-              start="{name} drives a bus with {expr} passengers.",
-              q="How many passengers are on the bus now?"),
-    _scenario("sticker", "stickers", "{name} buys {t} sheets of stickers with {r} stickers on each sheet.",
-              ["{He} gets {n} stickers from {his} teacher."], ["{He} uses {n} stickers on a card."]),
-    _scenario("egg", "eggs", "{name} collects {r} eggs every day for {t} days.",
-              ["{His} neighbor brings {n} more eggs."], ["{He} uses {n} eggs to make breakfast."], mul=(),
-              div=["{He} puts the eggs equally into {n} cartons and sells all but one carton."]),
-    _scenario("card", "cards", "{name} buys {t} packs of cards with {r} cards in each pack.",
-              ["{He} trades for {n} more cards."], ["{He} gives {n} cards to {his} brother."]),
+    _scenario(
+        "apple",
+        "apples",
+        "{name} picks {r} apples from each of {t} trees.",
+        ["{He} picks {n} more apples.", "{His} neighbor gives {him} {n} apples."],
+        ["{He} eats {n} apples.", "{He} gives {n} apples to a friend."],
+    ),
+    _scenario(
+        "marble",
+        "marbles",
+        "{name} has {t} bags with {r} marbles in each bag.",
+        ["{He} buys {n} more marbles.", "{He} wins {n} marbles in a game."],
+        ["{He} gives away {n} marbles.", "{He} loses {n} marbles."],
+    ),
+    _scenario(
+        "book",
+        "books",
+        "{name} has {t} shelves with {r} books on each shelf.",
+        ["{He} buys {n} more books.", "{He} gets {n} books as gifts."],
+        ["{He} donates {n} books to the library."],
+    ),
+    _scenario(
+        "coin",
+        "coins",
+        "{name} saves {r} coins every day for {t} days.",
+        ["{He} finds {n} more coins."],
+        ["{He} spends {n} coins at the arcade."],
+    ),
+    _scenario(
+        "page",
+        "pages",
+        "{name} reads {r} pages every day for {t} days.",
+        ["On Saturday {he} reads {n} more pages.", "Before bed {he} reads {n} more pages."],
+        mul=(),
+        div=(),
+        state="{name} has read {expr} {noun}.",
+        q="How many pages has {name} read in total?",
+    ),
+    _scenario(
+        "pencil",
+        "pencils",
+        "{name} buys {t} boxes of pencils with {r} pencils in each box.",
+        ["{He} finds {n} more pencils in {his} desk."],
+        ["{He} gives {n} pencils to {his} classmates."],
+    ),
+    _scenario(
+        "dollar",
+        "dollars",
+        "{name} saves {r} dollars every week for {t} weeks.",
+        ["{His} grandmother gives {him} {n} dollars.", "{He} earns {n} dollars walking dogs."],
+        ["{He} spends {n} dollars on a gift."],
+        mul=(),
+        div=(),
+    ),
+    _scenario(
+        "cookie",
+        "cookies",
+        "{name} bakes {t} batches of cookies with {r} cookies in each batch.",
+        ["{He} bakes {n} more cookies."],
+        ["{His} family eats {n} cookies."],
+        mul=(),
+        div=["{He} packs the cookies equally into {n} boxes and gives away all but one box."],
+    ),
+    _scenario(
+        "passenger",
+        "passengers",
+        None,
+        ["At the next stop, {n} passengers get on."],
+        ["At the next stop, {n} passengers get off."],
+        mul=(),
+        div=(),
+        state="The bus has {expr} {noun}.",
+        start="{name} drives a bus with {expr} passengers.",
+        q="How many passengers are on the bus now?",
+    ),
+    _scenario(
+        "sticker",
+        "stickers",
+        "{name} buys {t} sheets of stickers with {r} stickers on each sheet.",
+        ["{He} gets {n} stickers from {his} teacher."],
+        ["{He} uses {n} stickers on a card."],
+    ),
+    _scenario(
+        "egg",
+        "eggs",
+        "{name} collects {r} eggs every day for {t} days.",
+        ["{His} neighbor brings {n} more eggs."],
+        ["{He} uses {n} eggs to make breakfast."],
+        mul=(),
+        div=["{He} puts the eggs equally into {n} cartons and sells all but one carton."],
+    ),
+    _scenario(
+        "card",
+        "cards",
+        "{name} buys {t} packs of cards with {r} cards in each pack.",
+        ["{He} trades for {n} more cards."],
+        ["{He} gives {n} cards to {his} brother."],
+    ),
 ]
 
 
@@ -108,8 +194,16 @@ def _apply(op: str, a: int, b: int) -> int:
 def _problem(rng: random.Random, difficulty: int) -> dict:
     sc = rng.choice(SCENARIOS)
     name, he, his, him = rng.choice(NAMES)
-    f = {"name": name, "he": he, "He": he.capitalize(), "his": his, "His": his.capitalize(),
-         "him": him, "item": sc["item"], "items": sc["items"]}
+    f = {
+        "name": name,
+        "he": he,
+        "He": he.capitalize(),
+        "his": his,
+        "His": his.capitalize(),
+        "him": him,
+        "item": sc["item"],
+        "items": sc["items"],
+    }
 
     def state(expr: str, value: int) -> str:
         noun = sc["item"] if value == 1 else sc["items"]
@@ -158,8 +252,9 @@ def normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
-def generate_splits(n_train: int, n_test: int, *, seed: int,
-                    difficulty: int = 2) -> tuple[list[dict], list[dict]]:
+def generate_splits(
+    n_train: int, n_test: int, *, seed: int, difficulty: int = 2
+) -> tuple[list[dict], list[dict]]:
     """Train and test sets with no question text in both (normalised: lowercase, collapse non-alphanumerics)."""
     _check(difficulty)
     rng = random.Random(seed)
@@ -180,5 +275,6 @@ def generate_splits(n_train: int, n_test: int, *, seed: int,
         raise ValueError(
             f"only found {len(unique)} unique questions at difficulty {difficulty} but "
             f"{wanted} were requested ({n_train} train + {n_test} test); the template space "
-            "is too small: ask for fewer problems or a higher difficulty")
+            "is too small: ask for fewer problems or a higher difficulty"
+        )
     return unique[:n_train], unique[n_train:]

@@ -57,7 +57,10 @@ class HFGenerator:
         self.model.eval()
         # fork_rng: seeding per batch must not change the caller's global RNG stream.
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with (
+                torch.inference_mode(),
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            ):
                 for s, group in groups.items():
                     group.sort(key=lambda i: -len(ids[i]))  # stable: ties keep input order
                     for start in range(0, len(group), self.batch_size):
@@ -110,8 +113,10 @@ class HFGenerator:
         # One gather + logsumexp per step keeps memory at the B x T x V of the logits themselves
         # (stacking them and taking log_softmax would allocate two more such tensors).
         logprobs = torch.stack(
-            [step.gather(1, gen[:, t, None]).squeeze(1).float() - step.float().logsumexp(-1)
-             for t, step in enumerate(result.logits)],
+            [
+                step.gather(1, gen[:, t, None]).squeeze(1).float() - step.float().logsumexp(-1)
+                for t, step in enumerate(result.logits)
+            ],
             dim=1,
         )
         is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device))
@@ -124,7 +129,9 @@ class HFGenerator:
             for g, lp, n, e in zip(gen.tolist(), logprobs.tolist(), lengths.tolist(), ended.tolist())
         ]
 
-    def _completion(self, ids: list[int], logprobs: list[float], ended: bool, stop: tuple[str, ...]) -> Completion:
+    def _completion(
+        self, ids: list[int], logprobs: list[float], ended: bool, stop: tuple[str, ...]
+    ) -> Completion:
         """`ids` end with the EOS (or post-stop-string filler) that ended the row when `ended`."""
         text = self.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
         cut = cut_at_stop(text, stop) if stop else None

@@ -71,7 +71,9 @@ def load_arm_file(path: str | Path) -> tuple[Arm, ...]:
             raise LooperError(f"arm file {path}: arm #{i}: {what}")
         temperature, top_p = table["temperature"], table.get("top_p", 1.0)
         if not isinstance(temperature, (int, float)) or temperature < 0 or not 0 < top_p <= 1:
-            raise LooperError(f"arm file {path}: arm #{i} ({table['name']}): temperature must be >= 0, top_p in (0, 1]")
+            raise LooperError(
+                f"arm file {path}: arm #{i} ({table['name']}): temperature must be >= 0, top_p in (0, 1]"
+            )
         arms.append(Arm(str(table["name"]), str(table["style"]), float(temperature), float(top_p)))
     if len({a.name for a in arms}) != len(arms):
         raise LooperError(f"arm file {path}: arm names must be unique")

@@ -32,5 +32,7 @@ def main() -> None:
         scores = scoring.score_question(answers, tokens, answers[:2], perturbed)
         question = reward.question_reward(correct, tokens, scores["s_wm"])
         arms = reward.arm_rewards(correct, tokens, answers, scores["s_wm"])
-        print(f"{name:<28} {scores['s_end']:6.3f} {scores['s_path']:6.3f} {scores['s_cf']:6.3f} "
-              f"{scores['s_wm']:6.3f} {question:7.3f}  " + " ".join(f"{r:.3f}" for r in arms))
+        print(
+            f"{name:<28} {scores['s_end']:6.3f} {scores['s_path']:6.3f} {scores['s_cf']:6.3f} "
+            f"{scores['s_wm']:6.3f} {question:7.3f}  " + " ".join(f"{r:.3f}" for r in arms)
+        )

@@ -16,34 +16,65 @@ import pyarrow as pa
 from looper.answers import answers_agree
 from looper.stats import auroc, majority_vote
 
-ARM_OUTPUT = pa.struct([
-    ("arm", pa.string()), ("style", pa.string()), ("temperature", pa.float64()), ("prompt", pa.string()),
-    ("text", pa.string()), ("reasoning", pa.string()), ("answer", pa.string()), ("correct", pa.bool_()),
-    ("tokens", pa.int64()), ("finish_reason", pa.string()),
-    ("token_ids", pa.list_(pa.int64())),
-    ("logprobs", pa.list_(pa.float64())),  # untempered (temperature-1) log-prob of each token: the behaviour policy
-])
-CF_OUTPUT = pa.struct([
-    ("arm", pa.string()), ("perturbation", pa.string()), ("question", pa.string()),
-    ("text", pa.string()), ("answer", pa.string()), ("tokens", pa.int64()),
-])
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()), ("question", pa.string()), ("gold_answer", pa.string()), ("policy", pa.string()),
-    ("arm_outputs", pa.list_(ARM_OUTPUT)), ("cf_outputs", pa.list_(CF_OUTPUT)),
-    ("s_end", pa.float64()), ("s_path", pa.float64()), ("s_cf", pa.float64()), ("s_wm", pa.float64()),
-    ("reward", pa.float64()), ("arm_rewards", pa.list_(pa.float64())),
-])
+ARM_OUTPUT = pa.struct(
+    [
+        ("arm", pa.string()),
+        ("style", pa.string()),
+        ("temperature", pa.float64()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("reasoning", pa.string()),
+        ("answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("token_ids", pa.list_(pa.int64())),
+        (
+            "logprobs",
+            pa.list_(pa.float64()),
+        ),  # untempered (temperature-1) log-prob of each token: the behaviour policy
+    ]
+)
+CF_OUTPUT = pa.struct(
+    [
+        ("arm", pa.string()),
+        ("perturbation", pa.string()),
+        ("question", pa.string()),
+        ("text", pa.string()),
+        ("answer", pa.string()),
+        ("tokens", pa.int64()),
+    ]
+)
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("question", pa.string()),
+        ("gold_answer", pa.string()),
+        ("policy", pa.string()),
+        ("arm_outputs", pa.list_(ARM_OUTPUT)),
+        ("cf_outputs", pa.list_(CF_OUTPUT)),
+        ("s_end", pa.float64()),
+        ("s_path", pa.float64()),
+        ("s_cf", pa.float64()),
+        ("s_wm", pa.float64()),
+        ("reward", pa.float64()),
+        ("arm_rewards", pa.list_(pa.float64())),
+    ]
+)
 
 
 def summarize(rows: list[dict], arm_names: list[str]) -> dict:
     if not rows:
         return {}
-    majority_correct = [answers_agree(majority_vote([o["answer"] for o in r["arm_outputs"]]), r["gold_answer"])
-                        for r in rows]
+    majority_correct = [
+        answers_agree(majority_vote([o["answer"] for o in r["arm_outputs"]]), r["gold_answer"]) for r in rows
+    ]
     outputs = [o for r in rows for o in r["arm_outputs"]]
     return {
-        "arm_accuracy": {name: fmean(o["correct"] for r in rows for o in r["arm_outputs"] if o["arm"] == name)
-                         for name in arm_names},
+        "arm_accuracy": {
+            name: fmean(o["correct"] for r in rows for o in r["arm_outputs"] if o["arm"] == name)
+            for name in arm_names
+        },
         "pass_at_n": fmean(any(o["correct"] for o in r["arm_outputs"]) for r in rows),
         "maj_at_n": fmean(majority_correct),
         **{f"mean_{k}": fmean(r[k] for r in rows) for k in ("s_end", "s_path", "s_cf", "s_wm", "reward")},

@@ -23,15 +23,28 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, *, skipped: bool = False) -> "StageResult":
+    def from_artifact(cls, artifact: Artifact, *, skipped: bool = False) -> StageResult:
         m = artifact.manifest
-        return cls(artifact.stage, artifact.version, str(artifact.path), skipped, m.get("counts", {}), m.get("metrics", {}))
+        return cls(
+            artifact.stage,
+            artifact.version,
+            str(artifact.path),
+            skipped,
+            m.get("counts", {}),
+            m.get("metrics", {}),
+        )
 
     @classmethod
-    def up_to_date(cls, artifact: Artifact) -> "StageResult":
+    def up_to_date(cls, artifact: Artifact) -> StageResult:
         """The run found this exact version already made: report it, do nothing."""
         return cls.from_artifact(artifact, skipped=True)
 
     def as_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "version": self.version, "path": self.path, "skipped": self.skipped,
-                "counts": self.counts, "metrics": self.metrics}
+        return {
+            "stage": self.stage,
+            "version": self.version,
+            "path": self.path,
+            "skipped": self.skipped,
+            "counts": self.counts,
+            "metrics": self.metrics,
+        }

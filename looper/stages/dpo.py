@@ -43,13 +43,24 @@ def preference_pairs(rows: list[dict], k: int = 1) -> list[dict]:
     pairs = []
     for row in rows:
         arms = list(zip(row["arm_outputs"], row["arm_rewards"]))
-        best = sorted((a for a in arms if a[0]["correct"]), key=lambda a: -a[1])  # stable: ties keep arm order
+        best = sorted(
+            (a for a in arms if a[0]["correct"]), key=lambda a: -a[1]
+        )  # stable: ties keep arm order
         worst = sorted((a for a in arms if not a[0]["correct"]), key=lambda a: a[1])
         for (good, good_reward), (bad, bad_reward) in zip(best[:k], worst[:k]):
-            pairs.append({"id": row["id"], "prompt": good["prompt"], "chosen": good["text"], "rejected": bad["text"],
-                          "chosen_arm": good["arm"], "rejected_arm": bad["arm"],
-                          "cross_prompt": good["prompt"] != bad["prompt"],
-                          "chosen_reward": good_reward, "rejected_reward": bad_reward})
+            pairs.append(
+                {
+                    "id": row["id"],
+                    "prompt": good["prompt"],
+                    "chosen": good["text"],
+                    "rejected": bad["text"],
+                    "chosen_arm": good["arm"],
+                    "rejected_arm": bad["arm"],
+                    "cross_prompt": good["prompt"] != bad["prompt"],
+                    "chosen_reward": good_reward,
+                    "rejected_reward": bad_reward,
+                }
+            )
     return pairs
 
 
@@ -58,12 +69,13 @@ def strip_template_bos(prompt: str, tokenizer) -> str:
     chat template already wrote it, drop the written one, so training sees one BOS, as generation did."""
     bos = tokenizer.bos_token
     if bos and prompt.startswith(bos) and tokenizer("1")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return prompt[len(bos):]
+        return prompt[len(bos) :]
     return prompt
 
 
 def max_length(pairs: list[dict], tokenizer) -> int:
     """The longest prompt + completion in tokens (+ BOS/EOS slack), capped at MAX_LENGTH_CAP."""
+
     def n(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -108,11 +120,15 @@ def run(config: DpoConfig) -> StageResult:
     pairs = preference_pairs(rows, config.pairs_per_question)
     without = len(rows) - len({p["id"] for p in pairs})
     if not pairs:
-        raise LooperError(f"rollouts {rollouts.version} give no preference pairs: every question's arms are all "
-                          "correct or all wrong; roll out more questions or more arms")
+        raise LooperError(
+            f"rollouts {rollouts.version} give no preference pairs: every question's arms are all "
+            "correct or all wrong; roll out more questions or more arms"
+        )
     cross = sum(p["cross_prompt"] for p in pairs)
-    print(f"dpo: {len(pairs)} preference pair(s) from {len(rows)} questions; {without} question(s) give none "
-          f"(arms all correct or all wrong); {cross} pair(s) rank arms of different prompts (scored under the chosen's)")
+    print(
+        f"dpo: {len(pairs)} preference pair(s) from {len(rows)} questions; {without} question(s) give none "
+        f"(arms all correct or all wrong); {cross} pair(s) rank arms of different prompts (scored under the chosen's)"
+    )
 
     from datasets import Dataset
     from trl import DPOTrainer
@@ -121,8 +137,16 @@ def run(config: DpoConfig) -> StageResult:
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
-    dataset = Dataset.from_list([{"prompt": strip_template_bos(p["prompt"], tokenizer), "chosen": p["chosen"],
-                                  "rejected": p["rejected"]} for p in pairs])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": strip_template_bos(p["prompt"], tokenizer),
+                "chosen": p["chosen"],
+                "rejected": p["rejected"],
+            }
+            for p in pairs
+        ]
+    )
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(config, job.trainer_dir, max_length(pairs, tokenizer)),
@@ -134,11 +158,24 @@ def run(config: DpoConfig) -> StageResult:
     result = job.train(trainer)
     history = trainer.state.log_history
     return job.finish(
-        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
-        counts={"questions": len(rows), "pairs": len(pairs), "questions_without_pairs": without,
-                "steps": trainer.state.global_step},
-        metrics={"train_loss": result.training_loss,
-                 "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
-                 "final_reward_margin": last_logged(history, "rewards/margins")},
-        extra={"reference": adapter_path or "base", "beta": config.beta, "pairs_per_question": config.pairs_per_question},
+        trainer,
+        tokenizer,
+        inputs={"rollouts": rollouts},
+        identity=stage_identity,
+        counts={
+            "questions": len(rows),
+            "pairs": len(pairs),
+            "questions_without_pairs": without,
+            "steps": trainer.state.global_step,
+        },
+        metrics={
+            "train_loss": result.training_loss,
+            "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
+            "final_reward_margin": last_logged(history, "rewards/margins"),
+        },
+        extra={
+            "reference": adapter_path or "base",
+            "beta": config.beta,
+            "pairs_per_question": config.pairs_per_question,
+        },
     )

@@ -61,11 +61,20 @@ FORMATS = ("chat", "lm-eval")
 CHUNK = 512  # questions per cache file: the unit of resume
 CACHE_SCHEMA = 1
 
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()), ("model", pa.string()), ("question", pa.string()), ("gold_answer", pa.string()),
-    ("completion", pa.string()), ("answer", pa.string()), ("correct", pa.bool_()),
-    ("tokens", pa.int32()), ("truncated", pa.bool_()), ("sample", pa.int32()),
-])
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("model", pa.string()),
+        ("question", pa.string()),
+        ("gold_answer", pa.string()),
+        ("completion", pa.string()),
+        ("answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("sample", pa.int32()),
+    ]
+)
 
 
 def check_options(config: EvalConfig) -> list[str]:
@@ -77,7 +86,9 @@ def check_options(config: EvalConfig) -> list[str]:
     if config.samples < 1:
         raise LooperError(f"--samples {config.samples}: need at least 1 completion per question")
     if config.samples > 1 and config.temperature == 0:
-        raise LooperError(f"--samples {config.samples} needs --temperature > 0 (greedy decoding repeats itself)")
+        raise LooperError(
+            f"--samples {config.samples} needs --temperature > 0 (greedy decoding repeats itself)"
+        )
     if config.limit is not None and config.limit < 1:
         raise LooperError(f"--limit {config.limit}: nothing to evaluate")
     if config.bootstrap < 1:
@@ -94,8 +105,10 @@ def resolve_policies(names: list[str], store: Store, base: models.ModelSource) -
         scheme = ":" in name.split("/", 1)[0]  # pkg:<package>/<file>, looper:tiny
         named = name == "base" or name in ADAPTER_STAGES or scheme or Path(name).expanduser().exists()
         if not named and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
-            raise LooperError(f"--compare: unknown model '{name}': use base, sft, ppo, dpo, a hub id "
-                              "(org/name), a model directory or an adapter path")
+            raise LooperError(
+                f"--compare: unknown model '{name}': use base, sft, ppo, dpo, a hub id "
+                "(org/name), a model directory or an adapter path"
+            )
         policies.append(resolve_policy(name, store=store, base=base))
     return policies
 
@@ -110,21 +123,38 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
         prepare = store.resolve("prepare", config.prepare)
         rows = split_rows(prepare, config.split)
         if not rows and config.split == "test":
-            raise LooperError(f"prepare {prepare.version} has no test split (a single-file source has none): "
-                              "use --split dev, or --source FILE")
+            raise LooperError(
+                f"prepare {prepare.version} has no test split (a single-file source has none): "
+                "use --split dev, or --source FILE"
+            )
         if not rows:
             raise LooperError(f"prepare {prepare.version} has an empty {config.split} split")
         rows = rows[: config.limit]
-        return rows, {"prepare": prepare}, prepare, {"from": f"prepare {prepare.version} {config.split} split",
-                                                     "prepare": prepare.version, "split": config.split}
+        return (
+            rows,
+            {"prepare": prepare},
+            prepare,
+            {
+                "from": f"prepare {prepare.version} {config.split} split",
+                "prepare": prepare.version,
+                "split": config.split,
+            },
+        )
     path = Path(config.source).expanduser()
     if not path.is_file():
         raise LooperError(f"--source {config.source}: no such file (a GSM8K-format .jsonl)")
     raw = gsm8k.read_jsonl(path, skip_bad=False, bad=gsm8k.BadRows())[: config.limit]
     if not raw:
         raise LooperError(f"--source {path}: no questions")
-    rows = [{"id": f"{path.stem}-{r.index:05d}", "question": r.question.strip(),
-             "gold_answer": gsm8k.normalize_gold(r.answer), "prompt": tutoring_messages(r.question)} for r in raw]
+    rows = [
+        {
+            "id": f"{path.stem}-{r.index:05d}",
+            "question": r.question.strip(),
+            "gold_answer": gsm8k.normalize_gold(r.answer),
+            "prompt": tutoring_messages(r.question),
+        }
+        for r in raw
+    ]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     about = {"from": str(path), "source": str(path.resolve()), "sha256": digest}
     try:
@@ -133,18 +163,29 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
         if config.prepare not in (None, "", "latest"):
             raise
         if config.format == "lm-eval":
-            raise LooperError("--format lm-eval takes its 5 examples from a prepare artifact's train split: "
-                              "run `looper prepare` first") from None
-        print(f"eval: warning: no prepare artifact under {store.workdir}: cannot check --source questions "
-              "against the training data", file=sys.stderr)
+            raise LooperError(
+                "--format lm-eval takes its 5 examples from a prepare artifact's train split: "
+                "run `looper prepare` first"
+            ) from None
+        print(
+            f"eval: warning: no prepare artifact under {store.workdir}: cannot check --source questions "
+            "against the training data",
+            file=sys.stderr,
+        )
         return rows, {"source": digest}, None, about
     seen = {gsm8k.normalize_text(r["question"]) for s in ("train", "dev") for r in split_rows(prepare, s)}
     overlap = [r["id"] for r in rows if gsm8k.normalize_text(r["question"]) in seen]
     if overlap:
-        print(f"eval: warning: {len(overlap)} of {len(rows)} questions in {path} also appear in the training "
-              f"data (prepare {prepare.version} train/dev; e.g. {overlap[0]}): their accuracy is not held out",
-              file=sys.stderr)
-    about |= {"prepare_checked": prepare.version, "overlap_with_training": len(overlap), "overlap_ids": overlap[:100]}
+        print(
+            f"eval: warning: {len(overlap)} of {len(rows)} questions in {path} also appear in the training "
+            f"data (prepare {prepare.version} train/dev; e.g. {overlap[0]}): their accuracy is not held out",
+            file=sys.stderr,
+        )
+    about |= {
+        "prepare_checked": prepare.version,
+        "overlap_with_training": len(overlap),
+        "overlap_ids": overlap[:100],
+    }
     inputs = {"source": digest} | ({"prepare": prepare} if config.format == "lm-eval" else {})
     return rows, inputs, prepare, about
 
@@ -159,13 +200,22 @@ def fewshot_examples(prepare: Artifact, rows: list[dict]) -> tuple[list[list[dic
     the prompts are the harness's byte for byte when the pool is the full GSM8K train file."""
     index = lambda row: int(row["id"].rsplit("-", 1)[1])  # noqa: E731 - prepare ids end in the source row index
     evaluated = {r["id"] for r in rows}
-    pool = sorted((r for s in ("train", "dev") for r in split_rows(prepare, s) if r["id"] not in evaluated), key=index)
+    pool = sorted(
+        (r for s in ("train", "dev") for r in split_rows(prepare, s) if r["id"] not in evaluated), key=index
+    )
     if len(pool) < lm_eval_format.NUM_FEWSHOT:
-        raise LooperError(f"prepare {prepare.version} has fewer than {lm_eval_format.NUM_FEWSHOT} train questions "
-                          "for --format lm-eval's examples")
+        raise LooperError(
+            f"prepare {prepare.version} has fewer than {lm_eval_format.NUM_FEWSHOT} train questions "
+            "for --format lm-eval's examples"
+        )
     raw = raw_train_rows(prepare)
-    if raw is not None and all(index(r) in raw and raw[index(r)].question.strip() == r["question"] for r in pool):
-        pool, note = [{"id": r["id"], "question": r["question"], "answer": raw[index(r)].answer} for r in pool], "raw"
+    if raw is not None and all(
+        index(r) in raw and raw[index(r)].question.strip() == r["question"] for r in pool
+    ):
+        pool, note = (
+            [{"id": r["id"], "question": r["question"], "answer": raw[index(r)].answer} for r in pool],
+            "raw",
+        )
     else:
         pool = [{"id": r["id"], "question": r["question"], "answer": r["solution"]} for r in pool]
         note = "prepare solutions (<<...>> calculator annotations stripped; the harness keeps them)"
@@ -183,7 +233,9 @@ def raw_train_rows(prepare: Artifact) -> dict[int, gsm8k.RawRow] | None:
             rows = gsm8k.read_hub(prepare.manifest["config"]["dataset"], "train")
         else:
             path = Path(source["spec"]).expanduser()
-            rows = gsm8k.read_jsonl(path / "train.jsonl" if path.is_dir() else path, skip_bad=True, bad=gsm8k.BadRows())
+            rows = gsm8k.read_jsonl(
+                path / "train.jsonl" if path.is_dir() else path, skip_bad=True, bad=gsm8k.BadRows()
+            )
     except (LooperError, OSError, KeyError):
         return None
     return {r.index: r for r in rows}
@@ -210,9 +262,14 @@ def progress_bar():
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("eval {task.description}"), BarColumn(),
-                    TextColumn("{task.completed:.0f}/{task.total:.0f} questions"),
-                    TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), console=Console(stderr=True))
+    return Progress(
+        TextColumn("eval {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} questions"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
 
 
 def free_memory() -> None:
@@ -222,49 +279,85 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def model_rows(policy: Policy, rows: list[dict], prompts: list[str], config: EvalConfig, sampling: Sampling,
-               backend: str, cache: Path, progress) -> tuple[list[dict], str]:
+def model_rows(
+    policy: Policy,
+    rows: list[dict],
+    prompts: list[str],
+    config: EvalConfig,
+    sampling: Sampling,
+    backend: str,
+    cache: Path,
+    progress,
+) -> tuple[list[dict], str]:
     """This policy's scored completions, from the cache where present, else generated chunk by chunk."""
     k = config.samples
-    key = short_hash({
-        "schema": CACHE_SCHEMA, "chunk": CHUNK, "policy": policy.identity(), "format": config.format,
-        "questions": short_hash([[r["id"], r["gold_answer"], p] for r, p in zip(rows, prompts)], n=64),
-        "sampling": asdict(sampling), "samples": k, "seed": config.seed, "backend": backend,
-        "batch_size": config.batch_size if backend == "hf" else None,
-    }, n=16)
+    key = short_hash(
+        {
+            "schema": CACHE_SCHEMA,
+            "chunk": CHUNK,
+            "policy": policy.identity(),
+            "format": config.format,
+            "questions": short_hash([[r["id"], r["gold_answer"], p] for r, p in zip(rows, prompts)], n=64),
+            "sampling": asdict(sampling),
+            "samples": k,
+            "seed": config.seed,
+            "backend": backend,
+            "batch_size": config.batch_size if backend == "hf" else None,
+        },
+        n=16,
+    )
     task = progress.add_task(escape(policy.name), total=len(rows), tps=0.0)
     out: list[dict] = []
     generator = None
     tokens, start = 0, time.perf_counter()
     try:
         for c, first in enumerate(range(0, len(rows), CHUNK)):
-            chunk = rows[first: first + CHUNK]
+            chunk = rows[first : first + CHUNK]
             path = cache / key / f"chunk-{c:05d}.parquet"
             if path.is_file() and not config.force:
                 out += [r | {"model": policy.name} for r in read_rows(path)]
                 progress.update(task, completed=first + len(chunk))
                 continue
             if generator is None:
-                generator, _ = load_generator(policy, backend=backend, batch_size=config.batch_size,
-                                              trust_remote_code=config.trust_remote_code,
-                                              require_chat_template=config.format != "lm-eval")
+                generator, _ = load_generator(
+                    policy,
+                    backend=backend,
+                    batch_size=config.batch_size,
+                    trust_remote_code=config.trust_remote_code,
+                    require_chat_template=config.format != "lm-eval",
+                )
                 start = time.perf_counter()
 
+            # start and tokens are read at call time on purpose: the running totals of this chunk
             def on_progress(done: int, new_tokens: int, first: int = first) -> None:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                progress.update(task, completed=first + done / k, tps=(tokens + new_tokens) / elapsed)
+                elapsed = max(time.perf_counter() - start, 1e-9)  # noqa: B023
+                progress.update(task, completed=first + done / k, tps=(tokens + new_tokens) / elapsed)  # noqa: B023
 
-            completions = generator.generate([p for p in prompts[first: first + CHUNK] for _ in range(k)], sampling,
-                                             seed=config.seed + c, on_progress=on_progress)
+            completions = generator.generate(
+                [p for p in prompts[first : first + CHUNK] for _ in range(k)],
+                sampling,
+                seed=config.seed + c,
+                on_progress=on_progress,
+            )
             tokens += sum(x.tokens for x in completions)
             scored = []
             for j, comp in enumerate(completions):
                 question = chunk[j // k]
                 answer, correct = score(comp.text, question["gold_answer"], config.format)
-                scored.append({"id": question["id"], "model": policy.name, "question": question["question"],
-                               "gold_answer": question["gold_answer"], "completion": comp.text, "answer": answer,
-                               "correct": correct, "tokens": comp.tokens,
-                               "truncated": comp.finish_reason == "length", "sample": j % k})
+                scored.append(
+                    {
+                        "id": question["id"],
+                        "model": policy.name,
+                        "question": question["question"],
+                        "gold_answer": question["gold_answer"],
+                        "completion": comp.text,
+                        "answer": answer,
+                        "correct": correct,
+                        "tokens": comp.tokens,
+                        "truncated": comp.finish_reason == "length",
+                        "sample": j % k,
+                    }
+                )
             write_parquet(path, scored, ROW_SCHEMA)
             out += scored
     finally:
@@ -278,14 +371,18 @@ def model_rows(policy: Policy, rows: list[dict], prompts: list[str], config: Eva
 def run(config: EvalConfig) -> StageResult:
     names = check_options(config)
     stop = lm_eval_format.UNTIL if config.format == "lm-eval" else ()
-    sampling = Sampling(temperature=config.temperature, top_p=config.top_p,
-                        max_new_tokens=config.max_new_tokens, stop=stop)
+    sampling = Sampling(
+        temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop
+    )
     store = Store(config.workdir)
     policies = resolve_policies(names, store, models.resolve_model(config.model))
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)
-    stage_identity = identity(config) | {"policies": {p.name: p.identity() for p in policies},
-                                         "backend": backend, "chunk": CHUNK}
+    stage_identity = identity(config) | {
+        "policies": {p.name: p.identity() for p in policies},
+        "backend": backend,
+        "chunk": CHUNK,
+    }
     inputs |= {p.name: p.artifact for p in policies if p.artifact is not None and p.name in ADAPTER_STAGES}
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, config.force):
@@ -297,29 +394,64 @@ def run(config: EvalConfig) -> StageResult:
     with progress_bar() as progress:
         for policy in policies:
             prompts = build_prompts(policy, rows, config, shots)
-            got, key = model_rows(policy, rows, prompts, config, sampling, backend,
-                                  store.stage_root(STAGE) / "cache", progress)
+            got, key = model_rows(
+                policy, rows, prompts, config, sampling, backend, store.stage_root(STAGE) / "cache", progress
+            )
             all_rows += got
-            about_models[policy.name] = {"identity": policy.identity(), "cache_key": key, "prompt_example": prompts[0],
-                                         "adapter": None if policy.adapter is None else str(policy.adapter)}
+            about_models[policy.name] = {
+                "identity": policy.identity(),
+                "cache_key": key,
+                "prompt_example": prompts[0],
+                "adapter": None if policy.adapter is None else str(policy.adapter),
+            }
 
-    result = report.summarize(all_rows, names, fmt=config.format, samples=config.samples,
-                              bootstrap=config.bootstrap, seed=config.seed)
-    result = {"version": version, "settings": {
-        "format": config.format, "questions_from": about["from"], "samples": config.samples,
-        "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed, "backend": backend, "bootstrap": config.bootstrap}} | result
+    result = report.summarize(
+        all_rows,
+        names,
+        fmt=config.format,
+        samples=config.samples,
+        bootstrap=config.bootstrap,
+        seed=config.seed,
+    )
+    result = {
+        "version": version,
+        "settings": {
+            "format": config.format,
+            "questions_from": about["from"],
+            "samples": config.samples,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed,
+            "backend": backend,
+            "bootstrap": config.bootstrap,
+        },
+    } | result
     if config.format == "chat":
         instruction = rows[0]["prompt"][-1]["content"].rpartition("\n\nProblem: ")[0]  # as the rows have it
-        prompt = {"format": "chat", "instruction": instruction, "messages_example": rows[0]["prompt"],
-                  "rendering": "messages through each model's chat template, assistant turn opened (render_prompt)"}
+        prompt = {
+            "format": "chat",
+            "instruction": instruction,
+            "messages_example": rows[0]["prompt"],
+            "rendering": "messages through each model's chat template, assistant turn opened (render_prompt)",
+        }
     else:
-        prompt = {"format": "lm-eval", "conventions": lm_eval_format.CONVENTIONS, "fewshot_answers": shots_note,
-                  "fewshot_seed": lm_eval_format.FEWSHOT_SEED, "fewshot_ids_first_question": [s["id"] for s in shots[0]]}
+        prompt = {
+            "format": "lm-eval",
+            "conventions": lm_eval_format.CONVENTIONS,
+            "fewshot_answers": shots_note,
+            "fewshot_seed": lm_eval_format.FEWSHOT_SEED,
+            "fewshot_ids_first_question": [s["id"] for s in shots[0]],
+        }
     run_ = store.begin(STAGE, version)
     write_parquet(run_.path / "completions.parquet", all_rows, ROW_SCHEMA)
     report.write(run_.path, result, all_rows)
-    counts = {"questions": len(rows), "models": len(policies), "samples": config.samples, "completions": len(all_rows)}
+    counts = {
+        "questions": len(rows),
+        "models": len(policies),
+        "samples": config.samples,
+        "completions": len(all_rows),
+    }
     if "overlap_with_training" in about:
         counts["overlap_with_training"] = about["overlap_with_training"]
     artifact = run_.commit(
@@ -328,8 +460,18 @@ def run(config: EvalConfig) -> StageResult:
         identity=stage_identity,
         counts=counts,
         metrics=report.compact(result),
-        extra={"questions": about, "prompt": prompt, "models": about_models,
-               "generation": {"backend": backend, "sampling": asdict(sampling), "samples": config.samples,
-                              "seed": config.seed, "chunk": CHUNK, "chunk_seed": "seed + chunk index"}},
+        extra={
+            "questions": about,
+            "prompt": prompt,
+            "models": about_models,
+            "generation": {
+                "backend": backend,
+                "sampling": asdict(sampling),
+                "samples": config.samples,
+                "seed": config.seed,
+                "chunk": CHUNK,
+                "chunk_seed": "seed + chunk index",
+            },
+        },
     )
     return StageResult.from_artifact(artifact)

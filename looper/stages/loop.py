@@ -38,8 +38,9 @@ from __future__ import annotations
 import importlib
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -97,7 +98,8 @@ def rollouts_step(loop: Loop, rnd: dict) -> None:
     limit = loop.stage_config("rollouts").limit
     if loop.config.fresh_questions and limit:
         n_train = loop.prepare.manifest.get("counts", {}).get("train") or len(
-            read_rows(loop.prepare.path / "train.parquet"))
+            read_rows(loop.prepare.path / "train.parquet")
+        )
         offset = (offset + (rnd["round"] - 1) * limit) % max(n_train, 1)
     result = loop.run_stage("rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset)
     rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
@@ -113,8 +115,13 @@ def train_step(loop: Loop, rnd: dict) -> None:
 def eval_step(loop: Loop, rnd: dict) -> None:
     """sft against the new policy on the dev split (sft's completions come from eval's cache after round 1)."""
     policy = rnd["train"]["path"]
-    result = loop.run_stage("eval", f"round {rnd['round']}", split="dev", limit=loop.config.dev_limit,
-                            compare=f"{loop.sft.path},{policy}")
+    result = loop.run_stage(
+        "eval",
+        f"round {rnd['round']}",
+        split="dev",
+        limit=loop.config.dev_limit,
+        compare=f"{loop.sft.path},{policy}",
+    )
     rnd["eval"] = {"version": result.version, "path": result.path}
 
 
@@ -133,7 +140,11 @@ def round_figures(rnd: dict, sft_path: str) -> dict:
     policy, sft = report["models"][rnd["train"]["path"]], report["models"][sft_path]
     pair = report["pairs"].get(f"{sft_path} vs {rnd['train']['path']}", {})
     log = Path(rnd["train"]["path"]) / "metrics.jsonl"
-    logs = [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()] if log.is_file() else []
+    logs = (
+        [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
+        if log.is_file()
+        else []
+    )
     kls = [row["kl"] for row in logs if "kl" in row]
     train = Artifact.load(Path(rnd["train"]["path"])).manifest
     return {
@@ -185,10 +196,14 @@ def check_options(config: LoopConfig) -> None:
     if config.final not in ("best", "last"):
         raise LooperError(f"--final {config.final}: choose best or last")
     if config.dev_limit is not None and config.dev_limit < 1:
-        raise LooperError(f"--dev-limit {config.dev_limit}: evaluate at least 1 dev question (or leave it unset)")
+        raise LooperError(
+            f"--dev-limit {config.dev_limit}: evaluate at least 1 dev question (or leave it unset)"
+        )
     if not config.pipeline:
-        raise LooperError("looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
-                          "(its stage tables configure every round)")
+        raise LooperError(
+            "looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
+            "(its stage tables configure every round)"
+        )
 
 
 def ensure_inputs(loop: Loop) -> None:
@@ -199,17 +214,23 @@ def ensure_inputs(loop: Loop) -> None:
             loop.run_stage(stage, "setup")
     loop.prepare, loop.sft = loop.store.resolve("prepare"), loop.store.resolve("sft")
     if loop.sft.manifest.get("inputs", {}).get("prepare", {}).get("version") != loop.prepare.version:
-        say(f"note: sft {loop.sft.version} was trained on another prepare version than the latest "
-            f"({loop.prepare.version})")
+        say(
+            f"note: sft {loop.sft.version} was trained on another prepare version than the latest "
+            f"({loop.prepare.version})"
+        )
 
 
 def loop_version(loop: Loop) -> tuple[str, dict]:
     """The loop's identity: its options, the identity of every stage config a round uses, prepare and sft."""
-    steps = {stage: identity(loop.stage_config(stage)) for stage in ("rollouts", loop.config.algorithm, "eval")}
+    steps = {
+        stage: identity(loop.stage_config(stage)) for stage in ("rollouts", loop.config.algorithm, "eval")
+    }
     for stage in steps.values():
         stage.pop("offset", None), stage.pop("policy", None), stage.pop("rollouts", None)  # set per round
     stage_identity = identity(loop.config) | {"steps": steps}
-    return loop.store.version_for(STAGE, stage_identity, {"prepare": loop.prepare, "sft": loop.sft}), stage_identity
+    return loop.store.version_for(
+        STAGE, stage_identity, {"prepare": loop.prepare, "sft": loop.sft}
+    ), stage_identity
 
 
 def run(config: LoopConfig) -> StageResult:
@@ -234,7 +255,10 @@ def run(config: LoopConfig) -> StageResult:
         if not rounds:
             return False
         accuracies = [r["figures"]["dev"]["accuracy"] for r in rounds]
-        return rounds_without_improvement(rounds[0]["figures"]["sft_dev"]["accuracy"], accuracies) >= config.patience
+        return (
+            rounds_without_improvement(rounds[0]["figures"]["sft_dev"]["accuracy"], accuracies)
+            >= config.patience
+        )
 
     while len(rounds) < config.rounds and not stopped():
         k = len(rounds) + 1
@@ -244,7 +268,7 @@ def run(config: LoopConfig) -> StageResult:
             rnd = {"round": k, "policy_in": policy_in}
         loop.record["current"] = rnd
         started = time.time() - rnd.get("wall_s", 0.0)
-        for name, step in ROUND_STEPS:
+        for _name, step in ROUND_STEPS:
             step(loop, rnd)
             rnd["wall_s"] = time.time() - started
             loop.save()
@@ -253,9 +277,11 @@ def run(config: LoopConfig) -> StageResult:
         loop.record["current"] = None
         loop.save()
         f = rnd["figures"]
-        say(f"round {k}: dev accuracy {100 * f['dev']['accuracy']:.1f}% (sft {100 * f['sft_dev']['accuracy']:.1f}%), "
-            f"mean reward {fmt(f['mean_reward'])}, kl {fmt(f['kl_mean'])}")
-    stop_reason = ("patience" if stopped() and len(rounds) < config.rounds else "rounds")
+        say(
+            f"round {k}: dev accuracy {100 * f['dev']['accuracy']:.1f}% (sft {100 * f['sft_dev']['accuracy']:.1f}%), "
+            f"mean reward {fmt(f['mean_reward'])}, kl {fmt(f['kl_mean'])}"
+        )
+    stop_reason = "patience" if stopped() and len(rounds) < config.rounds else "rounds"
     if stop_reason == "patience":
         say(f"stopping early: dev accuracy has not improved for {config.patience} round(s)")
 
@@ -263,28 +289,49 @@ def run(config: LoopConfig) -> StageResult:
     test = None
     if config.test_eval:
         result = loop.run_stage("eval", "final", compare=f"{sft_path},{final['train']['path']}")
-        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {"version": result.version}
+        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {
+            "version": result.version
+        }
         loop.record["test"] = test
         loop.save()
 
     for item in Path(final["train"]["path"]).iterdir():  # the final adapter, as a policy of its own
         if item.name not in NOT_ADAPTER:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_.path / item.name)
-    summary = {"rounds": rounds, "final": {"round": final["round"], **final["train"]}, "stop": stop_reason,
-               "test": test, "sft": loop.sft.ref()}
+    summary = {
+        "rounds": rounds,
+        "final": {"round": final["round"], **final["train"]},
+        "stop": stop_reason,
+        "test": test,
+        "sft": loop.sft.ref(),
+    }
     write_report(run_.path, summary, sft_path)
     train_manifest = Artifact.load(Path(final["train"]["path"])).manifest
     artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs={"prepare": loop.prepare, "sft": loop.sft},
+        config=orjson.loads(orjson.dumps(vars(config))),
+        inputs={"prepare": loop.prepare, "sft": loop.sft},
         identity=stage_identity,
         counts={"rounds": len(rounds), "final_round": final["round"]},
-        metrics={"dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
-                 "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"]}
-        | ({"test_accuracy": {"sft": test["sft"]["accuracy"], "final": test["final"]["accuracy"]},
-            "test_mcnemar_p": test["mcnemar_p"]} if test else {}),
-        extra={"base_model": train_manifest.get("base_model"), "stop": stop_reason,
-               "final": summary["final"],
-               "rounds": [{k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval")} for r in rounds]},
+        metrics={
+            "dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
+            "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"],
+        }
+        | (
+            {
+                "test_accuracy": {"sft": test["sft"]["accuracy"], "final": test["final"]["accuracy"]},
+                "test_mcnemar_p": test["mcnemar_p"],
+            }
+            if test
+            else {}
+        ),
+        extra={
+            "base_model": train_manifest.get("base_model"),
+            "stop": stop_reason,
+            "final": summary["final"],
+            "rounds": [
+                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval")} for r in rounds
+            ],
+        },
     )
     return StageResult.from_artifact(artifact)
 
@@ -293,10 +340,16 @@ def final_figures(eval_dir: Path, sft_path: str, final_path: str) -> dict:
     report = orjson.loads((eval_dir / "report.json").read_bytes())
     pair = report["pairs"][f"{sft_path} vs {final_path}"]
     pick = lambda e: {k: e[k] for k in ("accuracy", "ci95", "correct", "n")}  # noqa: E731
-    return {"split": report["settings"]["questions_from"], "sft": pick(report["models"][sft_path]),
-            "final": pick(report["models"][final_path]), "diff": pair["diff"], "ci95": pair["ci95"],
-            "mcnemar_p": pair["mcnemar_p"], "only_sft_right": pair["only_a_right"],
-            "only_final_right": pair["only_b_right"]}
+    return {
+        "split": report["settings"]["questions_from"],
+        "sft": pick(report["models"][sft_path]),
+        "final": pick(report["models"][final_path]),
+        "diff": pair["diff"],
+        "ci95": pair["ci95"],
+        "mcnemar_p": pair["mcnemar_p"],
+        "only_sft_right": pair["only_a_right"],
+        "only_final_right": pair["only_b_right"],
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -312,14 +365,19 @@ def markdown(summary: dict) -> str:
     rounds = summary["rounds"]
     arms = rounds[0]["figures"]["arms"]
     sft = rounds[0]["figures"]["sft_dev"]
-    lines = [f"# Looper loop: {len(rounds)} round(s), stopped by {summary['stop']}", "",
-             f"Dev accuracy of sft (round 0): {fmt(sft['accuracy'], True)} [{fmt(sft['ci95'][0], True)}, "
-             f"{fmt(sft['ci95'][1], True)}] ({sft['correct']}/{sft['n']}). Final policy: round "
-             f"{summary['final']['round']} ({summary['final']['stage']} {summary['final']['version']}).", "",
-             "## Rounds", "",
-             f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
-             f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups | wall |",
-             "|" + "---|" * 13]
+    lines = [
+        f"# Looper loop: {len(rounds)} round(s), stopped by {summary['stop']}",
+        "",
+        f"Dev accuracy of sft (round 0): {fmt(sft['accuracy'], True)} [{fmt(sft['ci95'][0], True)}, "
+        f"{fmt(sft['ci95'][1], True)}] ({sft['correct']}/{sft['n']}). Final policy: round "
+        f"{summary['final']['round']} ({summary['final']['stage']} {summary['final']['version']}).",
+        "",
+        "## Rounds",
+        "",
+        f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
+        f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups | wall |",
+        "|" + "---|" * 13,
+    ]
     for r in rounds:
         f = r["figures"]
         lines.append(
@@ -328,23 +386,41 @@ def markdown(summary: dict) -> str:
             f"{fmt(f['vs_sft']['diff'] and 100 * f['vs_sft']['diff'])} pts (p {fmt(f['vs_sft']['mcnemar_p'])}) | "
             f"{fmt(f['mean_reward'])} | {fmt(f['kl_mean'])} | {fmt(f['pass_at_n'], True)} | "
             f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} | "
-            f"{r.get('wall_s', 0) / 60:.1f} min |")
-    lines += ["", f"pass@{arms}, maj@{arms}, mean reward, AUROC of s_wm (for the majority answer being right) and "
-              "zero-variance groups are those of the round's rollouts, i.e. of the policy the round starts from, on "
-              "that round's train questions. KL is the mean per-token KL to the round's reference over its steps.",
-              "", "![per-round figures](loop.png)", ""]
+            f"{r.get('wall_s', 0) / 60:.1f} min |"
+        )
+    lines += [
+        "",
+        f"pass@{arms}, maj@{arms}, mean reward, AUROC of s_wm (for the majority answer being right) and "
+        "zero-variance groups are those of the round's rollouts, i.e. of the policy the round starts from, on "
+        "that round's train questions. KL is the mean per-token KL to the round's reference over its steps.",
+        "",
+        "![per-round figures](loop.png)",
+        "",
+    ]
     if summary["test"]:
         t = summary["test"]
-        lines += ["## Final policy against sft", "", f"On {t['split']}:", "",
-                  "| model | accuracy | 95% CI | correct |", "|---|---|---|---|"]
+        lines += [
+            "## Final policy against sft",
+            "",
+            f"On {t['split']}:",
+            "",
+            "| model | accuracy | 95% CI | correct |",
+            "|---|---|---|---|",
+        ]
         for name in ("sft", "final"):
             e = t[name]
-            lines.append(f"| {name} | {fmt(e['accuracy'], True)} | [{fmt(e['ci95'][0], True)}, "
-                         f"{fmt(e['ci95'][1], True)}] | {e['correct']}/{e['n']} |")
-        lines += ["", f"Difference {100 * t['diff']:+.1f} pts, paired-bootstrap 95% CI [{100 * t['ci95'][0]:+.1f}, "
-                  f"{100 * t['ci95'][1]:+.1f}], McNemar exact p = {t['mcnemar_p']:.3g} "
-                  f"(only sft right: {t['only_sft_right']}, only final right: {t['only_final_right']}); "
-                  f"eval {t['version']}.", ""]
+            lines.append(
+                f"| {name} | {fmt(e['accuracy'], True)} | [{fmt(e['ci95'][0], True)}, "
+                f"{fmt(e['ci95'][1], True)}] | {e['correct']}/{e['n']} |"
+            )
+        lines += [
+            "",
+            f"Difference {100 * t['diff']:+.1f} pts, paired-bootstrap 95% CI [{100 * t['ci95'][0]:+.1f}, "
+            f"{100 * t['ci95'][1]:+.1f}], McNemar exact p = {t['mcnemar_p']:.3g} "
+            f"(only sft right: {t['only_sft_right']}, only final right: {t['only_final_right']}); "
+            f"eval {t['version']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -360,13 +436,22 @@ def plot(summary: dict, path: Path) -> None:
     ax = axes[0][0]
     sft = f[0]["sft_dev"]
     acc = [x["dev"]["accuracy"] for x in f]
-    ax.errorbar([0] + xs, [sft["accuracy"]] + acc, capsize=4, marker="o",
-                yerr=[[sft["accuracy"] - sft["ci95"][0]] + [a - x["dev"]["ci95"][0] for a, x in zip(acc, f)],
-                      [sft["ci95"][1] - sft["accuracy"]] + [x["dev"]["ci95"][1] - a for a, x in zip(acc, f)]])
+    ax.errorbar(
+        [0] + xs,
+        [sft["accuracy"]] + acc,
+        capsize=4,
+        marker="o",
+        yerr=[
+            [sft["accuracy"] - sft["ci95"][0]] + [a - x["dev"]["ci95"][0] for a, x in zip(acc, f)],
+            [sft["ci95"][1] - sft["accuracy"]] + [x["dev"]["ci95"][1] - a for a, x in zip(acc, f)],
+        ],
+    )
     ax.set_title("dev accuracy (95% Wilson); round 0 = sft")
-    for ax, keys, title in ((axes[0][1], ("mean_reward",), "mean arm reward of the round's rollouts"),
-                            (axes[1][0], ("kl_mean",), "mean KL to the reference"),
-                            (axes[1][1], ("pass_at_n", "maj_at_n", "auroc_s_wm"), "rollouts: pass@n, maj@n, AUROC s_wm")):
+    for ax, keys, title in (
+        (axes[0][1], ("mean_reward",), "mean arm reward of the round's rollouts"),
+        (axes[1][0], ("kl_mean",), "mean KL to the reference"),
+        (axes[1][1], ("pass_at_n", "maj_at_n", "auroc_s_wm"), "rollouts: pass@n, maj@n, AUROC s_wm"),
+    ):
         for key in keys:
             ys = [x[key] for x in f]
             if any(y is not None for y in ys):
@@ -386,4 +471,3 @@ def write_report(out_dir: Path, summary: dict, sft_path: str) -> None:
     atomic_write_bytes(out_dir / "report.md", markdown(summary).encode())
     plot(summary, out_dir / "loop.png")
     atomic_write_bytes(out_dir / "summary.json", dumps_json(summary))
-

@@ -43,8 +43,16 @@ from looper import models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
 from looper.errors import LooperError
-from looper.rl import (AdaptiveKL, StepPlan, behaviour_logprobs_source, floored_advantages, kl_horizon, step_plan,
-                       total_steps, with_tokens)
+from looper.rl import (
+    AdaptiveKL,
+    StepPlan,
+    behaviour_logprobs_source,
+    floored_advantages,
+    kl_horizon,
+    step_plan,
+    total_steps,
+    with_tokens,
+)
 from looper.stages import StageResult
 
 STAGE = "ppo"
@@ -62,15 +70,23 @@ class RegimeWGRPOTrainer(GRPOTrainer):
 
     KL_STATE = "kl_controller.json"
 
-    def __init__(self, *args, kl_controller: AdaptiveKL, reward_mode: str = "arm", std_floor: float = 0.1,
-                 **kwargs):
-        self.kl_controller, self.reward_mode, self.std_floor, self.step_kls = kl_controller, reward_mode, std_floor, []
+    def __init__(
+        self, *args, kl_controller: AdaptiveKL, reward_mode: str = "arm", std_floor: float = 0.1, **kwargs
+    ):
+        self.kl_controller, self.reward_mode, self.std_floor, self.step_kls = (
+            kl_controller,
+            reward_mode,
+            std_floor,
+            [],
+        )
         super().__init__(*args, callbacks=[*kwargs.pop("callbacks", []), KLStep(self)], **kwargs)
         self.beta = kl_controller.coef
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
-        if self.model.training and self._metrics["train"].get("kl"):  # TRL's per-micro-batch KL, all ranks gathered
+        if self.model.training and self._metrics["train"].get(
+            "kl"
+        ):  # TRL's per-micro-batch KL, all ranks gathered
             self.step_kls.append(self._metrics["train"]["kl"][-1])
         return loss
 
@@ -107,8 +123,9 @@ class RegimeWGRPOTrainer(GRPOTrainer):
             rewards = torch.tensor([x["stored_reward"] for x in inputs], dtype=torch.float32)
             output["advantages"] = floored_advantages(rewards, None, self.std_floor).to(device)
         else:  # centred rewards have the rewards' group std
-            output["advantages"] = floored_advantages(output["advantages"].cpu(), self.num_generations,
-                                                      self.std_floor).to(device)
+            output["advantages"] = floored_advantages(
+                output["advantages"].cpu(), self.num_generations, self.std_floor
+            ).to(device)
         return output
 
 
@@ -142,18 +159,23 @@ def recompute_behaviour_logprobs(trainer: GRPOTrainer, rows: list[dict], encode,
     device = trainer.accelerator.device
     with torch.no_grad():
         for start in range(0, len(arms), batch_size):
-            chunk = arms[start:start + batch_size]
+            chunk = arms[start : start + batch_size]
             prompts = [torch.tensor(encode(a["prompt"])) for a in chunk]
             completions = [torch.tensor(list(a["token_ids"])) for a in chunk]
             ones = lambda ids: [torch.ones_like(x) for x in ids]  # noqa: E731
-            input_ids = torch.cat([pad(prompts, pad_id, padding_side="left"),
-                                   pad(completions, pad_id, padding_side="right")], dim=1).to(device)
-            mask = torch.cat([pad(ones(prompts), 0, padding_side="left"),
-                              pad(ones(completions), 0, padding_side="right")], dim=1).to(device)
-            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask,
-                                                                     max(map(len, completions)))
+            input_ids = torch.cat(
+                [pad(prompts, pad_id, padding_side="left"), pad(completions, pad_id, padding_side="right")],
+                dim=1,
+            ).to(device)
+            mask = torch.cat(
+                [pad(ones(prompts), 0, padding_side="left"), pad(ones(completions), 0, padding_side="right")],
+                dim=1,
+            ).to(device)
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, mask, max(map(len, completions))
+            )
             for arm, new in zip(chunk, logps.float().cpu().tolist()):
-                new = new[:len(arm["token_ids"])]
+                new = new[: len(arm["token_ids"])]
                 gap += sum(abs(x - y) for x, y in zip(new, arm["logprobs"]))
                 tokens += len(new)
                 arm["logprobs"] = new
@@ -195,21 +217,28 @@ def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
                 prompt_ids.append(encode(arm["prompt"]))
                 completion_ids.append(list(arm["token_ids"]))
                 logprobs.append(list(arm["logprobs"]))
-                rewards.append(ARM_REWARDS[reward_mode](arm, arm_reward) if reward_mode in ARM_REWARDS
-                               else row["reward"])
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
-                "stored_reward": rewards}
+                rewards.append(
+                    ARM_REWARDS[reward_mode](arm, arm_reward) if reward_mode in ARM_REWARDS else row["reward"]
+                )
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": logprobs,
+            "stored_reward": rewards,
+        }
 
     return rollout_func
 
 
-def grpo_config(config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan,
-                temperature: float = 1.0) -> GRPOConfig:
+def grpo_config(
+    config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan, temperature: float = 1.0
+) -> GRPOConfig:
     cuda = models.has_cuda()
     return GRPOConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.questions_per_minibatch * n_arms,  # completions, all arms of each question
+        per_device_train_batch_size=config.questions_per_minibatch
+        * n_arms,  # completions, all arms of each question
         gradient_accumulation_steps=plan.micro_batches,
         num_generations=n_arms,
         max_completion_length=max_completion,
@@ -239,19 +268,30 @@ def run(config: PpoConfig) -> StageResult:
         return StageResult.up_to_date(existing)
 
     if rollouts.manifest.get("schema_version", 1) < 2:
-        raise LooperError(f"rollouts {rollouts.version} are schema {rollouts.manifest.get('schema_version', 1)}: "
-                          "written before the EOS token was stored, so replay would never train stopping; "
-                          "rerun `looper rollouts`")
+        raise LooperError(
+            f"rollouts {rollouts.version} are schema {rollouts.manifest.get('schema_version', 1)}: "
+            "written before the EOS token was stored, so replay would never train stopping; "
+            "rerun `looper rollouts`"
+        )
     rows, empty = with_tokens(training.rollout_rows(rollouts))
-    training_weights = {"backend": "hf", "quant": quant, "dtype": "bfloat16" if models.has_cuda() else "float32"}
-    behaviour, why = behaviour_logprobs_source(config.behaviour_logprobs, rollouts.manifest.get("generated_by"),
-                                               training_weights)
+    training_weights = {
+        "backend": "hf",
+        "quant": quant,
+        "dtype": "bfloat16" if models.has_cuda() else "float32",
+    }
+    behaviour, why = behaviour_logprobs_source(
+        config.behaviour_logprobs, rollouts.manifest.get("generated_by"), training_weights
+    )
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
-        raise LooperError("rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more")
+        raise LooperError(
+            "rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more"
+        )
     flat = sum(len(set(r["arm_rewards"])) <= 1 for r in rows)
-    print(f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
-          + (" (they teach nothing under --reward arm)" if config.reward == "arm" else ""))
+    print(
+        f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
+        + (" (they teach nothing under --reward arm)" if config.reward == "arm" else "")
+    )
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
@@ -261,8 +301,11 @@ def run(config: PpoConfig) -> StageResult:
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
-    controller = AdaptiveKL(config.kl_coef, config.kl_target,
-                            kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
+    controller = AdaptiveKL(
+        config.kl_coef,
+        config.kl_target,
+        kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)),
+    )
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
@@ -273,28 +316,54 @@ def run(config: PpoConfig) -> StageResult:
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, config.reward, n_arms),
         callbacks=job.callbacks(),
-        kl_controller=controller, reward_mode=config.reward, std_floor=config.advantage_std_floor,
+        kl_controller=controller,
+        reward_mode=config.reward,
+        std_floor=config.advantage_std_floor,
     )
     trainer.restore_kl(job.checkpoint)
     gap = None
     if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
-        gap = recompute_behaviour_logprobs(trainer, rows, prompt_encoder(tokenizer),
-                                           config.questions_per_minibatch * n_arms)
-    print(f"ppo: behaviour log-probs {behaviour} ({why})"
-          + (f"; mean |stored - recomputed| = {gap:.3g} nats per token" if gap is not None else ""))
+        gap = recompute_behaviour_logprobs(
+            trainer, rows, prompt_encoder(tokenizer), config.questions_per_minibatch * n_arms
+        )
+    print(
+        f"ppo: behaviour log-probs {behaviour} ({why})"
+        + (f"; mean |stored - recomputed| = {gap:.3g} nats per token" if gap is not None else "")
+    )
     result = job.train(trainer)
     return job.finish(
-        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
-        counts={"questions": len(rows), "arms": n_arms, "zero_variance_groups": flat, "skipped_empty": empty,
-                "steps": trainer.state.global_step},
-        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef,
-                 "behaviour_logprob_gap": gap},
-        extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "reward": config.reward,
-               "behaviour_logprobs": behaviour},
+        trainer,
+        tokenizer,
+        inputs={"rollouts": rollouts},
+        identity=stage_identity,
+        counts={
+            "questions": len(rows),
+            "arms": n_arms,
+            "zero_variance_groups": flat,
+            "skipped_empty": empty,
+            "steps": trainer.state.global_step,
+        },
+        metrics={
+            "train_loss": result.training_loss,
+            "final_kl_coef": controller.coef,
+            "behaviour_logprob_gap": gap,
+        },
+        extra={
+            "reference": adapter_path or "base",
+            "loss_type": config.loss_type,
+            "reward": config.reward,
+            "behaviour_logprobs": behaviour,
+        },
     )
 
 
 def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:
-    print(f"ppo: {plan.steps_per_epoch} optimizer step(s) per epoch of {questions_per_step} questions"
-          + (f"; {plan.left_out} of the {n_questions} questions are left out of each epoch (a different random "
-             f"{plan.left_out} each time)" if plan.left_out else ""))
+    print(
+        f"ppo: {plan.steps_per_epoch} optimizer step(s) per epoch of {questions_per_step} questions"
+        + (
+            f"; {plan.left_out} of the {n_questions} questions are left out of each epoch (a different random "
+            f"{plan.left_out} each time)"
+            if plan.left_out
+            else ""
+        )
+    )

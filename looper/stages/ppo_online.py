@@ -16,11 +16,11 @@ from looper import models, training
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Store
 from looper.config import PpoConfig, RolloutsConfig, identity
-from looper.generation.hf import eos_token_ids
 from looper.data.prompts import render_prompt, tutoring_messages
+from looper.generation.hf import eos_token_ids
 from looper.regime_w import reward, scoring
-from looper.stages import StageResult
 from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
+from looper.stages import StageResult
 from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config
 
 STAGE = "ppo"
@@ -42,10 +42,13 @@ def group_reward_func(group_size: int, weights: scoring.RegimeWWeights, blend: f
     def online_arm_reward(completions, gold_answer, completion_ids, **kwargs) -> list[float]:
         rewards = []
         for start in range(0, len(completions), group_size):
-            texts = completions[start:start + group_size]
-            tokens = [len(ids) - bool(ids and ids[-1] in eos_ids) for ids in completion_ids[start:start + group_size]]
+            texts = completions[start : start + group_size]
+            tokens = [
+                len(ids) - bool(ids and ids[-1] in eos_ids)
+                for ids in completion_ids[start : start + group_size]
+            ]
             answers = [extract_answer(t) for t in texts]
-            correct = [is_correct(t, g) for t, g in zip(texts, gold_answer[start:start + group_size])]
+            correct = [is_correct(t, g) for t, g in zip(texts, gold_answer[start : start + group_size])]
             s_wm = scoring.s_wm(scoring.s_end(answers), scoring.s_path(tokens), 0.0, weights)
             rewards += reward.arm_rewards(correct, tokens, answers, s_wm, blend=blend)
         return rewards
@@ -71,22 +74,41 @@ def run_online(config: PpoConfig) -> StageResult:
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
-    dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
-                                  "gold_answer": r["gold_answer"]} for r in rows])
-    controller = AdaptiveKL(config.kl_coef, config.kl_target,
-                            kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)))
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
+                "gold_answer": r["gold_answer"],
+            }
+            for r in rows
+        ]
+    )
+    controller = AdaptiveKL(
+        config.kl_coef,
+        config.kl_target,
+        kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)),
+    )
     weights, blend = reward_settings(rollouts.manifest.get("config", {}))
     trainer = RegimeWGRPOTrainer(
-        model=model, reward_funcs=[group_reward_func(group, weights, blend, set(eos_token_ids(model, tokenizer)))],
-        args=grpo_config(config, job.trainer_dir, group, config.max_new_tokens, plan,
-                         temperature=config.online_temperature),
-        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config, callbacks=job.callbacks(),
-        kl_controller=controller, std_floor=config.advantage_std_floor,
+        model=model,
+        reward_funcs=[group_reward_func(group, weights, blend, set(eos_token_ids(model, tokenizer)))],
+        args=grpo_config(
+            config, job.trainer_dir, group, config.max_new_tokens, plan, temperature=config.online_temperature
+        ),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=job.callbacks(),
+        kl_controller=controller,
+        std_floor=config.advantage_std_floor,
     )
     trainer.restore_kl(job.checkpoint)
     result = job.train(trainer)
     return job.finish(
-        trainer, tokenizer, inputs={"rollouts": rollouts}, identity=stage_identity,
+        trainer,
+        tokenizer,
+        inputs={"rollouts": rollouts},
+        identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
         extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},

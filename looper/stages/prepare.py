@@ -102,7 +102,9 @@ def split_train_dev(rows: list, dev_fraction: float, seed: int) -> tuple[list, l
 
 def check_no_leak(splits: dict[str, list[dict]]) -> None:
     seen = {gsm8k.normalize_text(r["question"]): r["id"] for s in ("train", "dev") for r in splits[s]}
-    leaked = [(r["id"], seen[k]) for r in splits["test"] if (k := gsm8k.normalize_text(r["question"])) in seen]
+    leaked = [
+        (r["id"], seen[k]) for r in splits["test"] if (k := gsm8k.normalize_text(r["question"])) in seen
+    ]
     if leaked:
         test_id, train_id = leaked[0]
         raise LooperError(
@@ -121,7 +123,9 @@ def run(config: PrepareConfig) -> StageResult:
         raise LooperError(f"--source {config.source}: no usable train questions")
 
     # The version hashes the source rows themselves, so an edited source file is a new version.
-    source_hash = short_hash([[r.question, r.answer] for split in ("train", "test") for r in raw[split]], n=64)
+    source_hash = short_hash(
+        [[r.question, r.answer] for split in ("train", "test") for r in raw[split]], n=64
+    )
     version = store.version_for(STAGE, identity(config), {"source": source_hash})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
@@ -143,7 +147,8 @@ def run(config: PrepareConfig) -> StageResult:
         inputs={},
         identity=identity(config),
         counts=counts,
-        extra={"source": {"kind": source, "spec": config.source, "hash": source_hash,
-                          "bad_rows": bad.examples}},
+        extra={
+            "source": {"kind": source, "spec": config.source, "hash": source_hash, "bad_rows": bad.examples}
+        },
     )
     return StageResult.from_artifact(artifact)

@@ -59,11 +59,18 @@ def reasoning_of(text: str) -> str:
 
 def output_record(arm: Arm, prompt: str, completion, gold: str) -> dict:
     return {
-        "arm": arm.name, "style": arm.style, "temperature": arm.temperature, "prompt": prompt,
-        "text": completion.text, "reasoning": reasoning_of(completion.text),
-        "answer": extract_answer(completion.text), "correct": is_correct(completion.text, gold),
-        "tokens": completion.tokens, "finish_reason": completion.finish_reason,
-        "token_ids": completion.token_ids, "logprobs": completion.logprobs,
+        "arm": arm.name,
+        "style": arm.style,
+        "temperature": arm.temperature,
+        "prompt": prompt,
+        "text": completion.text,
+        "reasoning": reasoning_of(completion.text),
+        "answer": extract_answer(completion.text),
+        "correct": is_correct(completion.text, gold),
+        "tokens": completion.tokens,
+        "finish_reason": completion.finish_reason,
+        "token_ids": completion.token_ids,
+        "logprobs": completion.logprobs,
     }
 
 
@@ -73,18 +80,34 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
     correct = [o["correct"] for o in outputs]
     by_arm = {o["arm"]: o["answer"] for o in outputs}
     weights = scoring.RegimeWWeights(config.w_end, config.w_path, config.w_cf)
-    scores = scoring.score_question(answers, tokens, [by_arm[c["arm"]] for c in cf_outputs],
-                                    [c["answer"] for c in cf_outputs], weights)
+    scores = scoring.score_question(
+        answers, tokens, [by_arm[c["arm"]] for c in cf_outputs], [c["answer"] for c in cf_outputs], weights
+    )
     return {
-        "id": row["id"], "question": row["question"], "gold_answer": row["gold_answer"],
-        "policy": config.policy, "arm_outputs": outputs, "cf_outputs": cf_outputs, **scores,
+        "id": row["id"],
+        "question": row["question"],
+        "gold_answer": row["gold_answer"],
+        "policy": config.policy,
+        "arm_outputs": outputs,
+        "cf_outputs": cf_outputs,
+        **scores,
         "reward": reward.question_reward(correct, tokens, scores["s_wm"]),
-        "arm_rewards": reward.arm_rewards(correct, tokens, answers, scores["s_wm"], blend=config.coherence_blend),
+        "arm_rewards": reward.arm_rewards(
+            correct, tokens, answers, scores["s_wm"], blend=config.coherence_blend
+        ),
     }
 
 
-def rollout_chunk(rows: list[dict], arms: tuple[Arm, ...], cf_arms: list[Arm], generator, tokenizer,
-                  config: RolloutsConfig, seed: int, on_progress) -> list[dict]:
+def rollout_chunk(
+    rows: list[dict],
+    arms: tuple[Arm, ...],
+    cf_arms: list[Arm],
+    generator,
+    tokenizer,
+    config: RolloutsConfig,
+    seed: int,
+    on_progress,
+) -> list[dict]:
     """All arms (and the s_cf re-asks) of all questions in the chunk, generated in one call."""
     prompts, samplings, slots = [], [], []  # slot: (row index, "arm"|"cf", arm, perturbation)
     for i, row in enumerate(rows):
@@ -97,7 +120,9 @@ def rollout_chunk(rows: list[dict], arms: tuple[Arm, ...], cf_arms: list[Arm], g
             prompts.append(render_prompt(tokenizer, tutoring_messages(question, arm.instruction)))
             slots.append((i, "cf", arm, (kind, question)))
     for _, _, arm, _ in slots:
-        samplings.append(Sampling(temperature=arm.temperature, top_p=arm.top_p, max_new_tokens=config.max_new_tokens))
+        samplings.append(
+            Sampling(temperature=arm.temperature, top_p=arm.top_p, max_new_tokens=config.max_new_tokens)
+        )
     completions = generator.generate(prompts, samplings, seed=seed, on_progress=on_progress)
 
     outputs = [[] for _ in rows]
@@ -106,9 +131,16 @@ def rollout_chunk(rows: list[dict], arms: tuple[Arm, ...], cf_arms: list[Arm], g
         if kind == "arm":
             outputs[i].append(output_record(arm, prompt, completion, rows[i]["gold_answer"]))
         else:
-            cf_outputs[i].append({"arm": arm.name, "perturbation": extra[0], "question": extra[1],
-                                  "text": completion.text, "answer": extract_answer(completion.text),
-                                  "tokens": completion.tokens})
+            cf_outputs[i].append(
+                {
+                    "arm": arm.name,
+                    "perturbation": extra[0],
+                    "question": extra[1],
+                    "text": completion.text,
+                    "answer": extract_answer(completion.text),
+                    "tokens": completion.tokens,
+                }
+            )
     return [score_row(row, outputs[i], cf_outputs[i], config) for i, row in enumerate(rows)]
 
 
@@ -118,13 +150,17 @@ def run(config: RolloutsConfig) -> StageResult:
     store = Store(config.workdir)
     prepare = store.resolve("prepare", config.prepare)
     if config.split == "test":
-        raise LooperError("--split test: rollouts feed training, so they never read the test split (use train or dev)")
+        raise LooperError(
+            "--split test: rollouts feed training, so they never read the test split (use train or dev)"
+        )
     shard_index, shard_count = parse_shard(config.shard)
     arms = select_arms(config.arms, config.arm_file)
     arm_names = {a.name: a for a in arms}
     cf_names = [n.strip() for n in config.cf_arms.split(",") if n.strip()]
     if unknown := [n for n in cf_names if n not in arm_names]:
-        raise LooperError(f"--cf-arms: {', '.join(unknown)} not among the arms in use ({', '.join(arm_names)})")
+        raise LooperError(
+            f"--cf-arms: {', '.join(unknown)} not among the arms in use ({', '.join(arm_names)})"
+        )
     cf_arms = [arm_names[n] for n in cf_names]
 
     base = models.resolve_model(config.model)
@@ -133,8 +169,11 @@ def run(config: RolloutsConfig) -> StageResult:
     except LooperError as exc:
         hint = " (or pass --policy base to roll out the base model)" if config.policy == "sft" else ""
         raise LooperError(f"{exc}{hint}") from None
-    stage_identity = identity(config) | {"model": base.identity, "policy": policy.identity(),
-                                         "arms": [vars(a) for a in arms]}
+    stage_identity = identity(config) | {
+        "model": base.identity,
+        "policy": policy.identity(),
+        "arms": [vars(a) for a in arms],
+    }
     # the policy's adapter is an input too: a retrained sft makes these rollouts stale
     inputs = {"prepare": prepare} | ({policy.artifact.stage: policy.artifact} if policy.artifact else {})
     version = store.version_for(STAGE, stage_identity, inputs)
@@ -143,49 +182,91 @@ def run(config: RolloutsConfig) -> StageResult:
 
     split_path = prepare.path / f"{config.split}.parquet"
     if not split_path.is_file():
-        raise LooperError(f"--split {config.split}: no such split in prepare {prepare.version} (train or dev)")
-    rows = read_rows(split_path)[config.offset:]
+        raise LooperError(
+            f"--split {config.split}: no such split in prepare {prepare.version} (train or dev)"
+        )
+    rows = read_rows(split_path)[config.offset :]
     rows = rows[: config.limit] if config.limit is not None else rows
     if not rows:
         raise LooperError(f"no questions in {config.split} from offset {config.offset}")
-    chunks = [rows[i:i + config.shard_size] for i in range(0, len(rows), config.shard_size)]
+    chunks = [rows[i : i + config.shard_size] for i in range(0, len(rows), config.shard_size)]
     mine = [j for j in range(len(chunks)) if j % shard_count == shard_index - 1]
 
     run_ = store.begin(STAGE, version, resume=not config.force)
     todo = [j for j in mine if not (run_.path / f"shard-{j:05d}.parquet").is_file()]
     if todo:
-        generator, tokenizer = policies.load_generator(policy, backend=config.backend, batch_size=config.batch_size,
-                                                       trust_remote_code=config.trust_remote_code)
-        columns = [TextColumn("rollouts"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
-                   TimeElapsedColumn(), TextColumn("{task.fields[rate]}")]
+        generator, tokenizer = policies.load_generator(
+            policy,
+            backend=config.backend,
+            batch_size=config.batch_size,
+            trust_remote_code=config.trust_remote_code,
+        )
+        columns = [
+            TextColumn("rollouts"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("questions"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+        ]
         with Progress(*columns, transient=False) as progress:
             done_questions = sum(len(chunks[j]) for j in mine) - sum(len(chunks[j]) for j in todo)
-            task = progress.add_task("rollouts", total=sum(len(chunks[j]) for j in mine), completed=done_questions, rate="")
+            task = progress.add_task(
+                "rollouts", total=sum(len(chunks[j]) for j in mine), completed=done_questions, rate=""
+            )
             for j in todo:
+
                 def on_progress(done, tokens, start=time.perf_counter()):
                     # rates of the chunk in flight: completions are questions x (arms + s_cf re-asks)
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     per_question = len(arms) + len(cf_arms)
-                    progress.update(task, rate=f"{done / per_question / elapsed:.2f} questions/s, "
-                                               f"{tokens / elapsed:.0f} tok/s")
-                scored = rollout_chunk(chunks[j], arms, cf_arms, generator, tokenizer, config,
-                                       seed=config.seed * 100_003 + j, on_progress=on_progress)
+                    progress.update(
+                        task,
+                        rate=f"{done / per_question / elapsed:.2f} questions/s, {tokens / elapsed:.0f} tok/s",
+                    )
+
+                scored = rollout_chunk(
+                    chunks[j],
+                    arms,
+                    cf_arms,
+                    generator,
+                    tokenizer,
+                    config,
+                    seed=config.seed * 100_003 + j,
+                    on_progress=on_progress,
+                )
                 write_parquet(run_.path / f"shard-{j:05d}.parquet", scored, ROW_SCHEMA)
                 progress.advance(task, len(chunks[j]))
 
     all_rows = [r for j in mine for r in read_rows(run_.path / f"shard-{j:05d}.parquet")]
     summary = summarize(all_rows, [a.name for a in arms])
     artifact = run_.commit(
-        config=orjson.loads(orjson.dumps(vars(config))), inputs=inputs, identity=stage_identity,
-        counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)}, metrics=summary,
-        extra={"base_model": {"spec": base.spec, "identity": base.identity},
-               "policy": {"name": policy.name, "adapter_path": str(policy.adapter) if policy.adapter else None,
-                          **policy.identity()},
-               "generated_by": policies.generation_weights(config.backend, policy),
-               "sampling": {"arms": [vars(a) for a in arms], "cf_arms": cf_names,
-                            "max_new_tokens": config.max_new_tokens, "seed": config.seed},
-               "shard": {"index": shard_index, "count": shard_count, "chunks": mine,
-                         "total_chunks": len(chunks)}},
+        config=orjson.loads(orjson.dumps(vars(config))),
+        inputs=inputs,
+        identity=stage_identity,
+        counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)},
+        metrics=summary,
+        extra={
+            "base_model": {"spec": base.spec, "identity": base.identity},
+            "policy": {
+                "name": policy.name,
+                "adapter_path": str(policy.adapter) if policy.adapter else None,
+                **policy.identity(),
+            },
+            "generated_by": policies.generation_weights(config.backend, policy),
+            "sampling": {
+                "arms": [vars(a) for a in arms],
+                "cf_arms": cf_names,
+                "max_new_tokens": config.max_new_tokens,
+                "seed": config.seed,
+            },
+            "shard": {
+                "index": shard_index,
+                "count": shard_count,
+                "chunks": mine,
+                "total_chunks": len(chunks),
+            },
+        },
     )
     return StageResult.from_artifact(artifact)
 
@@ -201,11 +282,16 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     shards = sorted((a.manifest["shard"]["index"], a.manifest["shard"]["count"]) for a in artifacts)
     count = shards[0][1]
     if [i for i, _ in shards] != list(range(1, count + 1)) or any(n != count for _, n in shards):
-        raise LooperError(f"merge needs exactly the shards 1/{count} ... {count}/{count} once each; got "
-                          + ", ".join(f"{i}/{n}" for i, n in shards))
+        raise LooperError(
+            f"merge needs exactly the shards 1/{count} ... {count}/{count} once each; got "
+            + ", ".join(f"{i}/{n}" for i, n in shards)
+        )
     strip = lambda ident: {k: v for k, v in ident.items() if k != "shard"}  # noqa: E731
-    if any(strip(a.manifest["identity"]) != strip(artifacts[0].manifest["identity"]) for a in artifacts) or \
-            len({tuple(sorted((k, v["hash"]) for k, v in a.manifest["inputs"].items())) for a in artifacts}) != 1:
+    if (
+        any(strip(a.manifest["identity"]) != strip(artifacts[0].manifest["identity"]) for a in artifacts)
+        or len({tuple(sorted((k, v["hash"]) for k, v in a.manifest["inputs"].items())) for a in artifacts})
+        != 1
+    ):
         raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
     inputs = {name: Artifact.load(ref["path"]) for name, ref in artifacts[0].manifest["inputs"].items()}
@@ -220,9 +306,14 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     first = artifacts[0].manifest
     config = first["config"] | {"shard": "1/1"}
     artifact = run_.commit(
-        config=config, inputs=inputs, identity=stage_identity,
-        counts={"questions": len(all_rows), "shards": len(list(run_.path.glob("shard-*.parquet"))),
-                "arms": first["counts"]["arms"]},
+        config=config,
+        inputs=inputs,
+        identity=stage_identity,
+        counts={
+            "questions": len(all_rows),
+            "shards": len(list(run_.path.glob("shard-*.parquet"))),
+            "arms": first["counts"]["arms"],
+        },
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
         extra={k: first[k] for k in ("base_model", "policy", "sampling", "generated_by") if k in first}
         | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},

@@ -72,8 +72,15 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
     )
 
 
-def build_trainer(config: SftConfig, output_dir: Path, model, tokenizer, train_rows: list[dict],
-                  dev_rows: list[dict], callbacks: list | None = None):
+def build_trainer(
+    config: SftConfig,
+    output_dir: Path,
+    model,
+    tokenizer,
+    train_rows: list[dict],
+    dev_rows: list[dict],
+    callbacks: list | None = None,
+):
     """TRL's SFTTrainer with a fresh LoRA adapter on the frozen base."""
     from trl import SFTTrainer
 
@@ -104,7 +111,9 @@ def run(config: SftConfig) -> StageResult:
     source = models.resolve_model(config.model)
     quant = models.resolve_quant(config.quant)
     if quant == "none" and config.quant == "auto":
-        print("sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)")
+        print(
+            "sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)"
+        )
     stage_identity = identity(config) | {"model": source.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
     if existing := store.reuse(STAGE, version, config.force):
@@ -116,22 +125,38 @@ def run(config: SftConfig) -> StageResult:
         raise LooperError(f"prepare artifact {prepare.version} has an empty train split")
 
     if config.padding_free and not models.has_cuda():
-        raise LooperError("--padding-free needs FlashAttention on a CUDA GPU (a flattened batch would attend "
-                          "across examples with the CPU's attention); leave it off on this machine")
+        raise LooperError(
+            "--padding-free needs FlashAttention on a CUDA GPU (a flattened batch would attend "
+            "across examples with the CPU's attention); leave it off on this machine"
+        )
 
     job = training.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-    model = models.load_model(source, quant=quant, trust_remote_code=config.trust_remote_code,
-                              attn_implementation="flash_attention_2" if config.padding_free else None)
+    model = models.load_model(
+        source,
+        quant=quant,
+        trust_remote_code=config.trust_remote_code,
+        attn_implementation="flash_attention_2" if config.padding_free else None,
+    )
     trainer = build_trainer(config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks())
     if dev_rows and not job.checkpoint:
         trainer.evaluate()  # the dev loss before training, logged at step 0
     result = job.train(trainer)
     dev_after = trainer.evaluate()["eval_loss"] if dev_rows else None
     return job.finish(
-        trainer, tokenizer, inputs={"prepare": prepare}, identity=stage_identity,
-        counts={"train_questions": len(train_rows), "dev_questions": len(dev_rows),
-                "steps": trainer.state.global_step, "train_tokens": int(trainer._total_train_tokens)},
-        metrics={"train_loss": result.training_loss,
-                 "dev_loss_before": first_dev_loss(job.run.path / "metrics.jsonl"), "dev_loss": dev_after},
+        trainer,
+        tokenizer,
+        inputs={"prepare": prepare},
+        identity=stage_identity,
+        counts={
+            "train_questions": len(train_rows),
+            "dev_questions": len(dev_rows),
+            "steps": trainer.state.global_step,
+            "train_tokens": int(trainer._total_train_tokens),
+        },
+        metrics={
+            "train_loss": result.training_loss,
+            "dev_loss_before": first_dev_loss(job.run.path / "metrics.jsonl"),
+            "dev_loss": dev_after,
+        },
     )
