@@ -30,9 +30,62 @@ from looper.errors import LooperError
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 
 
-def opt(default: Any, help: str, *, identity: bool = True) -> Any:
-    """A config field: its default, the help text the CLI shows, whether it changes outputs."""
-    return field(default=default, metadata={"help": help, "identity": identity})
+def opt(
+    default: Any,
+    help: str,
+    *,
+    identity: bool = True,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field: its default, the help text the CLI shows, whether it changes outputs,
+    and what values it accepts (`choices`; bounds ge/gt/le/lt, checked by `check`)."""
+    bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    return field(
+        default=default,
+        metadata={"help": help, "identity": identity, "choices": choices, "bounds": bounds},
+    )
+
+
+_BOUND_TEXT = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+_BOUND_OK = {
+    "ge": lambda v, b: v >= b,
+    "gt": lambda v, b: v > b,
+    "le": lambda v, b: v <= b,
+    "lt": lambda v, b: v < b,
+}
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """The accepted values of a field in words, e.g. 'one of auto, hf, vllm' or '>= 1'."""
+    if f.metadata.get("choices"):
+        return "one of " + ", ".join(f.metadata["choices"])
+    return " and ".join(_BOUND_TEXT[k].format(v) for k, v in f.metadata.get("bounds", {}).items())
+
+
+def field_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is not accepted by field `f` (None when it is). None values mean 'unset'."""
+    if value is None:
+        return None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        return f"{value!r} is not {allowed(f)}"
+    bounds = f.metadata.get("bounds", {})
+    if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
+            return f"{value!r} is out of range: must be {allowed(f)}"
+    return None
+
+
+class ConfigError(LooperError):
+    """One or more invalid config values; `problems` holds one line per value."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
 
 
 @dataclass
@@ -53,12 +106,14 @@ class PrepareConfig(RunOptions):
         "GSM8K-format .jsonl file (used as train; no test split).",
     )
     dataset: str = opt("openai/gsm8k", "Hub dataset id used when --source hub (config 'main').")
-    dev_fraction: float = opt(0.2, "Fraction of the train questions held out as the dev split.")
-    seed: int = opt(0, "Seed of the train/dev shuffle and of the synthetic generator.")
-    limit: int | None = opt(None, "Keep at most this many questions of each source split (train, test).")
-    synthetic_train: int = opt(2000, "With --source synthetic: number of train questions.")
-    synthetic_test: int = opt(300, "With --source synthetic: number of test questions.")
-    difficulty: int = opt(2, "With --source synthetic: arithmetic steps per question (1-5).")
+    dev_fraction: float = opt(0.2, "Fraction of the train questions held out as the dev split.", ge=0, lt=1)
+    seed: int = opt(0, "Seed of the train/dev shuffle and of the synthetic generator.", ge=0)
+    limit: int | None = opt(
+        None, "Keep at most this many questions of each source split (train, test).", ge=1
+    )
+    synthetic_train: int = opt(2000, "With --source synthetic: number of train questions.", ge=1)
+    synthetic_test: int = opt(300, "With --source synthetic: number of test questions.", ge=1)
+    difficulty: int = opt(2, "With --source synthetic: arithmetic steps per question (1-5).", ge=1, le=5)
     skip_bad: bool = opt(False, "Skip malformed input rows (counted in the manifest) instead of stopping.")
 
 
@@ -76,9 +131,9 @@ class ModelOptions:
 class LoraOptions:
     """The LoRA adapter a training stage creates (sft always; ppo/dpo when starting from the base)."""
 
-    lora_r: int = opt(32, "LoRA rank.")
-    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch.")
+    lora_r: int = opt(32, "LoRA rank.", ge=1)
+    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).", ge=1)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch.", ge=0, lt=1)
     target_modules: str = opt(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "Comma-separated module names that get LoRA (attention and MLP projections), or 'all-linear'.",
@@ -88,18 +143,22 @@ class LoraOptions:
 @dataclass
 class SftConfig(LoraOptions, ModelOptions, RunOptions):
     prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
-    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.")
+    quant: str = opt(
+        "auto",
+        "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4 QLoRA), 'none'.",
+        choices=("auto", "4bit", "none"),
+    )
     optimizer: str = opt(
         "auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name."
     )
-    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    learning_rate: float = opt(5e-5, "Peak learning rate.", gt=0)
     lr_scheduler: str = opt("linear", "Learning-rate schedule (HF scheduler name).")
-    warmup_ratio: float = opt(0.03, "Fraction of steps spent warming the learning rate up.")
-    epochs: float = opt(1.0, "Passes over the train split (ignored when --max-steps is set).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    batch_size: int = opt(1, "Sequences per device per forward pass.")
-    grad_accum: int = opt(8, "Gradient-accumulation steps per optimizer step.")
-    max_length: int = opt(1024, "Truncate training sequences (prompt + solution) to this many tokens.")
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent warming the learning rate up.", ge=0, le=1)
+    epochs: float = opt(1.0, "Passes over the train split (ignored when --max-steps is set).", gt=0)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", ge=1)
+    batch_size: int = opt(1, "Sequences per device per forward pass.", ge=1)
+    grad_accum: int = opt(8, "Gradient-accumulation steps per optimizer step.", ge=1)
+    max_length: int = opt(1024, "Truncate training sequences (prompt + solution) to this many tokens.", ge=1)
     gradient_checkpointing: bool = opt(
         True, "Recompute activations in the backward pass (less memory, ~30% slower)."
     )
@@ -107,16 +166,16 @@ class SftConfig(LoraOptions, ModelOptions, RunOptions):
         False,
         "Concatenate a batch into one row without padding (TRL padding_free; CUDA + FlashAttention 2 only).",
     )
-    limit: int | None = opt(None, "Train on at most this many questions of the train split.")
-    dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.")
-    eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).")
-    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
-    seed: int = opt(0, "Seed for LoRA initialisation, data order and dropout.")
+    limit: int | None = opt(None, "Train on at most this many questions of the train split.", ge=1)
+    dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.", ge=0)
+    eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).", ge=1)
+    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.", ge=1)
+    seed: int = opt(0, "Seed for LoRA initialisation, data order and dropout.", ge=0)
     resume: bool = opt(
         True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False
     )
     report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
-    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
+    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False, ge=1)
 
 
 @dataclass
@@ -126,12 +185,15 @@ class GenerationOptions:
     backend: str = opt(
         "auto",
         "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
+        choices=("auto", "hf", "vllm"),
     )
-    batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).")
+    batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).", ge=1)
     max_new_tokens: int = opt(
-        512, "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer)."
+        512,
+        "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).",
+        ge=1,
     )
-    seed: int = opt(0, "Sampling seed (each batch derives its own from it).")
+    seed: int = opt(0, "Sampling seed (each batch derives its own from it).", ge=0)
 
 
 @dataclass
@@ -143,21 +205,23 @@ class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
         "latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path."
     )
     split: str = opt("train", "Split of the prepare artifact to roll out (train; never test).")
-    limit: int | None = opt(500, "Number of questions (from --offset).")
-    offset: int = opt(0, "Index of the first question.")
-    arms: int = opt(8, "Number of arms, taken in order from the arm list (see `looper.regime_w.arms`).")
+    limit: int | None = opt(500, "Number of questions (from --offset).", ge=1)
+    offset: int = opt(0, "Index of the first question.", ge=0)
+    arms: int = opt(8, "Number of arms, taken in order from the arm list (see `looper.regime_w.arms`).", ge=1)
     arm_file: str | None = opt(
         None, "TOML file of arms ([[arm]] name, style, temperature, top_p) replacing the built-in ones."
     )
     cf_arms: str = opt(
         "wolfram-t0.2,maudlin-t0.2", "Comma-separated arms re-asked on perturbed questions for s_cf."
     )
-    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.")
-    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.")
-    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.")
-    coherence_blend: float = opt(0.5, "Per-arm coherence = blend * own agreement + (1 - blend) * s_wm.")
+    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.", ge=0)
+    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.", ge=0)
+    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
+    coherence_blend: float = opt(
+        0.5, "Per-arm coherence = blend * own agreement + (1 - blend) * s_wm.", ge=0, le=1
+    )
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
-    shard_size: int = opt(32, "Questions per written shard file (the unit of resume).")
+    shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
 
 
 @dataclass
@@ -166,19 +230,24 @@ class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
         "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
-    split: str = opt("test", "Split of the prepare artifact: test (never trained on) or dev.")
+    split: str = opt(
+        "test", "Split of the prepare artifact: test (never trained on) or dev.", choices=("test", "dev")
+    )
     source: str | None = opt(
         None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum)."
     )
-    limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).")
-    samples: int = opt(1, "Completions per question; > 1 adds maj@k and pass@k (needs --temperature > 0).")
-    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy (reproducible).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).", ge=1)
+    samples: int = opt(
+        1, "Completions per question; > 1 adds maj@k and pass@k (needs --temperature > 0).", ge=1
+    )
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy (reproducible).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold.", gt=0, le=1)
     format: str = opt(
         "chat",
         "'chat' (the training prompt through the chat template) or 'lm-eval' (5-shot, as lm-evaluation-harness gsm8k).",
+        choices=("chat", "lm-eval"),
     )
-    bootstrap: int = opt(10000, "Paired-bootstrap resamples for the accuracy-difference intervals.")
+    bootstrap: int = opt(10000, "Paired-bootstrap resamples for the accuracy-difference intervals.", ge=1)
 
 
 @dataclass
@@ -186,24 +255,28 @@ class TrainOptions:
     """Optimisation settings shared by the RL-style stages (ppo, dpo)."""
 
     rollouts: str = opt("latest", "Rollouts artifact to learn from: 'latest', a version id, or a path.")
-    quant: str = opt("auto", "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4), 'none'.")
+    quant: str = opt(
+        "auto",
+        "Base weights: 'auto' (4bit on CUDA, none on CPU), '4bit' (NF4), 'none'.",
+        choices=("auto", "4bit", "none"),
+    )
     optimizer: str = opt(
         "auto", "Optimizer: 'auto' (paged_adamw_8bit on CUDA, adamw_torch on CPU) or any HF optim name."
     )
-    learning_rate: float = opt(5e-6, "Peak learning rate.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
-    epochs: float = opt(1.0, "Passes over the rollouts' questions (ignored when --max-steps is set).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    learning_rate: float = opt(5e-6, "Peak learning rate.", gt=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", gt=0)
+    epochs: float = opt(1.0, "Passes over the rollouts' questions (ignored when --max-steps is set).", gt=0)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.", ge=1)
     gradient_checkpointing: bool = opt(
         True, "Recompute activations in the backward pass (less memory, slower)."
     )
-    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.")
-    seed: int = opt(0, "Seed for data order, dropout and a fresh adapter's initialisation.")
+    save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.", ge=1)
+    seed: int = opt(0, "Seed for data order, dropout and a fresh adapter's initialisation.", ge=0)
     resume: bool = opt(
         True, "Continue an interrupted run of the same version from its last checkpoint.", identity=False
     )
     report_to: str = opt("none", "Also log to: none, tensorboard, wandb or trackio.", identity=False)
-    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False)
+    logging_steps: int = opt(1, "Log metrics every this many steps.", identity=False, ge=1)
 
 
 @dataclass
@@ -213,30 +286,36 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
         "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
         "'question': the shared question reward, advantages centred over the batch; "
         "'correctness': 1 for a right arm, 0 for a wrong one, advantages relative to the arms.",
+        choices=("arm", "question", "correctness"),
     )
-    questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.")
+    questions_per_step: int = opt(8, "Questions (with all their arms) per optimizer step.", ge=1)
     questions_per_minibatch: int = opt(
-        4, "Questions per forward/backward pass (gradient accumulation makes up the step)."
+        4, "Questions per forward/backward pass (gradient accumulation makes up the step).", ge=1
     )
-    clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.")
+    clip_epsilon: float = opt(0.2, "PPO clipping range of the importance ratio.", gt=0)
     advantage_std_floor: float = opt(
         0.1,
         "Advantages = (reward - group mean) / max(group std, this): reward "
         "differences smaller than it stay small (a length penalty of a few tokens).",
+        ge=0,
     )
     loss_type: str = opt(
         "dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...)."
     )
-    kl_coef: float = opt(0.04, "Initial coefficient of the per-token KL penalty to the reference policy.")
+    kl_coef: float = opt(
+        0.04, "Initial coefficient of the per-token KL penalty to the reference policy.", ge=0
+    )
     kl_target: float = opt(
         0.1,
         "Adaptive KL control: target KL to the reference in nats per token (TRL's `kl`: mean "
         "per-token k3 estimate); the coefficient moves towards it after every step. 0 = fixed.",
+        ge=0,
     )
     kl_horizon: int = opt(
         0,
         "Adaptive KL control: optimizer steps over which the coefficient can change by a factor "
         "e (larger = slower). 0 = a tenth of the run's steps, between 2 and 10.",
+        ge=0,
     )
     behaviour_logprobs: str = opt(
         "auto",
@@ -244,48 +323,58 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
         "'recompute' (the training model scores the stored completions once, before the "
         "first update), 'auto' (recompute when the rollouts were sampled with other weights "
         "- backend, quantisation, dtype - than the trained ones).",
+        choices=("auto", "stored", "recompute"),
     )
     online: bool = opt(
         False,
         "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.",
     )
-    online_generations: int = opt(8, "With --online: completions sampled per question.")
-    online_temperature: float = opt(0.7, "With --online: sampling temperature.")
-    max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.")
+    online_generations: int = opt(8, "With --online: completions sampled per question.", ge=2)
+    online_temperature: float = opt(0.7, "With --online: sampling temperature.", gt=0)
+    max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.", ge=1)
 
 
 @dataclass
 class DpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
     pairs_per_question: int = opt(
-        1, "Preference pairs per question: best correct arms against worst incorrect arms."
+        1, "Preference pairs per question: best correct arms against worst incorrect arms.", ge=1
     )
-    beta: float = opt(0.1, "DPO beta: strength of the implicit KL constraint to the reference policy.")
-    batch_size: int = opt(4, "Pairs per device per forward pass.")
-    grad_accum: int = opt(2, "Gradient-accumulation steps per optimizer step.")
+    beta: float = opt(0.1, "DPO beta: strength of the implicit KL constraint to the reference policy.", gt=0)
+    batch_size: int = opt(4, "Pairs per device per forward pass.", ge=1)
+    grad_accum: int = opt(2, "Gradient-accumulation steps per optimizer step.", ge=1)
 
 
 @dataclass
 class LoopConfig(RunOptions):
     """`looper loop`: rounds of rollouts -> ppo|dpo -> dev eval; each stage is configured by its own table."""
 
-    rounds: int = opt(3, "Rounds to run (each: rollouts from the newest policy, train on them, eval on dev).")
+    rounds: int = opt(
+        3, "Rounds to run (each: rollouts from the newest policy, train on them, eval on dev).", ge=1
+    )
     patience: int = opt(
         2,
         "Stop early when dev accuracy has not improved on the best so far (sft included) "
         "for this many rounds.",
+        ge=1,
     )
     algorithm: str = opt(
-        "ppo", "What each round trains with: 'ppo' or 'dpo' (configured by that stage's table)."
+        "ppo",
+        "What each round trains with: 'ppo' or 'dpo' (configured by that stage's table).",
+        choices=("ppo", "dpo"),
     )
     dev_limit: int | None = opt(
-        None, "Dev questions of each round's eval (the first ones; none = the whole split)."
+        None, "Dev questions of each round's eval (the first ones; none = the whole split).", ge=1
     )
     fresh_questions: bool = opt(
         True,
         "Each round rolls out the next `limit` train questions of the rollouts table "
         "(wrapping around); off: every round the same ones.",
     )
-    final: str = opt("best", "Final policy: 'best' (highest dev accuracy, earliest on ties) or 'last' round.")
+    final: str = opt(
+        "best",
+        "Final policy: 'best' (highest dev accuracy, earliest on ties) or 'last' round.",
+        choices=("best", "last"),
+    )
     test_eval: bool = opt(
         True,
         "After the rounds, evaluate sft against the final policy as the eval table says "
@@ -336,8 +425,9 @@ def cli_option(cls: type, name: str, *flags: str) -> Any:
     flags = flags or ("--" + name.replace("_", "-"),)
     # "\\[" keeps rich from reading the brackets as markup
     extra = {"metavar": ""} if f.type in (bool, "bool") else {}
+    accepts = f" ({allowed(f)})" if allowed(f) else ""
     return typer.Option(
-        *flags, help=f"{f.metadata['help']} \\[default: {shown}]", show_default=False, **extra
+        *flags, help=f"{f.metadata['help']}{accepts} \\[default: {shown}]", show_default=False, **extra
     )
 
 
@@ -395,12 +485,37 @@ def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def check(cls: type, values: dict[str, Any], *, cli_keys: set[str] = frozenset()) -> list[str]:
+    """One line per value of `values` that field metadata rejects (choices, ranges).
+
+    A value given on the command line is named as its option (`--max-steps`), one from a
+    pipeline file as `[stage] key`, so the user knows where to fix it.
+    """
+    stage = next((name for name, c in STAGE_CONFIGS.items() if c is cls), cls.__name__)
+    fields_ = stage_fields(cls)
+    problems = []
+    for key, value in values.items():
+        problem = field_problem(fields_[key], value) if key in fields_ else None
+        if problem:
+            where = "--" + key.replace("_", "-") if key in cli_keys else f"[{stage}] {key}"
+            problems.append(f"{where}: {problem}")
+    return problems
+
+
 def build_config(cls: type, *, file_values: dict[str, Any], cli_values: dict[str, Any]) -> Any:
-    """Defaults < pipeline file < command line (None on the command line means 'not given')."""
+    """Defaults < pipeline file < command line (None on the command line means 'not given').
+
+    Every value is checked against its field's choices and range before anything runs;
+    all the problems are raised together as a ConfigError.
+    """
     values = dict(file_values)
-    values.update({k: v for k, v in cli_values.items() if v is not None})
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    values.update(given)
     if "workdir" not in cli_values or cli_values["workdir"] is None:
         # LOOPER_HOME sits between the pipeline file and the command line
         if os.environ.get("LOOPER_HOME"):
             values["workdir"] = os.environ["LOOPER_HOME"]
+    problems = check(cls, values, cli_keys=set(given))
+    if problems:
+        raise ConfigError(problems)
     return cls(**values)
