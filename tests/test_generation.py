@@ -232,3 +232,66 @@ def test_vllm_backend_without_vllm(monkeypatch):
 def test_unknown_backend():
     with pytest.raises(LooperError, match="unknown generation backend 'tgi'"):
         make_generator("tgi")
+
+
+def old_output_logits_batch(gen, rows: list[list[int]], s: Sampling) -> tuple[list, list]:
+    """The hf backend as it was: `output_logits=True` (all B x T x V raw logits kept), then per step
+    gather - logsumexp. Returns (generated ids, log-probs) per row, un-cut."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), gen.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row) :], mask[r, width - len(row) :] = torch.tensor(row), 1
+    options = {"do_sample": False}
+    if s.temperature > 0:
+        options = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
+    result = gen.model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=s.max_new_tokens,
+        eos_token_id=gen.eos_ids,
+        pad_token_id=gen.eos_ids[0],
+        repetition_penalty=1.0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **options,
+    )
+    out = result.sequences[:, width:]
+    logprobs = torch.stack(
+        [
+            step.gather(1, out[:, t, None]).squeeze(1).float() - step.float().logsumexp(-1)
+            for t, step in enumerate(result.logits)
+        ],
+        dim=1,
+    )
+    return out.tolist(), logprobs.tolist()
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(temperature=0.7, top_p=0.9, max_new_tokens=16), Sampling(max_new_tokens=16)],
+)
+def test_step_by_step_logprobs_equal_the_output_logits_ones(lm, sampling):
+    """The LogitsProcessor recorder gives the same tokens and log-probs (float tolerance) as keeping
+    every step's raw logits did, at a temperature and top-p that change the sampler's scores."""
+    model, tokenizer, prompts = lm
+    gen = hf(lm, batch_size=8)
+    rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        torch.manual_seed(11)
+        old_ids, old_logprobs = old_output_logits_batch(gen, rows, sampling)
+        torch.manual_seed(11)
+        new = gen._batch(rows, sampling)
+    for ids, logprobs, c in zip(old_ids, old_logprobs, new):
+        n = len(c.token_ids)
+        assert c.token_ids == ids[:n]
+        assert c.logprobs == pytest.approx(logprobs[:n], abs=1e-5)
+
+
+def test_logprobs_false_same_completions_no_logprobs(lm):
+    s = Sampling(temperature=0.8, max_new_tokens=12)
+    with_lp = hf(lm).generate(lm[2], s, seed=5)
+    without = hf(lm).generate(lm[2], s, seed=5, logprobs=False)
+    assert [c.token_ids for c in without] == [c.token_ids for c in with_lp]
+    assert [c.text for c in without] == [c.text for c in with_lp]
+    assert all(c.logprobs == [] for c in without) and all(c.logprobs for c in with_lp)

@@ -20,6 +20,8 @@ Conventions shared by both backends (the tests pin them for `hf`):
   included): the policy at temperature 1 with no top-p, whatever temperature the token was
   sampled at. The RL stage uses these as the behaviour policy's log-probs, and its
   importance ratios are taken against the untempered policy it trains.
+  They are taken step by step (never all B x T x V logits kept); a caller that needs none
+  (eval) passes ``logprobs=False`` and gets an empty list.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Completion:
 
     text: str  # decoded generated text, special tokens skipped, cut before a stop string
     token_ids: list[int]  # generated tokens, the EOS that ended the completion included; no padding
-    logprobs: list[float]  # untempered log-prob of each token in token_ids (same length)
+    logprobs: list[float]  # untempered log-prob of each token in token_ids (same length; [] if not asked)
     finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
     eos: bool = False  # token_ids[-1] is the EOS that ended the completion
 
@@ -82,8 +84,11 @@ class Generator(Protocol):
         *,
         seed: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
+        logprobs: bool = True,
     ) -> list[Completion]:
         """One completion per prompt, in input order. `sampling` is one for all or one per prompt.
+
+        ``logprobs=False`` (eval) computes no log-probs: ``Completion.logprobs`` is empty.
 
         The same call with the same `seed` returns the same completions.
         ``on_progress(completions_done, new_tokens)`` gets running totals for this call after

@@ -27,6 +27,45 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+class SampledLogprobs:
+    """A LogitsProcessor recording, step by step, the log-prob of each row's sampled token under the
+    logits it is handed: log_softmax(logits)[token], i.e. ``logits[token] - logsumexp(logits)``.
+
+    `generate` applies the processors it builds from the generation config first (none with
+    the options `_batch` passes, unless the model's own generation config asks for some, e.g.
+    `suppress_tokens`: then the policy sampled from is that processed one, and so are these),
+    then the ones passed as `logits_processor` (this one), then the sampling warpers
+    (temperature, top-p): the logits seen here are the untempered ones `output_logits` gave. The
+    token drawn at step t is only known at step t + 1 (the last column of `input_ids`), so one
+    step's B x V log-probs are held until then, never the B x T x V of all steps; `finish` takes
+    the last step's from the returned sequences."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None  # B x V log-probs of the last step
+        self.taken: list[torch.Tensor] = []  # one B vector per generated token
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.taken.append(self.previous.gather(1, tokens[:, None].to(self.previous.device)).squeeze(1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self._take(input_ids[:, -1])
+        logits = scores.float()
+        self.previous = logits - logits.logsumexp(-1, keepdim=True)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """B x T log-probs of `generated` (the new tokens `generate` returned)."""
+        if self.previous is not None and len(self.taken) < generated.shape[1]:
+            self._take(generated[:, len(self.taken)])
+        self.previous = None
+        if len(self.taken) != generated.shape[1]:
+            raise RuntimeError(
+                f"recorded {len(self.taken)} log-probs for {generated.shape[1]} generated tokens"
+            )
+        return torch.stack(self.taken, dim=1).cpu() if self.taken else torch.zeros(generated.shape)
+
+
 class HFGenerator:
     """`Generator` over `model.generate`; see `looper.generation` for the output conventions."""
 
@@ -44,6 +83,7 @@ class HFGenerator:
         *,
         seed: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
+        logprobs: bool = True,
     ) -> list[Completion]:
         samplings = expand_sampling(prompts, sampling)
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
@@ -68,7 +108,7 @@ class HFGenerator:
                         # Seed from (call seed, batch number): the same call gives the same completions.
                         torch.manual_seed(seed * 1_000_003 + batch_index)
                         batch_index += 1
-                        for i, completion in zip(chunk, self._batch([ids[i] for i in chunk], s)):
+                        for i, completion in zip(chunk, self._batch([ids[i] for i in chunk], s, logprobs)):
                             out[i] = completion
                             new_tokens += completion.tokens
                         done += len(chunk)
@@ -78,7 +118,7 @@ class HFGenerator:
             self.model.train(was_training)
         return out
 
-    def _batch(self, rows: list[list[int]], s: Sampling) -> list[Completion]:
+    def _batch(self, rows: list[list[int]], s: Sampling, want_logprobs: bool = True) -> list[Completion]:
         """One `model.generate` call on left-padded rows (padding built here, not by the tokenizer,
         so its `padding_side` is never touched)."""
         width = max(map(len, rows))
@@ -92,8 +132,9 @@ class HFGenerator:
             options = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
         if s.stop:
             options |= {"stop_strings": list(s.stop), "tokenizer": self.tokenizer}
+        recorder = SampledLogprobs() if want_logprobs else None
         device = self.model.device
-        result = self.model.generate(
+        gen = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=s.max_new_tokens,
@@ -102,30 +143,19 @@ class HFGenerator:
             # whether it stopped on EOS or on a stop string.
             pad_token_id=self.eos_ids[0],
             repetition_penalty=1.0,
-            output_logits=True,
-            return_dict_in_generate=True,
+            logits_processor=[recorder] if recorder else None,
             **options,
-        )
-        gen = result.sequences[:, width:]
-        # Log-probs from the RAW logits (`result.logits`), not `result.scores`: scores have been
-        # divided by the temperature and top-p masked. The RL stage needs the token's log-prob
-        # under the untempered policy (temperature 1), the one it trains, as its behaviour policy.
-        # One gather + logsumexp per step keeps memory at the B x T x V of the logits themselves
-        # (stacking them and taking log_softmax would allocate two more such tensors).
-        logprobs = torch.stack(
-            [
-                step.gather(1, gen[:, t, None]).squeeze(1).float() - step.float().logsumexp(-1)
-                for t, step in enumerate(result.logits)
-            ],
-            dim=1,
-        )
+        )[:, width:]
+        # No B x T x V logits are kept (`output_logits`): the recorder keeps one step's log-probs
+        # and the sampled tokens' values; without log-probs (eval) nothing is recorded at all.
+        logprobs = recorder.finish(gen) if recorder else torch.zeros(gen.shape)
         is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=gen.device))
         ended = is_eos.any(1)
         # up to and including the first EOS: the one sampled (its log-prob is real, the row was still
         # running), or the filler after a stop string, which `_completion` drops with the stop string's cut
         lengths = torch.where(ended, is_eos.float().argmax(1) + 1, gen.shape[1])
         return [
-            self._completion(g[:n], lp[:n], e, s.stop)
+            self._completion(g[:n], lp[:n] if want_logprobs else [], e, s.stop)
             for g, lp, n, e in zip(gen.tolist(), logprobs.tolist(), lengths.tolist(), ended.tolist())
         ]
 

@@ -80,6 +80,7 @@ class VLLMGenerator:
         *,
         seed: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
+        logprobs: bool = True,
     ) -> list[Completion]:
         from vllm import SamplingParams
 
@@ -98,7 +99,7 @@ class VLLMGenerator:
                 # A seed per request: reproducible whatever vLLM's scheduling, and repeated
                 # prompts with equal sampling still get different samples.
                 seed=seed * 1_000_003 + i,
-                logprobs=0,
+                logprobs=0 if logprobs else None,  # None: vLLM returns no log-probs (eval)
             )
             for i, s in enumerate(samplings)
         ]

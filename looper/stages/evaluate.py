@@ -338,6 +338,7 @@ def model_rows(
                 sampling,
                 seed=config.seed + c,
                 on_progress=on_progress,
+                logprobs=False,  # scoring needs the text only: no per-token log-probs kept
             )
             tokens += sum(x.tokens for x in completions)
             scored = []
