@@ -60,13 +60,62 @@ def tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def tiny_model(path: str | Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Save a random tiny Llama causal LM + tokenizer under `path`; returns the path."""
+# DeepSeek-R1-distill shaped (reduced to user and assistant turns): the template writes BOS
+# itself, the generation prompt pre-fills `<think>\n`, and assistant turns lose what precedes
+# `</think>`. With `r1_tokenizer`, whose tokenizer ALSO adds BOS to any text it encodes: the
+# combination that gives two BOS when a rendered prompt is tokenized with special tokens.
+R1_BOS, R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+R1_USER, R1_ASSISTANT = "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"
+R1_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + R1_USER + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '" + R1_ASSISTANT + "' + content + '" + R1_EOS + "' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + R1_ASSISTANT + "<think>\\n' }}{% endif %}"
+)
+
+
+def r1_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer shaped like DeepSeek-R1-Distill-Llama's: adds BOS to every text
+    it encodes (`tokenizer("x")` starts with BOS), chat template beginning with `{{ bos_token }}`,
+    generation prompt ending `<think>\\n` (`<think>`, `</think>` are added, non-special tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [R1_BOS, R1_EOS, R1_USER, R1_ASSISTANT, "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    bos_id = tok.token_to_id(R1_BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A {R1_BOS} $B", special_tokens=[(R1_BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=R1_BOS, eos_token=R1_EOS, pad_token="<pad>", unk_token=R1_EOS
+    )
+    fast.chat_template = R1_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(
+    path: str | Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0, tokenizer=None
+) -> Path:
+    """Save a random tiny Llama causal LM + tokenizer (default `tiny_tokenizer()`) under `path`;
+    returns the path."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -48,6 +48,8 @@ def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
         "optim": optimizer_name(config.optimizer, cuda),
         "activation_checkpointing": config.gradient_checkpointing,
         "bf16": cuda,
+        # accelerate makes CPU processes one gloo world only with use_cpu; on one process it changes nothing
+        "use_cpu": not cuda,
         "save_strategy": "steps",
         "save_steps": config.save_steps,
         "save_total_limit": 2,  # resume needs the last one; the one before covers a crash while saving
@@ -163,7 +165,9 @@ class TrainingRun:
 
     `begin` opens (or, with --resume, reopens) `<version>.partial/` and finds the checkpoint to
     resume from; `finish` has rank 0 alone save the adapter, drop the trainer's resume state and
-    commit the artifact (with the config, base model and quant every training stage records)."""
+    commit the artifact (with the config, base model and quant every training stage records).
+    Under torchrun / accelerate launch (`looper.distributed`) rank 0 alone writes, the other
+    ranks wait at barriers around it, and the manifest records `world_size`."""
 
     stage: str
     version: str
@@ -178,9 +182,16 @@ class TrainingRun:
     def begin(
         cls, store: Any, stage: str, version: str, config: Any, *, base: Any, quant: str
     ) -> TrainingRun:
-        run_ = store.begin(stage, version, resume=config.resume and not config.force)
-        checkpoint = resume_point(run_.path / "trainer", run_.path / "metrics.jsonl")
-        return cls(stage, version, store, run_, config, base, quant, checkpoint)
+        from looper import distributed
+        from looper.artifacts import PARTIAL, Run
+
+        distributed.init()
+        if distributed.is_main():  # rank 0 alone clears or reopens the .partial directory
+            run_ = store.begin(stage, version, resume=config.resume and not config.force)
+            resume_point(run_.path / "trainer", run_.path / "metrics.jsonl")
+        distributed.barrier()
+        run_ = Run(store, stage, version, store.stage_root(stage) / f"{version}{PARTIAL}")
+        return cls(stage, version, store, run_, config, base, quant, last_checkpoint(run_.path / "trainer"))
 
     @property
     def trainer_dir(self) -> Path:
@@ -205,12 +216,19 @@ class TrainingRun:
         metrics: dict,
         extra: dict | None = None,
     ) -> Any:
+        from looper import distributed
+        from looper.artifacts import Artifact
         from looper.stages import StageResult
 
-        if not trainer.accelerator.is_main_process:  # under accelerate, rank 0 alone writes the artifact
-            return StageResult(
-                self.stage, self.version, str(self.store.stage_root(self.stage) / self.version)
-            )
+        # rank 0 alone writes, once every rank has finished training; the others wait for the commit
+        path = distributed.on_main(
+            lambda: self._commit(trainer, tokenizer, inputs, identity, counts, metrics, extra)
+        )
+        return StageResult.from_artifact(Artifact.load(Path(path)))
+
+    def _commit(self, trainer, tokenizer, inputs, identity, counts, metrics, extra) -> str:
+        from looper import distributed
+
         save_adapter(trainer.model, tokenizer, self.run.path)  # the trained adapter, not TRL's 'ref' copy
         shutil.rmtree(self.trainer_dir, ignore_errors=True)  # resume state is useless once finished
         artifact = self.run.commit(
@@ -222,7 +240,8 @@ class TrainingRun:
             extra={
                 "base_model": {"spec": self.base.spec, "identity": self.base.identity},
                 "quant": self.quant,
+                "world_size": distributed.world_size(),
             }
             | (extra or {}),
         )
-        return StageResult.from_artifact(artifact)
+        return str(artifact.path)

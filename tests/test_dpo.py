@@ -9,7 +9,7 @@ from test_ppo import build_rollouts, mean_logprob
 
 from looper.artifacts import Store, write_parquet
 from looper.regime_w.summary import ROW_SCHEMA
-from looper.stages.dpo import preference_pairs, strip_template_bos
+from looper.stages.dpo import preference_pairs
 
 FAST = ["--batch-size", "2", "--grad-accum", "1", "--no-gradient-checkpointing", "--save-steps", "100"]
 
@@ -62,19 +62,6 @@ def test_pairs_best_correct_against_worst_incorrect():
     assert [(p["chosen_arm"], p["rejected_arm"]) for p in two] == [("a2", "a3"), ("a4", "a5"), ("a1", "a2")]
     assert len(preference_pairs(rows, 5)) == 3 + 1
     assert preference_pairs(rows[1:3], 3) == []
-
-
-def test_prompt_bos_kept_once():
-    class Tok:  # a Llama-style tokenizer: adds BOS itself
-        bos_token, bos_token_id = "<s>", 1
-
-        def __call__(self, text, **kwargs):
-            return {"input_ids": [1, 7]}
-
-    assert strip_template_bos("<s>user: hi", Tok()) == "user: hi"
-    assert strip_template_bos("user: hi", Tok()) == "user: hi"
-    Tok.__call__ = lambda self, text, **kwargs: {"input_ids": [7]}  # ChatML-style: adds nothing
-    assert strip_template_bos("<s>user: hi", Tok()) == "<s>user: hi"
 
 
 def test_dpo_trains_chosen_over_rejected(run_cli, tiny_model_dir, tmp_path):

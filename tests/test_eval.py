@@ -171,12 +171,15 @@ def test_interrupted_eval_resumes_and_reuses_finished_models(run_cli, workdir, t
 class Scripted:
     """A generator answering from a script: `answer(question, gold) -> completion text`."""
 
+    logprobs_asked: list[bool] = []
+
     def __init__(self, golds, answer):
         self.golds, self.answer = golds, answer
 
-    def generate(self, prompts, sampling, *, seed=0, on_progress=None):
+    def generate(self, prompts, sampling, *, seed=0, on_progress=None, logprobs=True):
         from looper.generation import Completion
 
+        Scripted.logprobs_asked.append(logprobs)
         out = []
         for prompt in prompts:
             question = max(
@@ -213,6 +216,7 @@ def test_scores_and_paired_statistics_with_scripted_models(
         *eval_args(workdir, tiny_model_dir, "--compare", "base,sft", "--limit", "6", "--format", fmt, *FAST)
     )
     assert code == 0, err
+    assert set(Scripted.logprobs_asked) == {False}  # eval scores text: it asks for no log-probs
     metrics = last_json(out)["metrics"]
     assert metrics["accuracy"] == {"base": 0.0, "sft": 1.0}
     assert metrics["diff"] == {"base vs sft": 1.0}

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from looper.data.prompts import prompt_token_ids
 from looper.generation import Completion, Sampling, cut_at_stop, expand_sampling
 
 
@@ -86,7 +87,7 @@ class HFGenerator:
         logprobs: bool = True,
     ) -> list[Completion]:
         samplings = expand_sampling(prompts, sampling)
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]  # one BOS: the template's
         groups: dict[Sampling, list[int]] = {}
         for i, s in enumerate(samplings):
             groups.setdefault(s, []).append(i)

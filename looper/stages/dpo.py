@@ -28,7 +28,7 @@ are not reused), and TRL appends EOS to every completion, truncated ones include
 
 from __future__ import annotations
 
-from looper import models, training
+from looper import distributed, models, training
 from looper.artifacts import Store
 from looper.config import DpoConfig, identity
 from looper.errors import LooperError
@@ -64,13 +64,19 @@ def preference_pairs(rows: list[dict], k: int = 1) -> list[dict]:
     return pairs
 
 
-def strip_template_bos(prompt: str, tokenizer) -> str:
-    """TRL tokenizes a string prompt with special tokens on: where the tokenizer adds BOS itself and the
-    chat template already wrote it, drop the written one, so training sees one BOS, as generation did."""
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer("1")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return prompt[len(bos) :]
-    return prompt
+def pair_dataset(pairs: list[dict], tokenizer):
+    """TRL's prompt/chosen/rejected strings; the prompt as `trl_prompt` hands it, so the prompt
+    tokens TRL scores are the ones the arms were generated from (one BOS)."""
+    from datasets import Dataset
+
+    from looper.data.prompts import trl_prompt
+
+    return Dataset.from_list(
+        [
+            {"prompt": trl_prompt(tokenizer, p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in pairs
+        ]
+    )
 
 
 def max_length(pairs: list[dict], tokenizer) -> int:
@@ -87,14 +93,16 @@ def dpo_config(config: DpoConfig, output_dir, length: int):
     from trl import DPOConfig
 
     cuda = models.has_cuda()
+    # --batch-size x --grad-accum is the global batch, split over the processes of a torchrun launch
+    per_device, accumulation = distributed.split_batch(config.batch_size, config.grad_accum)
     return DPOConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
         beta=config.beta,
         loss_type=["sigmoid"],  # the original DPO loss
         max_length=length,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate,
         max_grad_norm=config.max_grad_norm,
         data_seed=config.seed,
@@ -130,27 +138,16 @@ def run(config: DpoConfig) -> StageResult:
         f"(arms all correct or all wrong); {cross} pair(s) rank arms of different prompts (scored under the chosen's)"
     )
 
-    from datasets import Dataset
     from trl import DPOTrainer
 
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": strip_template_bos(p["prompt"], tokenizer),
-                "chosen": p["chosen"],
-                "rejected": p["rejected"],
-            }
-            for p in pairs
-        ]
-    )
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(config, job.trainer_dir, max_length(pairs, tokenizer)),
-        train_dataset=dataset,
+        train_dataset=pair_dataset(pairs, tokenizer),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=job.callbacks(),

@@ -39,9 +39,10 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from looper import models, training
+from looper import distributed, models, training
 from looper.artifacts import Store
 from looper.config import PpoConfig, identity
+from looper.data.prompts import prompt_token_ids
 from looper.errors import LooperError
 from looper.rl import (
     AdaptiveKL,
@@ -197,8 +198,8 @@ def prompt_encoder(tokenizer):
     cache: dict[str, list[int]] = {}
 
     def encode(prompt: str) -> list[int]:
-        if prompt not in cache:  # the chat template already holds BOS: add no special tokens
-            cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if prompt not in cache:
+            cache[prompt] = prompt_token_ids(tokenizer, prompt)
         return cache[prompt]
 
     return encode
@@ -234,12 +235,14 @@ def grpo_config(
     config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan, temperature: float = 1.0
 ) -> GRPOConfig:
     cuda = models.has_cuda()
+    # --questions-per-step is the global step, split over the processes of a torchrun launch in whole
+    # questions (a process holds every arm of its questions: their group advantage is taken there)
+    questions, micro_batches = distributed.split_batch(config.questions_per_minibatch, plan.micro_batches)
     return GRPOConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.questions_per_minibatch
-        * n_arms,  # completions, all arms of each question
-        gradient_accumulation_steps=plan.micro_batches,
+        per_device_train_batch_size=questions * n_arms,  # completions, all arms of each question
+        gradient_accumulation_steps=micro_batches,
         num_generations=n_arms,
         max_completion_length=max_completion,
         temperature=temperature,  # offline: 1, the temperature of the stored log-probs

@@ -16,7 +16,7 @@ from looper import models, training
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Store
 from looper.config import PpoConfig, RolloutsConfig, identity
-from looper.data.prompts import render_prompt, tutoring_messages
+from looper.data.prompts import render_prompt, trl_prompt, tutoring_messages
 from looper.generation.hf import eos_token_ids
 from looper.regime_w import reward, scoring
 from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
@@ -56,9 +56,23 @@ def group_reward_func(group_size: int, weights: scoring.RegimeWWeights, blend: f
     return online_arm_reward
 
 
-def run_online(config: PpoConfig) -> StageResult:
+def online_dataset(rows: list[dict], tokenizer):
+    """The questions as TRL prompts: rendered as rollouts render them, handed over by `trl_prompt`
+    (TRL tokenizes string prompts with special tokens: one BOS, as generation had)."""
     from datasets import Dataset
 
+    return Dataset.from_list(
+        [
+            {
+                "prompt": trl_prompt(tokenizer, render_prompt(tokenizer, tutoring_messages(r["question"]))),
+                "gold_answer": r["gold_answer"],
+            }
+            for r in rows
+        ]
+    )
+
+
+def run_online(config: PpoConfig) -> StageResult:
     store = Store(config.workdir)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
@@ -74,15 +88,7 @@ def run_online(config: PpoConfig) -> StageResult:
     adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": render_prompt(tokenizer, tutoring_messages(r["question"])),
-                "gold_answer": r["gold_answer"],
-            }
-            for r in rows
-        ]
-    )
+    dataset = online_dataset(rows, tokenizer)
     controller = AdaptiveKL(
         config.kl_coef,
         config.kl_target,

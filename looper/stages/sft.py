@@ -27,10 +27,10 @@ from pathlib import Path
 
 import orjson
 
-from looper import models, training
+from looper import distributed, models, training
 from looper.artifacts import Store, read_rows
 from looper.config import SftConfig, identity
-from looper.data.prompts import render_prompt, sft_completion
+from looper.data.prompts import render_prompt, sft_completion, trl_prompt
 from looper.errors import LooperError
 from looper.stages import StageResult
 
@@ -38,13 +38,16 @@ STAGE = "sft"
 
 
 def build_dataset(rows: list[dict], tokenizer):
-    """Prompt-completion string pairs in TRL's standard (non-conversational) format."""
+    """Prompt-completion string pairs in TRL's standard (non-conversational) format; the prompt as
+    `trl_prompt` hands it, so TRL's tokens are generation's (one BOS)."""
     from datasets import Dataset
 
     records = []
     for row in rows:
         prompt = render_prompt(tokenizer, row["prompt"])
-        records.append({"prompt": prompt, "completion": sft_completion(row["solution"], prompt)})
+        records.append(
+            {"prompt": trl_prompt(tokenizer, prompt), "completion": sft_completion(row["solution"], prompt)}
+        )
     return Dataset.from_list(records)
 
 
@@ -52,12 +55,14 @@ def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
     from trl import SFTConfig
 
     cuda = models.has_cuda()
+    # --batch-size x --grad-accum is the global batch, split over the processes of a torchrun launch
+    per_device, accumulation = distributed.split_batch(config.batch_size, config.grad_accum)
     return SFTConfig(
         **training.trainer_args(config, cuda),
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=per_device,
         per_device_eval_batch_size=max(config.batch_size, 4),
-        gradient_accumulation_steps=config.grad_accum,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
