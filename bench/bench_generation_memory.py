@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--parallel", action="store_true", help="run the variants' processes at once")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,21 +134,39 @@ def main() -> None:
 
     print(machine())
     results = []
-    for variant in args.variants.split(","):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", variant, "--batch", str(args.batch)]
-            + ["--max-new-tokens", str(args.max_new_tokens)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    variants = args.variants.split(",")
+    command = [
+        sys.executable,
+        __file__,
+        "--batch",
+        str(args.batch),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
+    # --parallel: every variant's process at once (each measures its own peak RSS; only time is shared)
+    procs = [
+        subprocess.Popen([*command, "--child", v], stdout=subprocess.PIPE, text=True) for v in variants[:1]
+    ]
+    if args.parallel:
+        procs += [
+            subprocess.Popen([*command, "--child", v], stdout=subprocess.PIPE, text=True)
+            for v in variants[1:]
+        ]
+    for i, variant in enumerate(variants):
+        if i >= len(procs):
+            procs.append(subprocess.Popen([*command, "--child", variant], stdout=subprocess.PIPE, text=True))
+        stdout, _ = procs[i].communicate()
+        if procs[i].returncode:
+            raise SystemExit(f"variant {variant} failed (exit {procs[i].returncode})")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(
             f"{variant:9s} steps {r['steps']:4d}  RSS at start {r['rss_start_mib']:7.0f} MiB  "
             f"peak {r['peak_rss_mib']:7.0f} MiB  extra {r['extra_mib']:7.0f} MiB  {r['seconds']:.1f} s"
         )
     r0 = results[0]
+    if len({r["steps"] for r in results}) > 1:
+        print("note: the variants generated different numbers of steps")
     logits_mib = r0["batch"] * r0["steps"] * r0["vocab"] * 4 / 2**20
     print(f"B x T x V float32 logits for these runs: {logits_mib:.0f} MiB")
 
