@@ -75,5 +75,5 @@ def test_two_processes_one_world_one_artifact_same_steps(stage, workdir, tiny_mo
     assert manifest["counts"]["steps"] == single["counts"]["steps"] == STEPS[stage]
     assert len([m for m in metrics if "loss" in m]) == STEPS[stage]  # logged once, by rank 0
     # both ranks print the committed artifact (rank 1 after waiting for rank 0's commit)
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
     assert len(results) == 2 and {r["path"] for r in results} == {str(versions[0])}
