@@ -102,7 +102,8 @@ class PrepareConfig(RunOptions):
     source: str = opt(
         "hub",
         "Where the questions come from: 'hub' (the dataset named by --dataset), 'synthetic' "
-        "(offline generator), or a path: a directory with train.jsonl and test.jsonl, or one "
+        "(offline generator), hub:<dataset>[:<config>] or a `datasets` save_to_disk directory "
+        "(train and test splits), or a path: a directory with train.jsonl and test.jsonl, or one "
         "GSM8K-format .jsonl file (used as train; no test split).",
     )
     dataset: str = opt("openai/gsm8k", "Hub dataset id used when --source hub (config 'main').")

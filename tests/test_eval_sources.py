@@ -212,3 +212,21 @@ def test_single_jsonl_source_skip_bad(run_cli, prepared, tiny_model_dir, tmp_pat
     code, out, err = run_cli(*base, "--skip-bad")
     assert code == 0, err
     assert last_json(out)["counts"]["skipped_bad"] == 1
+
+
+def test_prepare_from_a_datasets_dir_with_train_and_test(run_cli, tmp_path):
+    """The offline fallback for `--source hub`: openai/gsm8k saved with save_to_disk on another box."""
+    from datasets import Dataset, DatasetDict
+
+    from looper.artifacts import Store, read_rows
+
+    as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in ("question", "answer")})  # noqa: E731
+    saved = tmp_path / "gsm8k"
+    DatasetDict({"train": as_ds(make_rows(20)), "test": as_ds(make_rows(4, start=900))}).save_to_disk(
+        str(saved)
+    )
+    code, out, err = run_cli("prepare", "--source", saved, "--workdir", tmp_path / "w", "--json")
+    assert code == 0, err
+    assert last_json(out)["counts"].items() >= {"train": 16, "dev": 4, "test": 4}.items()
+    test = read_rows(Store(tmp_path / "w").resolve("prepare").path / "test.parquet")
+    assert test[0]["id"] == "gsm8k-test-00000" and test[0]["gold_answer"] == "902"

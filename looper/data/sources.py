@@ -104,6 +104,11 @@ def load(
     return QuestionSet(name, split, rows, about)
 
 
+def saved_by_datasets(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def load_dataset_split(
     spec: str, target: str, config: str | None, split: str | None, default_split: str, option: str
 ):
@@ -112,11 +117,8 @@ def load_dataset_split(
     import datasets
 
     path = Path(target).expanduser()
-    saved = path.is_dir() and any(
-        (path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")
-    )
     try:
-        if saved and not any(path.glob("*.py")):
+        if saved_by_datasets(path):
             data = datasets.load_from_disk(str(path))
             if isinstance(data, datasets.DatasetDict):
                 split = split or (next(iter(data)) if len(data) == 1 else default_split)

@@ -3,6 +3,7 @@
     looper prepare                               # openai/gsm8k from the hub
     looper prepare --source ../shared/gsm8k      # a local copy: train.jsonl + test.jsonl
     looper prepare --source synthetic            # offline generated problems
+    looper prepare --source hub:openai/gsm8k:main   # any hub dataset / `datasets` dir with train+test
     looper prepare --extra-eval hub:madrylab/gsm8k-platinum   # + a test-only set as its own split
 
 What it does, in order:
@@ -70,6 +71,14 @@ def read_source(config: PrepareConfig, bad: gsm8k.BadRows) -> tuple[str, dict[st
     if config.source == "hub":
         return "gsm8k", {split: gsm8k.read_hub(config.dataset, split) for split in ("train", "test")}
     path = Path(config.source).expanduser()
+    if config.source.startswith(sources.HUB) or sources.saved_by_datasets(path):
+        # any hub dataset or `datasets` directory with train and test splits (GSM8K columns)
+        return "gsm8k", {
+            split: sources.load(
+                f"{config.source}@{split}", option="--source", skip_bad=config.skip_bad, bad=bad
+            ).rows
+            for split in ("train", "test")
+        }
     if path.is_dir():
         missing = [f for f in ("train.jsonl", "test.jsonl") if not (path / f).is_file()]
         if missing:
@@ -81,7 +90,8 @@ def read_source(config: PrepareConfig, bad: gsm8k.BadRows) -> tuple[str, dict[st
     if path.is_file():
         return "gsm8k", {"train": gsm8k.read_jsonl(path, skip_bad=config.skip_bad, bad=bad), "test": []}
     raise LooperError(
-        f"--source {config.source}: not 'hub', 'synthetic', or an existing directory or .jsonl file"
+        f"--source {config.source}: not 'hub', 'synthetic', hub:<dataset>[:<config>], or an existing "
+        "directory or .jsonl file"
     )
 
 
