@@ -230,3 +230,32 @@ def test_prepare_from_a_datasets_dir_with_train_and_test(run_cli, tmp_path):
     assert last_json(out)["counts"].items() >= {"train": 16, "dev": 4, "test": 4}.items()
     test = read_rows(Store(tmp_path / "w").resolve("prepare").path / "test.parquet")
     assert test[0]["id"] == "gsm8k-test-00000" and test[0]["gold_answer"] == "902"
+
+
+def test_hub_repo_layout_through_load_dataset(run_cli, prepared, tiny_model_dir, tmp_path, monkeypatch):
+    """A local copy of the hub repo madrylab/gsm8k-platinum (its README's `configs` and
+    main/test-*.parquet), read by `datasets.load_dataset` exactly as the hub id would be."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    repo = tmp_path / "gsm8k-platinum"
+    (repo / "main").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(platinum_rows(3)), repo / "main" / "test-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: test\n    path: main/test-*\n---\n"
+    )
+    code, out, err = run_cli(
+        "eval", "--model", tiny_model_dir, "--workdir", prepared, "--source", f"hub:{repo}:main", *FAST
+    )
+    assert code == 0, err
+    manifest = json.loads((Path(last_json(out)["path"]) / "manifest.json").read_text())
+    assert (
+        manifest["questions"]["source"]["config"] == "main" and manifest["questions"]["source"]["rows"] == 3
+    )
+    assert manifest["counts"]["questions"] == 3
+    code, _, err = run_cli(
+        "eval", "--model", tiny_model_dir, "--workdir", prepared, "--source", f"hub:{repo}:nope", *FAST
+    )
+    assert code == 1 and "could not load it with datasets" in err and len(err.strip().splitlines()) == 1
