@@ -174,7 +174,7 @@ def run(config: PrepareConfig) -> StageResult:
         [[r.question, r.answer] for split in ("train", "test") for r in raw[split]], n=64
     )
     inputs = {"source": source_hash}
-    if extra:  # only then, so that versions made before --extra-eval existed stay the same
+    if extra:  # their content too: an updated hub dataset under the same name is a new version
         inputs["extra_eval"] = {
             name: short_hash([[r.question, r.answer] for r in raw[name]], n=64) for name in extra
         }
