@@ -154,3 +154,21 @@ def test_piped_into_head(home):
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 1 and isinstance(json.loads(done.stdout), dict)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_loop_shows_its_rounds(run_cli, tmp_path):
+    """A loop artifact's rows are the rounds of its rounds.json record."""
+    from looper.artifacts import atomic_write_bytes, dumps_json
+
+    rounds = [
+        {"round": 1, "dev": {"accuracy": 0.25}, "kl": 0.01},
+        {"round": 2, "dev": {"accuracy": 0.5}, "kl": 0.02},
+    ]
+    run = Store(tmp_path).begin("loop", "hand0")
+    atomic_write_bytes(run.path / "rounds.json", dumps_json({"rounds": rounds, "current": None}))
+    run.commit(config={}, inputs={}, identity={})
+    code, out, err = run_cli("show", "loop", "--workdir", tmp_path, "--format", "jsonl")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == rounds
+    code, out, _ = run_cli("show", "loop", "--workdir", tmp_path, "--format", "csv", "--columns", "round,kl")
+    assert out.splitlines() == ["round,kl", "1,0.01", "2,0.02"]
