@@ -53,6 +53,7 @@ from looper.data import gsm8k, lm_eval_format
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
+from looper.integrity import table_reads_back
 from looper.policies import ADAPTER_STAGES, Policy, choose_backend, load_generator, resolve_policy
 from looper.stages import StageResult
 
@@ -310,11 +311,14 @@ def model_rows(
     out: list[dict] = []
     generator = None
     tokens, start = 0, time.perf_counter()
+    cached = [] if config.force else sorted((cache / key).glob("chunk-*.parquet"))
+    if cached:
+        print(f"eval: {policy.name}: resuming from {len(cached)} cached chunk(s) in {cache / key}")
     try:
         for c, first in enumerate(range(0, len(rows), CHUNK)):
             chunk = rows[first : first + CHUNK]
             path = cache / key / f"chunk-{c:05d}.parquet"
-            if path.is_file() and not config.force:
+            if not config.force and table_reads_back(path, STAGE):
                 out += [r | {"model": policy.name} for r in read_rows(path)]
                 progress.update(task, completed=first + len(chunk))
                 continue
@@ -374,7 +378,7 @@ def run(config: EvalConfig) -> StageResult:
     sampling = Sampling(
         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop
     )
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     policies = resolve_policies(names, store, models.resolve_model(config.model))
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)

@@ -73,7 +73,8 @@ class Loop:
 
     def stage_config(self, stage: str, **overrides: Any) -> Any:
         """The stage's config: its table of the pipeline file, then the loop's overrides."""
-        values = {"workdir": str(self.store.workdir), "json": False, "force": False, **overrides}
+        values = {"workdir": str(self.store.workdir), "json": False, "force": False, "wait": self.store.wait}
+        values = {**values, **overrides}
         return build_config(STAGE_CONFIGS[stage], file_values=self.tables.get(stage, {}), cli_values=values)
 
     def run_stage(self, stage: str, label: str, **overrides: Any) -> StageResult:
@@ -235,7 +236,7 @@ def loop_version(loop: Loop) -> tuple[str, dict]:
 
 def run(config: LoopConfig) -> StageResult:
     check_options(config)
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     loop = Loop(config, read_pipeline_file(config.pipeline), store)
     ensure_inputs(loop)
     version, stage_identity = loop_version(loop)

@@ -260,7 +260,7 @@ def run(config: PpoConfig) -> StageResult:
         return run_online(config)
     if config.reward not in ("arm", "question", "correctness"):
         raise LooperError(f"--reward {config.reward}: choose arm, question or correctness")
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})

@@ -59,7 +59,7 @@ def group_reward_func(group_size: int, weights: scoring.RegimeWWeights, blend: f
 def run_online(config: PpoConfig) -> StageResult:
     from datasets import Dataset
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})

@@ -31,6 +31,7 @@ from looper.config import RolloutsConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
+from looper.integrity import table_reads_back
 from looper.regime_w import reward, scoring
 from looper.regime_w.arms import Arm, select_arms
 from looper.regime_w.perturb import PERTURBATIONS, perturb
@@ -147,7 +148,7 @@ def rollout_chunk(
 def run(config: RolloutsConfig) -> StageResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     prepare = store.resolve("prepare", config.prepare)
     if config.split == "test":
         raise LooperError(
@@ -193,7 +194,9 @@ def run(config: RolloutsConfig) -> StageResult:
     mine = [j for j in range(len(chunks)) if j % shard_count == shard_index - 1]
 
     run_ = store.begin(STAGE, version, resume=not config.force)
-    todo = [j for j in mine if not (run_.path / f"shard-{j:05d}.parquet").is_file()]
+    todo = [j for j in mine if not table_reads_back(run_.path / f"shard-{j:05d}.parquet", STAGE)]
+    if len(todo) < len(mine):
+        print(f"rollouts: resuming {run_.path}: {len(mine) - len(todo)} of {len(mine)} chunks already done")
     if todo:
         generator, tokenizer = policies.load_generator(
             policy,
@@ -245,6 +248,7 @@ def run(config: RolloutsConfig) -> StageResult:
         inputs=inputs,
         identity=stage_identity,
         counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)},
+        required=[f"shard-{j:05d}.parquet" for j in mine],
         metrics=summary,
         extra={
             "base_model": {"spec": base.spec, "identity": base.identity},

@@ -106,7 +106,7 @@ def first_dev_loss(metrics_path: Path) -> float | None:
 
 
 def run(config: SftConfig) -> StageResult:
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     prepare = store.resolve("prepare", config.prepare)
     source = models.resolve_model(config.model)
     quant = models.resolve_quant(config.quant)

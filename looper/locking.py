@@ -1,0 +1,94 @@
+"""One run per stage version at a time: an OS file lock beside the `.partial` directory.
+
+`<root>/<stage>/<version>.lock` is locked with `fcntl.flock` by the run that writes
+`<version>.partial/` and publishes `<version>/`. The kernel drops the lock when the process
+ends, however it ends (kill -9 included), so a dead run's lock is taken over by the next one
+without anybody cleaning up. The holder writes its pid and start time into the file only so
+that a second run can say who holds it; the lock itself is the flock, never the file's
+existence. Lock files are never deleted: removing one while another process waits on it
+would let two runs hold "the" lock at once (one on the unlinked file).
+
+A second run of the same version either waits (`--wait`) or stops at once with
+`another looper <stage> run holds <path> (pid N, started T)`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from looper.errors import LooperError
+
+LOCK = ".lock"
+
+
+def is_main_rank() -> bool:
+    """Under `accelerate launch` every rank runs the stage; rank 0 alone writes and locks."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+class RunLock:
+    """The flock on one stage version's lock file; `release()` (or process exit) drops it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, path: Path, *, stage: str, target: Path, wait: bool) -> RunLock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = describe_holder(path)
+                if not wait:
+                    raise LooperError(
+                        f"another looper {stage} run holds {target} ({holder}): wait for it to end, "
+                        "or rerun with --wait to queue behind it"
+                    ) from None
+                print(f"{stage}: waiting for the looper {stage} run holding {target} ({holder})", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until that run ends or dies
+            started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\nstarted {started}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1
+
+    def __del__(self) -> None:  # a run abandoned by an exception must not keep its version locked
+        self.release()
+
+
+def describe_holder(path: Path) -> str:
+    """'pid N, started T' as the holder wrote it ('pid ?' in the instant before it writes)."""
+    try:
+        fields = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+    except OSError:
+        fields = {}
+    return f"pid {fields.get('pid', '?')}, started {fields.get('started', '?')}"
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a live run holds this lock file now (for status and gc; takes nothing)."""
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
