@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from looper import integrity
+from looper.disk import space_for
 from looper.errors import LooperError
 from looper.locking import LOCK, RunLock, is_main_rank
 
@@ -73,16 +74,17 @@ def atomic_write_bytes(path: Path, data: bytes, *, make_parents: bool = True) ->
     `make_parents=False` refuses to re-create a directory that vanished (FileNotFoundError)."""
     if not make_parents and not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent} no longer exists")
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with space_for(path.parent, len(data)):
+        fd, tmp = _temp_beside(path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -101,16 +103,17 @@ def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with space_for(path.parent, table.nbytes):
+        fd, tmp = _temp_beside(path)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ help text and defaults live in one place. Errors become one line on stderr and e
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import os
@@ -347,6 +348,11 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if State.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a write no `disk.space_for` wrapped
+            typer.echo(
+                f"error: no space left on {exc.filename or 'the device'}: free some space and rerun", err=True
+            )
+            sys.exit(1)
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     if exit_code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into 130 without raising

@@ -181,7 +181,7 @@ def gc_broken(*, workdir: str, dry_run: bool = False) -> tuple[list[Path], int]:
             print(f"kept {path}: a looper {stage} run is rebuilding it now")
             continue
         try:
-            print(f"{'would remove' if dry_run else 'removing'} {path}: {'; '.join(found)}")
+            print(f"broken {path}: {'; '.join(found)}")
             freed += _size(path)
             removed.append(path)
             if not dry_run:

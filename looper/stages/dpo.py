@@ -169,7 +169,7 @@ def run(config: DpoConfig) -> StageResult:
             "steps": trainer.state.global_step,
         },
         metrics={
-            "train_loss": result.training_loss,
+            "train_loss": job.train_loss(result, trainer),
             "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
             "final_reward_margin": last_logged(history, "rewards/margins"),
         },

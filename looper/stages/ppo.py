@@ -344,7 +344,7 @@ def run(config: PpoConfig) -> StageResult:
             "steps": trainer.state.global_step,
         },
         metrics={
-            "train_loss": result.training_loss,
+            "train_loss": job.train_loss(result, trainer),
             "final_kl_coef": controller.coef,
             "behaviour_logprob_gap": gap,
         },
