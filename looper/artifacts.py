@@ -27,11 +27,9 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from looper import integrity
 from looper.disk import space_for
 from looper.errors import LooperError
 from looper.locking import LOCK, RunLock, is_main_rank
+from looper.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
 MODEL_STAGES = {"sft", "ppo", "dpo", "loop"}  # loop: its final policy
@@ -52,7 +51,6 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 # Files inside an artifact that are not part of its content hash (trainer state, logs).
 UNHASHED = {MANIFEST, "metrics.jsonl", "trainer"}
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "pyarrow", "vllm")
 
 
 # --------------------------------------------------------------------------- file IO
@@ -152,34 +150,6 @@ def hash_tree(root: Path) -> str:
 
 def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:n]
-
-
-def environment() -> dict[str, Any]:
-    """Package versions and git commit recorded in every manifest, for traceability."""
-    import platform
-
-    import looper
-
-    packages = {"python": platform.python_version(), "looper": looper.__version__}
-    for name in PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=Path(looper.__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"packages": packages, "git_commit": commit}
 
 
 # --------------------------------------------------------------------------- artifacts

@@ -141,3 +141,51 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path):
     assert set(files) == {"train.parquet", "sub/x.txt"}
     assert files["train.parquet"]["bytes"] == 5
     assert re.fullmatch(r"[0-9a-f]{64}", files["train.parquet"]["sha256"])
+
+
+@pytest.mark.slow  # five CLI processes; ~1-2 min on a shared 2-core box
+def test_concurrent_rollouts_on_a_finished_partial_publish_it_whole(run_cli, tiny_model_dir, tmp_path):
+    """The issue's reproduction: a rollouts `.partial` holding every shard and no manifest (a kill at
+    commit), then two `looper rollouts` at once (and then three with --wait). Before the lock, some
+    tries published a version holding only manifest.json, marked LATEST."""
+    from conftest import last_json
+    from test_rollouts import FAST
+
+    from looper.config import PrepareConfig
+    from looper.stages import prepare
+
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=30, synthetic_test=6, workdir=str(tmp_path))
+    )
+    args = ["rollouts", "--model", str(tiny_model_dir), "--workdir", str(tmp_path), *FAST, "--limit", "6"]
+    args += ["--shard-size", "2"]
+    code, out, err = run_cli(*args, "--json")
+    assert code == 0, err
+    final = Path(last_json(out)["path"])
+    partial = final.with_name(final.name + ".partial")
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for extra in ([], ["--wait"]):
+        final.rename(partial)
+        (partial / "manifest.json").unlink()
+        (final.parent / "LATEST").unlink()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "looper", *args, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2 if not extra else 3)
+        ]
+        results = [(p.communicate(timeout=300), p.returncode) for p in procs]
+        results = [(code, out, err) for (out, err), code in results]
+        for code, _, err in results:
+            assert code == 0 or (not extra and "another looper rollouts run holds" in err), err
+        assert any(code == 0 and "done ->" in out for code, out, _ in results)  # one of them published it
+        assert not partial.exists() and Store(tmp_path).latest("rollouts") == final.name
+        manifest = Store(tmp_path).resolve("rollouts").manifest
+        assert sorted(p.name for p in final.glob("shard-*.parquet")) == [
+            f"shard-{j:05d}.parquet" for j in range(3)
+        ]
+        assert integrity.problems(final, manifest) == [] and manifest["counts"]["questions"] == 6
