@@ -74,9 +74,17 @@ def resume_point(trainer_dir: Path, metrics_path: Path, stage: str = "train") ->
     checkpoint = last_checkpoint(trainer_dir, stage)
     if metrics_path.is_file():
         step = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else -1
-        kept = [line for line in metrics_path.read_bytes().splitlines() if orjson.loads(line)["step"] <= step]
+        kept = [line for line in metrics_path.read_bytes().splitlines() if logged_step(line) <= step]
         atomic_write_bytes(metrics_path, b"".join(line + b"\n" for line in kept))
     return checkpoint
+
+
+def logged_step(line: bytes) -> float:
+    """A metrics.jsonl line's step; a line cut off by a kill mid-append counts as after any checkpoint."""
+    try:
+        return orjson.loads(line)["step"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def metrics_callback(path: Path):

@@ -181,3 +181,13 @@ def test_eval_regenerates_a_truncated_chunk_and_says_so(run_cli, tiny_model_dir,
     assert f"eval: base: resuming from 1 cached chunk(s) in {chunk.parent}" in out
     assert f"eval: {chunk} does not read back whole (" in out
     assert last_json(out)["metrics"] == first["metrics"]
+
+
+def test_metrics_line_cut_off_by_a_kill_does_not_block_resume(tmp_path):
+    fake_checkpoint(tmp_path / "trainer", 2)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert training.resume_point(tmp_path / "trainer", metrics, "sft") == str(
+        tmp_path / "trainer" / "checkpoint-2"
+    )
+    assert metrics.read_bytes() == b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

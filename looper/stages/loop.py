@@ -246,7 +246,13 @@ def run(config: LoopConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=not config.force)
     loop.record_path = run_.path / RECORD
     if loop.record_path.is_file():
-        loop.record = orjson.loads(loop.record_path.read_bytes())
+        try:
+            loop.record = orjson.loads(loop.record_path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise LooperError(
+                f"{loop.record_path}: unreadable ({exc}): rerun with --force to start the loop's record "
+                "afresh (finished stages are still reused)"
+            ) from None
         if loop.record["rounds"]:
             say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
     rounds = loop.record["rounds"]
