@@ -301,11 +301,15 @@ class Store:
         This is how every stage skips a rerun that would produce what already exists. It takes the
         version's run lock first (kept when None is returned: this process is about to build it),
         so a run that waited behind another finds that one's artifact instead of redoing it.
-        With force the old copy is not even read: a broken one is simply rebuilt."""
+        With force the old copy is not even read: a broken one is simply rebuilt; a copy with a file
+        missing or resized (a cheap check; `looper verify` re-hashes) is rebuilt too."""
         self.lock(stage, version)
         existing = None if force else self.find(stage, version)
         if existing is None:
             return None
+        if damaged := integrity.problems(existing.path, existing.manifest, rehash=False):
+            print(f"{stage} {version}: the finished copy is damaged ({'; '.join(damaged)}): rebuilding it")
+            return None  # commit replaces it once the new copy is whole
         self.unlock(stage, version)
         self.set_latest(stage, version)
         return existing

@@ -18,11 +18,13 @@ import datetime as dt
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from looper.errors import LooperError
 
 LOCK = ".lock"
+GRACE_S = 1.0  # how long a run without --wait retries before it reports the holder
 
 
 def is_main_rank() -> bool:
@@ -41,11 +43,7 @@ class RunLock:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+            if not try_lock(fd, patience=GRACE_S):
                 holder = describe_holder(path)
                 if not wait:
                     raise LooperError(
@@ -68,7 +66,26 @@ class RunLock:
             self.fd = -1
 
     def __del__(self) -> None:  # a run abandoned by an exception must not keep its version locked
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the kernel releases it anyway
+            pass
+
+
+def try_lock(fd: int, patience: float) -> bool:
+    """Take the exclusive flock without blocking, retrying for `patience` seconds: `looper status`
+    and `gc` hold a lock for an instant to look, which must not make a starting run give up."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def describe_holder(path: Path) -> str:

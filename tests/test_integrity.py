@@ -118,3 +118,15 @@ def test_status_shows_interrupted_running_and_dangling(run_cli, tmp_path):
     assert "DANGLING LATEST latest" in out and "LATEST names a version that is not there" in out
     states = {row["version"]: row["state"] for row in last_json(out)["artifacts"]}
     assert states == {done["version"]: "ok", "feedbeef0000": "interrupted", "0a0a0a0a0a0a": "dangling"}
+
+
+def test_rerun_rebuilds_a_finished_copy_with_a_damaged_file(run_cli, tmp_path):
+    done = prepare(run_cli, tmp_path)
+    train = tmp_path / "data" / "prepare" / done["version"] / "train.parquet"
+    train.write_bytes(train.read_bytes()[:100])
+    code, out, err = run_cli(*PREPARE, "--workdir", tmp_path)
+    assert code == 0, err
+    assert f"prepare {done['version']}: the finished copy is damaged (train.parquet truncated or grown" in out
+    assert "rebuilding it" in out and not last_json(out)["skipped"]
+    assert run_cli("verify", "--workdir", tmp_path)[0] == 0
+    assert not list((tmp_path / "data" / "prepare").glob(".*.old-*"))  # the damaged copy is gone
