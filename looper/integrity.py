@@ -41,8 +41,10 @@ def is_version_dir(path: Path) -> bool:
     return path.is_dir() and ((path / MANIFEST).is_file() or bool(VERSION_NAME.match(path.name)))
 
 
-def read_manifest(manifest_path: Path) -> dict[str, Any]:
-    """The manifest as a dict, or BrokenArtifact naming the file (never a bare JSONDecodeError)."""
+def read_manifest(manifest_path: Path, *, strict: bool = True) -> dict[str, Any]:
+    """The manifest as a dict, or BrokenArtifact naming the file (never a bare JSONDecodeError).
+
+    Not `strict`: any JSON object will do (a hand-written manifest beside a bare adapter)."""
     try:
         data = manifest_path.read_bytes()
     except OSError as exc:
@@ -51,7 +53,11 @@ def read_manifest(manifest_path: Path) -> dict[str, Any]:
         manifest = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BrokenArtifact(manifest_path, f"invalid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or not all(k in manifest for k in ("stage", "version", "hash")):
+    if (
+        not isinstance(manifest, dict)
+        or strict
+        and not all(k in manifest for k in ("stage", "version", "hash"))
+    ):
         raise BrokenArtifact(manifest_path, "not a looper manifest: no stage, version or hash")
     return manifest
 

@@ -197,7 +197,7 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     manifest = Path(adapter_dir) / "manifest.json"
     if not manifest.is_file():
         return None
-    return read_manifest(manifest).get("base_model", {}).get("identity")
+    return read_manifest(manifest, strict=False).get("base_model", {}).get("identity")
 
 
 def check_adapter_base(adapter_dir: str | Path, source: ModelSource) -> None:

@@ -26,7 +26,8 @@ Resume and reuse: completions are cached per model in chunks of CHUNK questions,
 hashes the policy identity, the exact prompts with their ids and gold answers, the decoding
 settings, --samples, --format, --seed and the backend (and --batch-size for hf, whose
 sampling seeds are per batch). An interrupted eval therefore resumes at the chunk it was
-in, and `--compare base,sft,ppo` after `--compare base,sft` only generates for ppo.
+in (a chunk that does not read back whole is regenerated), and `--compare base,sft,ppo`
+after `--compare base,sft` only generates for ppo.
 Chunk c is generated with seed `--seed + c`. `--force` regenerates; deleting
 data/eval/cache is always safe (it only costs regeneration).
 """

@@ -14,8 +14,10 @@ use the log-probs as its behaviour policy.
 
 Questions are processed in chunks of `--shard-size`; each finished chunk is written as
 `shard-NNNNN.parquet` at once, so an interrupted run resumes at the first missing chunk,
-with no question missing or twice. Chunk seeds derive from the chunk index, so a resumed
-run samples what an uninterrupted one would have.
+with no question missing or twice (a shard that does not read back whole, cut off by a kill
+or a full disk, is regenerated). Chunk seeds derive from the chunk index, so a resumed
+run samples what an uninterrupted one would have. The commit refuses to publish unless
+every shard of this run is there.
 """
 
 from __future__ import annotations
