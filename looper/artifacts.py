@@ -38,7 +38,7 @@ import orjson
 from looper import integrity
 from looper.disk import space_for
 from looper.errors import LooperError
-from looper.locking import LOCK, RunLock, is_main_rank
+from looper.locking import LOCK, ReadOnlyHome, RunLock, is_main_rank
 from looper.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
@@ -263,15 +263,24 @@ class Store:
         self.wait = wait  # --wait: queue behind a run of the same version instead of stopping
         self.locks: dict[tuple[str, str], RunLock] = {}
 
-    def lock(self, stage: str, version: str) -> RunLock | None:
-        """Hold this version's run lock (kept until commit or process exit); None on ranks > 0."""
+    def lock(self, stage: str, version: str, *, to_write: bool = True) -> RunLock | None:
+        """Hold this version's run lock (kept until commit or process exit); None on ranks > 0, and
+        in a read-only home when only looking (`to_write=False`: nothing can change there)."""
         if not is_main_rank():
             return None
         if (stage, version) not in self.locks:
             root = self.stage_root(stage)
-            self.locks[stage, version] = RunLock.acquire(
-                root / f"{version}{LOCK}", stage=stage, target=root / f"{version}{PARTIAL}", wait=self.wait
-            )
+            try:
+                self.locks[stage, version] = RunLock.acquire(
+                    root / f"{version}{LOCK}",
+                    stage=stage,
+                    target=root / f"{version}{PARTIAL}",
+                    wait=self.wait,
+                )
+            except ReadOnlyHome:
+                if to_write:
+                    raise
+                return None
         return self.locks[stage, version]
 
     def unlock(self, stage: str, version: str) -> None:
@@ -303,7 +312,7 @@ class Store:
         so a run that waited behind another finds that one's artifact instead of redoing it.
         With force the old copy is not even read: a broken one is simply rebuilt; a copy with a file
         missing or resized (a cheap check; `looper verify` re-hashes) is rebuilt too."""
-        self.lock(stage, version)
+        self.lock(stage, version, to_write=False)
         existing = None if force else self.find(stage, version)
         if existing is None:
             return None
@@ -324,8 +333,8 @@ class Store:
         # Rewrite only on change: Make compares the pointer's mtime to decide staleness.
         if not pointer.is_file() or pointer.read_text().strip() != version:
             atomic_write_bytes(pointer, version.encode() + b"\n")
-        if stage in ALIASES:
-            link = root.parent / ALIASES[stage]
+        link = root.parent / ALIASES.get(stage, "")
+        if stage in ALIASES and not (link.is_symlink() and os.readlink(link) == str(Path(stage) / version)):
             tmp = root.parent / f".{ALIASES[stage]}.tmp-{os.getpid()}"
             tmp.unlink(missing_ok=True)
             os.symlink(Path(stage) / version, tmp)

@@ -5,8 +5,10 @@
 ends, however it ends (kill -9 included), so a dead run's lock is taken over by the next one
 without anybody cleaning up. The holder writes its pid and start time into the file only so
 that a second run can say who holds it; the lock itself is the flock, never the file's
-existence. Lock files are never deleted: removing one while another process waits on it
-would let two runs hold "the" lock at once (one on the unlinked file).
+existence. A run removes its lock file while still holding it, when it ends normally; a
+killed run's file stays until the next run takes it over. Removing a lock file others may
+wait on is safe because whoever gets the flock checks that the path still names the file it
+locked, and starts over on the new file if not (the usual flock + unlink protocol).
 
 A second run of the same version either waits (`--wait`) or stops at once with
 `another looper <stage> run holds <path> (pid N, started T)`.
@@ -40,18 +42,27 @@ class RunLock:
 
     @classmethod
     def acquire(cls, path: Path, *, stage: str, target: Path, wait: bool) -> RunLock:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        while True:
+            fd = open_lock_file(path)
+            try:
+                if not try_lock(fd, patience=GRACE_S):
+                    holder = describe_holder(path)
+                    if not wait:
+                        raise LooperError(
+                            f"another looper {stage} run holds {target} ({holder}): wait for it to end, "
+                            "or rerun with --wait to queue behind it"
+                        ) from None
+                    print(
+                        f"{stage}: waiting for the looper {stage} run holding {target} ({holder})", flush=True
+                    )
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until that run ends or dies
+            except BaseException:
+                os.close(fd)
+                raise
+            if still_named(fd, path):
+                break
+            os.close(fd)  # the holder removed the file we waited on: lock the current one
         try:
-            if not try_lock(fd, patience=GRACE_S):
-                holder = describe_holder(path)
-                if not wait:
-                    raise LooperError(
-                        f"another looper {stage} run holds {target} ({holder}): wait for it to end, "
-                        "or rerun with --wait to queue behind it"
-                    ) from None
-                print(f"{stage}: waiting for the looper {stage} run holding {target} ({holder})", flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until that run ends or dies
             started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()}\nstarted {started}\n".encode(), 0)
@@ -62,6 +73,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd >= 0:
+            if still_named(self.fd, self.path):
+                self.path.unlink(missing_ok=True)  # while still held: see the module docstring
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = -1
 
@@ -70,6 +83,31 @@ class RunLock:
             self.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown: the kernel releases it anyway
             pass
+
+
+class ReadOnlyHome(LooperError):
+    """The lock file cannot be created: nothing can be written under this home either."""
+
+
+def open_lock_file(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise ReadOnlyHome(
+                f"cannot write in {path.parent} ({exc.strerror}): looper needs a writable home "
+                "(--workdir / LOOPER_HOME) to build anything there"
+            ) from None
+        raise
+
+
+def still_named(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (a releasing holder may have removed it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def try_lock(fd: int, patience: float) -> bool:
@@ -99,9 +137,10 @@ def describe_holder(path: Path) -> str:
 
 def is_locked(path: Path) -> bool:
     """Whether a live run holds this lock file now (for status and gc; takes nothing)."""
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file (or none readable): nobody holds it
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False

@@ -142,3 +142,20 @@ def test_sft_on_a_disk_that_fills_up_stops_cleanly_then_resumes(
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_read_only_home_reads_and_refuses_writes_in_one_line(run_cli, tmp_path):
+    home = tmp_path / "ro"
+    mount_tmpfs(home, "16m")
+    try:
+        args = ["prepare", "--source", "synthetic", "--synthetic-train", "20", "--synthetic-test", "4"]
+        assert run_cli(*args, "--workdir", home)[0] == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)
+        code, out, err = run_cli(*args, "--workdir", home)
+        assert code == 0 and "up to date, skipped" in out, err  # finished work still reads
+        assert run_cli("status", "--workdir", home)[0] == 0
+        code, _, err = run_cli(*args, "--seed", "7", "--workdir", home)
+        assert code == 1 and err.count("\n") == 1
+        assert err.startswith(f"error: cannot write in {home / 'data' / 'prepare'} (Read-only file system)")
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)

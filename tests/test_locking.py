@@ -61,6 +61,9 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path):
     assert f"pid {os.getpid()}" in (tmp_path / "data" / "prepare" / "abc123.lock").read_text()
     (run.path / "rows.jsonl").write_bytes(b"{}\n")
     assert run.commit(config={}, inputs={}, identity={}).version == "abc123"
+    assert not (
+        tmp_path / "data" / "prepare" / "abc123.lock"
+    ).exists()  # a run that ends removes its lock file
 
 
 def test_wait_queues_behind_the_holder_then_reuses_its_artifact(tmp_path):
