@@ -95,6 +95,12 @@ class RunOptions:
     workdir: str = opt(".", "Directory holding data/ and checkpoints/ (env LOOPER_HOME).", identity=False)
     force: bool = opt(False, "Redo the stage even if an identical version exists.", identity=False)
     json: bool = opt(False, "Print one JSON object with the result as the last stdout line.", identity=False)
+    wait: bool = opt(
+        False,
+        "When another looper run is building the same version, wait for it to end (then reuse or "
+        "resume its work) instead of stopping at once.",
+        identity=False,
+    )
 
 
 @dataclass

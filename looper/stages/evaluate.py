@@ -30,7 +30,8 @@ Resume and reuse: completions are cached per model in chunks of CHUNK questions,
 hashes the policy identity, the exact prompts with their ids and gold answers, the decoding
 settings, --samples, --format, --seed and the backend (and --batch-size for hf, whose
 sampling seeds are per batch). An interrupted eval therefore resumes at the chunk it was
-in, and `--compare base,sft,ppo` after `--compare base,sft` only generates for ppo.
+in (a chunk that does not read back whole is regenerated), and `--compare base,sft,ppo`
+after `--compare base,sft` only generates for ppo.
 Chunk c is generated with seed `--seed + c`. `--force` regenerates; deleting
 data/eval/cache is always safe (it only costs regeneration).
 """
@@ -56,6 +57,7 @@ from looper.data import gsm8k, lm_eval_format, sources
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
+from looper.integrity import table_reads_back
 from looper.policies import ADAPTER_STAGES, Policy, choose_backend, load_generator, resolve_policy
 from looper.stages import StageResult
 
@@ -334,11 +336,14 @@ def model_rows(
     out: list[dict] = []
     generator = None
     tokens, start = 0, time.perf_counter()
+    cached = [] if config.force else sorted((cache / key).glob("chunk-*.parquet"))
+    if cached:
+        print(f"eval: {policy.name}: resuming from {len(cached)} cached chunk(s) in {cache / key}")
     try:
         for c, first in enumerate(range(0, len(rows), CHUNK)):
             chunk = rows[first : first + CHUNK]
             path = cache / key / f"chunk-{c:05d}.parquet"
-            if path.is_file() and not config.force:
+            if not config.force and table_reads_back(path, STAGE):
                 out += [r | {"model": policy.name} for r in read_rows(path)]
                 progress.update(task, completed=first + len(chunk))
                 continue
@@ -398,7 +403,7 @@ def run(config: EvalConfig) -> StageResult:
     sampling = Sampling(
         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop
     )
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     policies = resolve_policies(names, store, models.resolve_model(config.model))
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)

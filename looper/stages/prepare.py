@@ -159,7 +159,7 @@ def check_no_leak(splits: dict[str, list[dict]]) -> None:
 
 
 def run(config: PrepareConfig) -> StageResult:
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     bad = gsm8k.BadRows()
     source, raw = read_source(config, bad)
     extra = read_extra_eval(config, bad)
