@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import shutil
-import sys
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from looper import memory
 from looper.config import STAGE_CONFIGS, check, opt, parse_pipeline_file
 from looper.errors import LooperError
 from looper.memory import GIB, PROMPT_TOKENS, Shapes
+from looper.plan_env import disk_check, environment, model_shapes, trl_fused_head
 
 
 @dataclass
@@ -52,7 +51,7 @@ class PlanConfig:
 @dataclass
 class Row:
     stage: str
-    estimate: float  # bytes
+    estimate: float | None  # bytes; None: nothing to estimate from (see `what`)
     breakdown: dict[str, float]
     what: str = ""  # the settings the estimate is for
     fits: bool | None = None
@@ -75,19 +74,18 @@ def run(config: PlanConfig) -> int:
     env, env_problems, notes, gpu = environment(config, stages)
     problems += env_problems
     shapes, where = model_shapes(config, stages)
-    rows = []
-    if isinstance(shapes, str):
+    names = planned_stages(config.pipeline, stages)
+    if isinstance(shapes, str):  # the whole table still, with nothing estimated
         problems.append(shapes)
+        rows = [Row(n, None, {}, "no model shapes", change="--model-config PATH") for n in names]
     else:
         fused = trl_fused_head()
         notes.insert(0, f"model: {where}, {shapes.params() / 1e9:.2f} B parameters")
         notes.append(f"logits: {'TRL fused LM head (tiles)' if fused else 'full (no TRL fused LM head)'}")
-        rows = estimate_all(
-            stages, planned_stages(config.pipeline, stages), shapes, gpu, problems, fused_logits=fused
-        )
-        disk_line, disk_problem = disk_check(config, stages, shapes)
-        env.append(disk_line)
-        problems += disk_problem
+        rows = estimate_all(stages, names, shapes, gpu, problems, fused_logits=fused)
+        disk_lines, disk_problems = disk_check(config, stages, shapes)
+        env += disk_lines
+        problems += disk_problems
     report(config, env + notes, rows, problems, gpu)
     return 1 if problems else 0  # a stage that does not fit is one of the problems
 
@@ -118,52 +116,6 @@ def cross_field_problems(stages: dict[str, Any]) -> list[str]:
     return out
 
 
-def environment(config: PlanConfig, stages: dict[str, Any]):
-    """(lines, problems, notes, gpu bytes or None) about this box."""
-    lines, problems, notes = [], [], []
-    py = sys.version_info
-    lines.append(f"python {py.major}.{py.minor}.{py.micro}")
-    if py < (3, 11):
-        problems.append(f"python {py.major}.{py.minor}: Looper needs Python >= 3.11")
-    import torch
-
-    cuda = torch.cuda.is_available()
-    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
-    devices = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] if cuda else []
-    seen = ", ".join(f"cuda:{i} {d.name} {d.total_memory / GIB:.1f} GiB" for i, d in enumerate(devices))
-    lines.append(f"torch {torch.__version__} ({build}); " + (seen or "no CUDA device visible"))
-    gpu = config.gpu_gb * GIB if config.gpu_gb else (devices[0].total_memory if devices else None)
-    # Planning for another box (--gpu-gb, no GPU here): what this box lacks is worth a note only.
-    elsewhere = not cuda and config.gpu_gb is not None
-    complain = notes.append if elsewhere else problems.append
-    for stage, cfg in stages.items():
-        backend, quant = getattr(cfg, "backend", None), getattr(cfg, "quant", None)
-        if not cuda and (backend == "vllm" or quant == "4bit"):
-            key = "backend" if backend == "vllm" else "quant"
-            complain(f"[{stage}] {key}: {getattr(cfg, key)!r} needs a CUDA GPU; none is visible ({build})")
-    needs_bnb = [s for s, c in stages.items() if getattr(c, "quant", None) == "4bit"]
-    needs_bnb += [s for s, c in stages.items() if getattr(c, "quant", None) == "auto" and (cuda or elsewhere)]
-    if needs_bnb:
-        try:
-            import bitsandbytes  # noqa: F401 - importable is what QLoRA needs
-
-            lines.append(f"bitsandbytes {bitsandbytes.__version__}")
-        except Exception as exc:  # noqa: BLE001 - a broken install fails in any way
-            complain(f"[{needs_bnb[0]}] quant: 4-bit needs bitsandbytes, which does not import ({exc})")
-    needs_vllm = [s for s, c in stages.items() if getattr(c, "backend", None) == "vllm"]
-    if needs_vllm:
-        # find_spec, not import: importing vLLM takes ~10 s and initialises CUDA
-        if importlib.util.find_spec("vllm") is None:
-            complain(f"[{needs_vllm[0]}] backend: 'vllm' needs vLLM: pip install 'looper[vllm]'")
-        else:
-            from importlib.metadata import version
-
-            lines.append(f"vllm {version('vllm')} (installed; not imported)")
-    if gpu is None:
-        notes.append("no GPU visible and no --gpu-gb: the fit is unknown (estimates are for a CUDA GPU)")
-    return lines, problems, notes, gpu
-
-
 PIPELINE_STAGES = ("prepare", "sft", "rollouts", "ppo", "eval")  # what `make all` runs
 
 
@@ -177,49 +129,15 @@ def planned_stages(pipeline: str, stages: dict[str, Any]) -> list[str]:
     return [*PIPELINE_STAGES, *(["dpo"] if dpo else [])]
 
 
-def model_shapes(config: PlanConfig, stages: dict[str, Any]) -> tuple[Shapes | str, str]:
-    """(shapes, where they came from), or (problem line, '') when there is no config.json to read."""
-    model = next((c.model for c in stages.values() if hasattr(c, "model")), "")  # [common] model, usually
-    candidates = []
-    if config.model_config:
-        candidates.append(Path(config.model_config))
-    elif model != "looper:tiny":
-        if Path(model).expanduser().is_dir():
-            candidates.append(Path(model).expanduser() / "config.json")
-        elif model.count("/") == 1 and not model.startswith((".", "/", "~", "pkg:")):
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "config.json")  # offline: the local cache only
-            if isinstance(cached, str):
-                candidates.append(Path(cached))
-    for path in candidates:
-        try:
-            return Shapes.from_config(orjson.loads(Path(path).read_bytes())), f"{model} (shapes from {path})"
-        except (OSError, ValueError, KeyError) as exc:
-            return f"--model-config {path}: not a readable model config.json ({exc})", ""
-    if builtin := memory.builtin_shapes(model):
-        return builtin[1], f"{model} (built-in shapes of {builtin[0]})"
-    return (f"[common] model: no config.json found for {model!r} offline: pass --model-config PATH"), ""
-
-
-def trl_fused_head() -> bool:
-    """Whether the installed TRL scores log-probs through a tiled LM head (no full logits)."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    utils = Path(next(iter(spec.submodule_search_locations))) / "trainer" / "utils.py"
-    return utils.is_file() and "def add_fused_lm_head" in utils.read_text()
-
-
 def estimate_all(
     stages, names: list[str], shapes: Shapes, gpu: float | None, problems: list[str], *, fused_logits: bool
 ) -> list[Row]:
     """The table's rows; a stage that does not fit adds a line to `problems`."""
     rows = []
     for name in names:
-        cfg = stages.get(name)
-        if cfg is None:
-            continue  # its problems are listed; nothing to estimate from
+        if name not in stages:  # its problems are listed; nothing to estimate from
+            rows.append(Row(name, None, {}, "invalid config", change=f"fix the [{name}] problems below"))
+            continue
         row = estimate(name, stages, shapes, fused_logits)
         rows.append(row)
         if not row.estimate:
@@ -345,40 +263,24 @@ def suggest(name: str, stages: dict[str, Any], shapes: Shapes, fused: bool, gpu:
             (name, "max_new_tokens", _halvings(cfg.max_new_tokens, 256)),
         ]
     changed: dict[tuple[str, str], Any] = {}
-    trial = dict(stages)
+    trial, best = dict(stages), estimate(name, stages, shapes, fused)
     for table, key, candidates in steps:
         for value in candidates:
-            if getattr(trial[table], key) == value:
-                continue
-            changed[(table, key)] = value
-            trial[table] = dataclasses.replace(trial[table], **{key: value})
-            row = estimate(name, trial, shapes, fused)
+            attempt = dict(trial)
+            attempt[table] = dataclasses.replace(trial[table], **{key: value})
+            row = estimate(name, attempt, shapes, fused)
+            if row.estimate >= best.estimate:
+                continue  # no saving (e.g. quant 'auto' already is 4bit on CUDA): not worth naming
+            trial, best, changed[(table, key)] = attempt, row, value
             if row.estimate <= gpu * (row.limit or 1):
                 return ", ".join(f"[{t}] {k} = {orjson.dumps(v).decode()}" for (t, k), v in changed.items())
-    best = estimate(name, trial, shapes, fused)
-    return f"needs a GPU of >= {best.estimate / (best.limit or 1) / GIB:.0f} GiB even with {', '.join(f'{k} = {v}' for (_, k), v in changed.items()) or 'these settings'}"
+    tried = ", ".join(f"[{t}] {k} = {orjson.dumps(v).decode()}" for (t, k), v in changed.items())
+    need = math.ceil(best.estimate / (best.limit or 1) / GIB)
+    return f"a GPU of >= {need} GiB, even with {tried or 'these settings'}"
 
 
 def _is_vllm(cfg: Any) -> bool:
     return cfg.backend == "vllm" or (cfg.backend == "auto" and importlib.util.find_spec("vllm") is not None)
-
-
-def disk_check(config: PlanConfig, stages: dict[str, Any], shapes: Shapes) -> tuple[str, list[str]]:
-    """Free disk under LOOPER_HOME against the artifacts one `make all` writes (adapters, trainer
-    checkpoints: 2 kept, each adapter + optimizer state; rollouts' token ids, log-probs and text)."""
-    home = Path(os.environ.get("LOOPER_HOME") or config.workdir).expanduser().resolve()
-    need = 0.0
-    for name in ("sft", "ppo"):
-        if cfg := stages.get(name):
-            lora = memory.lora_params(shapes, cfg.lora_r, cfg.target_modules)
-            need += lora * 4 + 2 * lora * (4 + memory.optimizer_bytes_per_param(cfg.optimizer))
-    if ro := stages.get("rollouts"):
-        need += (ro.limit or 7473) * ro.arms * ro.max_new_tokens * 12  # ids 4 + log-prob 4 + ~4 bytes of text
-    existing = next(p for p in (home, *home.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    line = f"disk: {free / GIB:.1f} GiB free under {home}; about {need / GIB:.1f} GiB of artifacts expected"
-    short = f"disk: {home} has {free / GIB:.1f} GiB free; the pipeline writes about {need / GIB:.1f} GiB"
-    return line, [] if free >= need else [short]
 
 
 def report(
@@ -390,11 +292,11 @@ def report(
     card = f"{gpu / GIB:.0f} GiB" if gpu else "unknown"
     print(f"\n{'stage':<9} {'estimate':>10}  {'fit (' + card + ')':<24} change")
     for r in rows:
-        fit = (
-            "no GPU used"
-            if not r.estimate
-            else {None: "unknown (no GPU)", True: "fits"}.get(r.fits, "DOES NOT FIT")
-        )
+        if r.estimate is None:
+            print(f"{r.stage:<9} {'-':>10}  {r.what:<24} {r.change}")
+            continue
+        fit = {None: "unknown (no GPU)", True: "fits"}.get(r.fits, "DOES NOT FIT")
+        fit = "no GPU used" if not r.estimate else fit
         if r.limit and r.fits is not None:
             fit += f" (at {r.limit}x)"  # vLLM may use gpu_memory_utilization x the card
         print(f"{r.stage:<9} {r.estimate / GIB:>6.1f} GiB  {fit:<24} {r.change}")
@@ -407,7 +309,12 @@ def report(
         print(f"  {p}")
     if config.json:
         stages = [
-            {"stage": r.stage, "estimate_gib": round(r.estimate / GIB, 2), "fits": r.fits, "change": r.change}
+            {
+                "stage": r.stage,
+                "estimate_gib": None if r.estimate is None else round(r.estimate / GIB, 2),
+                "fits": r.fits,
+                "change": r.change,
+            }
             for r in rows
         ]
         print(

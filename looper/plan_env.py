@@ -1,0 +1,147 @@
+"""The environment half of `looper plan` (see `looper.plan`): what this box has (Python, torch and
+its CUDA devices, bitsandbytes, vLLM, free disk), where the model's shapes come from, and which
+logits the installed TRL builds. Fast on purpose: torch is imported, no model, vLLM only located.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from looper import memory
+from looper.memory import GIB, Shapes
+
+
+def environment(config: Any, stages: dict[str, Any]):
+    """(lines, problems, notes, gpu bytes or None) about this box."""
+    lines, problems, notes = [], [], []
+    py = sys.version_info
+    lines.append(f"python {py.major}.{py.minor}.{py.micro}")
+    if py < (3, 11):
+        problems.append(f"python {py.major}.{py.minor}: Looper needs Python >= 3.11")
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 - a broken torch install fails in any way
+        problems.append(f"torch does not import ({exc}): run make install")
+        return lines, problems, notes, config.gpu_gb * GIB if config.gpu_gb else None
+    cuda = torch.cuda.is_available()
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    devices = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] if cuda else []
+    seen = ", ".join(f"cuda:{i} {d.name} {d.total_memory / GIB:.1f} GiB" for i, d in enumerate(devices))
+    lines.append(f"torch {torch.__version__} ({build}); " + (seen or "no CUDA device visible"))
+    gpu = config.gpu_gb * GIB if config.gpu_gb else (devices[0].total_memory if devices else None)
+    # Planning for another box (--gpu-gb, no GPU here): what this box lacks is worth a note only.
+    elsewhere = not cuda and config.gpu_gb is not None
+    complain = notes.append if elsewhere else problems.append
+    for stage, cfg in stages.items():
+        backend, quant = getattr(cfg, "backend", None), getattr(cfg, "quant", None)
+        if not cuda and (backend == "vllm" or quant == "4bit"):
+            key = "backend" if backend == "vllm" else "quant"
+            complain(f"[{stage}] {key}: {getattr(cfg, key)!r} needs a CUDA GPU; none is visible ({build})")
+    needs_bnb = [s for s, c in stages.items() if getattr(c, "quant", None) == "4bit"]
+    needs_bnb += [s for s, c in stages.items() if getattr(c, "quant", None) == "auto" and (cuda or elsewhere)]
+    if needs_bnb:
+        try:
+            import bitsandbytes  # noqa: F401 - importable is what QLoRA needs
+
+            lines.append(f"bitsandbytes {bitsandbytes.__version__}")
+        except Exception as exc:  # noqa: BLE001 - a broken install fails in any way
+            complain(f"[{needs_bnb[0]}] quant: 4-bit needs bitsandbytes, which does not import ({exc})")
+    needs_vllm = [s for s, c in stages.items() if getattr(c, "backend", None) == "vllm"]
+    if needs_vllm:
+        # find_spec, not import: importing vLLM takes ~10 s and initialises CUDA
+        if importlib.util.find_spec("vllm") is None:
+            complain(f"[{needs_vllm[0]}] backend: 'vllm' needs vLLM: pip install 'looper[vllm]'")
+        else:
+            from importlib.metadata import version
+
+            lines.append(f"vllm {version('vllm')} (installed; not imported)")
+    if gpu is None:
+        notes.append("no GPU visible and no --gpu-gb: the fit is unknown (estimates are for a CUDA GPU)")
+    return lines, problems, notes, gpu
+
+
+def model_shapes(config: Any, stages: dict[str, Any]) -> tuple[Shapes | str, str]:
+    """(shapes, where they came from), or (problem line, '') when there is no config.json to read."""
+    model = next((c.model for c in stages.values() if hasattr(c, "model")), "")  # [common] model, usually
+    candidates = []
+    if config.model_config:
+        candidates.append(Path(config.model_config))
+    elif model != "looper:tiny":
+        if Path(model).expanduser().is_dir():
+            candidates.append(Path(model).expanduser() / "config.json")
+        elif _is_hub_id(model):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")  # offline: the local cache only
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+    for path in candidates:
+        try:
+            return Shapes.from_config(orjson.loads(Path(path).read_bytes())), f"{model} (shapes from {path})"
+        except (OSError, ValueError, KeyError) as exc:
+            return f"--model-config {path}: not a readable model config.json ({exc})", ""
+    if builtin := memory.builtin_shapes(model):
+        return builtin[1], f"{model} (built-in shapes of {builtin[0]})"
+    return (f"[common] model: no config.json found for {model!r} offline: pass --model-config PATH"), ""
+
+
+def trl_fused_head() -> bool:
+    """Whether the installed TRL scores log-probs through a tiled LM head (no full logits)."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    utils = Path(next(iter(spec.submodule_search_locations))) / "trainer" / "utils.py"
+    return utils.is_file() and "def add_fused_lm_head" in utils.read_text()
+
+
+def disk_check(config: Any, stages: dict[str, Any], shapes: Shapes) -> tuple[list[str], list[str]]:
+    """(lines, problems): free disk under LOOPER_HOME against the artifacts one `make all` writes
+    (adapters, trainer checkpoints: 2 kept, each adapter + optimizer state; rollouts' token ids,
+    log-probs and text), and in the hub cache against the bf16 weights of a model not yet there."""
+    home = Path(config.workdir).expanduser().resolve()
+    need = 0.0
+    for name in ("sft", "ppo"):
+        if cfg := stages.get(name):
+            lora = memory.lora_params(shapes, cfg.lora_r, cfg.target_modules)
+            need += lora * 4 + 2 * lora * (4 + memory.optimizer_bytes_per_param(cfg.optimizer))
+    if ro := stages.get("rollouts"):
+        need += (ro.limit or 7473) * ro.arms * ro.max_new_tokens * 12  # ids 4 + log-prob 4 + ~4 bytes of text
+    free = _free(home)
+    lines = [
+        f"disk: {free / GIB:.1f} GiB free under {home}; about {need / GIB:.1f} GiB of artifacts expected"
+    ]
+    problems = (
+        []
+        if free >= need
+        else [f"disk: {home} has {free / GIB:.1f} GiB free; the pipeline writes ~{need / GIB:.1f} GiB"]
+    )
+    model = next((c.model for c in stages.values() if hasattr(c, "model")), "")
+    if _is_hub_id(model):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):  # not downloaded yet
+            cache, weights = Path(constants.HF_HUB_CACHE), shapes.params() * 2
+            free = _free(cache)
+            lines.append(f"hub cache: {model} not cached; ~{weights / GIB:.1f} GiB to download into {cache}")
+            if free < weights:
+                problems.append(
+                    f"disk: {cache} has {free / GIB:.1f} GiB free; {model} needs ~{weights / GIB:.1f} GiB"
+                )
+    return lines, problems
+
+
+def _free(path: Path) -> int:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _is_hub_id(model: str) -> bool:
+    return (
+        model.count("/") == 1 and not model.startswith((".", "/", "~", "pkg:")) and not Path(model).exists()
+    )
