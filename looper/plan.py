@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import orjson
 
 from looper import memory
-from looper.config import STAGE_CONFIGS, check, opt, parse_pipeline_file
+from looper.config import DEFAULT_MODEL, STAGE_CONFIGS, field_problem, opt, parse_pipeline_file, stage_fields
 from looper.errors import LooperError
 from looper.memory import GIB, PROMPT_TOKENS, Shapes
 from looper.plan_env import disk_check, environment, model_shapes, trl_fused_head
@@ -64,17 +65,27 @@ def run(config: PlanConfig) -> int:
     if not config.pipeline:
         raise LooperError("plan needs a pipeline file: looper --config pipelines/<name>.toml plan")
     values, problems = parse_pipeline_file(config.pipeline)
+    raw = tomllib.loads(Path(config.pipeline).read_text())  # parsed above: valid TOML
     stages = {}
     for stage, cls in STAGE_CONFIGS.items():
-        bad = check(cls, values[stage])
-        problems += bad
+        bad = {
+            key: why
+            for key, value in values[stage].items()
+            if (why := field_problem(stage_fields(cls)[key], value))
+        }
+        for key, why in bad.items():
+            # a [common] value the stage does not override is named (once) where the user wrote it
+            line = f"[{'common' if key not in raw.get(stage, {}) else stage}] {key}: {why}"
+            problems += [] if line in problems else [line]
         if not bad:
             stages[stage] = cls(**values[stage])
     problems += cross_field_problems(stages)
     env, env_problems, notes, gpu = environment(config, stages)
     problems += env_problems
-    shapes, where = model_shapes(config, stages)
-    names = planned_stages(config.pipeline, stages)
+    # the model the stages load: [common] model usually (a stage's own table may name another)
+    model = next((v["model"] for v in values.values() if "model" in v), DEFAULT_MODEL)
+    shapes, where = model_shapes(config, model)
+    names = planned_stages(raw, stages)
     if isinstance(shapes, str):  # the whole table still, with nothing estimated
         problems.append(shapes)
         rows = [Row(n, None, {}, "no model shapes", change="--model-config PATH") for n in names]
@@ -83,7 +94,7 @@ def run(config: PlanConfig) -> int:
         notes.insert(0, f"model: {where}, {shapes.params() / 1e9:.2f} B parameters")
         notes.append(f"logits: {'TRL fused LM head (tiles)' if fused else 'full (no TRL fused LM head)'}")
         rows = estimate_all(stages, names, shapes, gpu, problems, fused_logits=fused)
-        disk_lines, disk_problems = disk_check(config, stages, shapes)
+        disk_lines, disk_problems = disk_check(config, stages, model, shapes)
         env += disk_lines
         problems += disk_problems
     report(config, env + notes, rows, problems, gpu)
@@ -119,13 +130,10 @@ def cross_field_problems(stages: dict[str, Any]) -> list[str]:
 PIPELINE_STAGES = ("prepare", "sft", "rollouts", "ppo", "eval")  # what `make all` runs
 
 
-def planned_stages(pipeline: str, stages: dict[str, Any]) -> list[str]:
+def planned_stages(raw: dict[str, Any], stages: dict[str, Any]) -> list[str]:
     """`make all`'s stages, and dpo when the file configures it (a [dpo] table or loop algorithm)."""
-    import tomllib
-
     loop = stages.get("loop")
-    has_table = "dpo" in tomllib.loads(Path(pipeline).read_text())
-    dpo = has_table or (loop is not None and loop.algorithm == "dpo")
+    dpo = "dpo" in raw or (loop is not None and loop.algorithm == "dpo")
     return [*PIPELINE_STAGES, *(["dpo"] if dpo else [])]
 
 

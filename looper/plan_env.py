@@ -66,9 +66,8 @@ def environment(config: Any, stages: dict[str, Any]):
     return lines, problems, notes, gpu
 
 
-def model_shapes(config: Any, stages: dict[str, Any]) -> tuple[Shapes | str, str]:
+def model_shapes(config: Any, model: str) -> tuple[Shapes | str, str]:
     """(shapes, where they came from), or (problem line, '') when there is no config.json to read."""
-    model = next((c.model for c in stages.values() if hasattr(c, "model")), "")  # [common] model, usually
     candidates = []
     if config.model_config:
         candidates.append(Path(config.model_config))
@@ -100,7 +99,9 @@ def trl_fused_head() -> bool:
     return utils.is_file() and "def add_fused_lm_head" in utils.read_text()
 
 
-def disk_check(config: Any, stages: dict[str, Any], shapes: Shapes) -> tuple[list[str], list[str]]:
+def disk_check(
+    config: Any, stages: dict[str, Any], model: str, shapes: Shapes
+) -> tuple[list[str], list[str]]:
     """(lines, problems): free disk under LOOPER_HOME against the artifacts one `make all` writes
     (adapters, trainer checkpoints: 2 kept, each adapter + optimizer state; rollouts' token ids,
     log-probs and text), and in the hub cache against the bf16 weights of a model not yet there."""
@@ -121,7 +122,6 @@ def disk_check(config: Any, stages: dict[str, Any], shapes: Shapes) -> tuple[lis
         if free >= need
         else [f"disk: {home} has {free / GIB:.1f} GiB free; the pipeline writes ~{need / GIB:.1f} GiB"]
     )
-    model = next((c.model for c in stages.values() if hasattr(c, "model")), "")
     if _is_hub_id(model):
         from huggingface_hub import constants, try_to_load_from_cache
 

@@ -190,6 +190,14 @@ def test_eval_samples_need_temperature(run_cli, tmp_path):
     ]
 
 
+def test_a_bad_common_value_is_named_once_in_common(run_cli, tmp_path):
+    path = write(tmp_path, "[common]\nmodel = 'looper:tiny'\nseed = -1\n[sft]\nseed = -2\n")
+    code, out, _ = run_cli("--config", path, "plan", "--workdir", tmp_path, "--json")
+    problems = last_json(out)["problems"]
+    assert code == 1 and problems.count("[common] seed: -1 is out of range: must be >= 0") == 1
+    assert "[sft] seed: -2 is out of range: must be >= 0" in problems and len(problems) == 2
+
+
 def test_tiny_pipeline_is_valid_and_fits(run_cli, tmp_path):
     code, out, _ = run_cli(
         "--config", "pipelines/tiny-test.toml", "plan", "--workdir", tmp_path, "--gpu-gb", "80"
