@@ -124,7 +124,28 @@ def cross_field_problems(stages: dict[str, Any]) -> list[str]:
             )
     if ro and (len(ro.shard.split("/")) != 2 or not all(p.isdigit() for p in ro.shard.split("/"))):
         out.append(f"[rollouts] shard: {ro.shard!r} is not 'i/n'")
+    if ro:
+        out += arm_problems(ro)
+    # files the stages read: a typo here would surface only when that stage starts
+    prep = stages.get("prepare")
+    if prep and prep.source not in ("hub", "synthetic") and not Path(prep.source).exists():
+        out.append(f"[prepare] source: {prep.source!r} is not 'hub', 'synthetic' or an existing path")
+    if ev and ev.source is not None and not Path(ev.source).is_file():
+        out.append(f"[eval] source: no file {ev.source!r}")
     return out
+
+
+def arm_problems(ro: Any) -> list[str]:
+    """The rollouts' arm list as the stage builds it: arm_file readable, enough arms, cf_arms among them."""
+    from looper.regime_w.arms import select_arms
+
+    try:
+        arms = {a.name for a in select_arms(ro.arms, ro.arm_file)}
+    except LooperError as exc:
+        key = "arm_file" if ro.arm_file and str(exc).startswith("arm file") else "arms"
+        return [f"[rollouts] {key}: {exc}"]
+    unknown = [n.strip() for n in ro.cf_arms.split(",") if n.strip() and n.strip() not in arms]
+    return [f"[rollouts] cf_arms: {', '.join(unknown)} not among the arms in use"] if unknown else []
 
 
 PIPELINE_STAGES = ("prepare", "sft", "rollouts", "ppo", "eval")  # what `make all` runs

@@ -315,3 +315,22 @@ def test_cuda_stages_fail_on_a_box_without_cuda(run_cli, tmp_path):
     )
     assert "[sft] quant: '4bit' needs a CUDA GPU; none is visible (CPU build)" in problems
     assert all(s["fits"] in (None, True) for s in last_json(out)["stages"])  # unknown: no GPU to fit
+
+
+def test_files_and_arms_the_stages_would_read(run_cli, tmp_path):
+    pipeline = write(
+        tmp_path,
+        "[common]\nmodel = 'looper:tiny'\n[prepare]\nsource = 'no/such/dir'\n"
+        "[rollouts]\narms = 99\nbackend = 'hf'\n[eval]\nsource = 'missing.jsonl'\nbackend = 'hf'\n",
+    )
+    code, out, _ = run_cli("--config", pipeline, "plan", "--workdir", tmp_path, "--json")
+    problems = last_json(out)["problems"]
+    assert code == 1 and len(problems) == 3
+    assert problems[0].startswith("[rollouts] arms: --arms 99: choose 1 to 8")
+    assert problems[1] == "[prepare] source: 'no/such/dir' is not 'hub', 'synthetic' or an existing path"
+    assert problems[2] == "[eval] source: no file 'missing.jsonl'"
+    pipeline.write_text(
+        "[common]\nmodel = 'looper:tiny'\n[rollouts]\ncf_arms = 'nope'\nbackend = 'hf'\n[eval]\nbackend = 'hf'\n"
+    )
+    code, out, _ = run_cli("--config", pipeline, "plan", "--workdir", tmp_path, "--json")
+    assert code == 1 and last_json(out)["problems"] == ["[rollouts] cf_arms: nope not among the arms in use"]
