@@ -33,7 +33,7 @@ from looper import memory
 from looper.config import DEFAULT_MODEL, STAGE_CONFIGS, field_problem, opt, parse_pipeline_file, stage_fields
 from looper.errors import LooperError
 from looper.memory import GIB, PROMPT_TOKENS, Shapes
-from looper.plan_env import disk_check, environment, model_shapes, trl_fused_head
+from looper.plan_env import cross_field_problems, disk_check, environment, model_shapes, trl_fused_head
 
 
 @dataclass
@@ -99,53 +99,6 @@ def run(config: PlanConfig) -> int:
         problems += disk_problems
     report(config, env + notes, rows, problems, gpu)
     return 1 if problems else 0  # a stage that does not fit is one of the problems
-
-
-def cross_field_problems(stages: dict[str, Any]) -> list[str]:
-    """Rules between fields (or stages) that a stage would only raise when it starts."""
-    out = []
-    ev, ppo, ro = stages.get("eval"), stages.get("ppo"), stages.get("rollouts")
-    if ev and ev.samples > 1 and ev.temperature == 0:
-        out.append(
-            f"[eval] samples: {ev.samples} completions per question need temperature > 0 (greedy repeats)"
-        )
-    if ppo and ppo.questions_per_step % ppo.questions_per_minibatch:
-        out.append(
-            f"[ppo] questions_per_step: {ppo.questions_per_step} is not a multiple of "
-            f"questions_per_minibatch {ppo.questions_per_minibatch}"
-        )
-    if ppo and ro and not ppo.online:
-        if ro.arms < 2:
-            out.append(f"[rollouts] arms: {ro.arms} arm gives ppo no group to compare: use 2 or more")
-        if ro.limit is not None and ro.limit < ppo.questions_per_step:
-            out.append(
-                f"[ppo] questions_per_step: {ppo.questions_per_step} > the {ro.limit} questions of "
-                "[rollouts] limit: no whole step"
-            )
-    if ro and (len(ro.shard.split("/")) != 2 or not all(p.isdigit() for p in ro.shard.split("/"))):
-        out.append(f"[rollouts] shard: {ro.shard!r} is not 'i/n'")
-    if ro:
-        out += arm_problems(ro)
-    # files the stages read: a typo here would surface only when that stage starts
-    prep = stages.get("prepare")
-    if prep and prep.source not in ("hub", "synthetic") and not Path(prep.source).exists():
-        out.append(f"[prepare] source: {prep.source!r} is not 'hub', 'synthetic' or an existing path")
-    if ev and ev.source is not None and not Path(ev.source).is_file():
-        out.append(f"[eval] source: no file {ev.source!r}")
-    return out
-
-
-def arm_problems(ro: Any) -> list[str]:
-    """The rollouts' arm list as the stage builds it: arm_file readable, enough arms, cf_arms among them."""
-    from looper.regime_w.arms import select_arms
-
-    try:
-        arms = {a.name for a in select_arms(ro.arms, ro.arm_file)}
-    except LooperError as exc:
-        key = "arm_file" if ro.arm_file and str(exc).startswith("arm file") else "arms"
-        return [f"[rollouts] {key}: {exc}"]
-    unknown = [n.strip() for n in ro.cf_arms.split(",") if n.strip() and n.strip() not in arms]
-    return [f"[rollouts] cf_arms: {', '.join(unknown)} not among the arms in use"] if unknown else []
 
 
 PIPELINE_STAGES = ("prepare", "sft", "rollouts", "ppo", "eval")  # what `make all` runs

@@ -1,6 +1,7 @@
-"""The environment half of `looper plan` (see `looper.plan`): what this box has (Python, torch and
-its CUDA devices, bitsandbytes, vLLM, free disk), where the model's shapes come from, and which
-logits the installed TRL builds. Fast on purpose: torch is imported, no model, vLLM only located.
+"""The checks of `looper plan` besides memory (see `looper.plan`): rules across fields and stages,
+the files and arms the stages would read, what this box has (Python, torch and its CUDA devices,
+bitsandbytes, vLLM, free disk), where the model's shapes come from, and which logits the
+installed TRL builds. Fast on purpose: torch is imported, no model loaded, vLLM only located.
 """
 
 from __future__ import annotations
@@ -14,7 +15,55 @@ from typing import Any
 import orjson
 
 from looper import memory
+from looper.errors import LooperError
 from looper.memory import GIB, Shapes
+
+
+def cross_field_problems(stages: dict[str, Any]) -> list[str]:
+    """Rules between fields (or stages) that a stage would only raise when it starts."""
+    out = []
+    ev, ppo, ro = stages.get("eval"), stages.get("ppo"), stages.get("rollouts")
+    if ev and ev.samples > 1 and ev.temperature == 0:
+        out.append(
+            f"[eval] samples: {ev.samples} completions per question need temperature > 0 (greedy repeats)"
+        )
+    if ppo and ppo.questions_per_step % ppo.questions_per_minibatch:
+        out.append(
+            f"[ppo] questions_per_step: {ppo.questions_per_step} is not a multiple of "
+            f"questions_per_minibatch {ppo.questions_per_minibatch}"
+        )
+    if ppo and ro and not ppo.online:
+        if ro.arms < 2:
+            out.append(f"[rollouts] arms: {ro.arms} arm gives ppo no group to compare: use 2 or more")
+        if ro.limit is not None and ro.limit < ppo.questions_per_step:
+            out.append(
+                f"[ppo] questions_per_step: {ppo.questions_per_step} > the {ro.limit} questions of "
+                "[rollouts] limit: no whole step"
+            )
+    if ro and (len(ro.shard.split("/")) != 2 or not all(p.isdigit() for p in ro.shard.split("/"))):
+        out.append(f"[rollouts] shard: {ro.shard!r} is not 'i/n'")
+    if ro:
+        out += arm_problems(ro)
+    # files the stages read: a typo here would surface only when that stage starts
+    prep = stages.get("prepare")
+    if prep and prep.source not in ("hub", "synthetic") and not Path(prep.source).exists():
+        out.append(f"[prepare] source: {prep.source!r} is not 'hub', 'synthetic' or an existing path")
+    if ev and ev.source is not None and not Path(ev.source).is_file():
+        out.append(f"[eval] source: no file {ev.source!r}")
+    return out
+
+
+def arm_problems(ro: Any) -> list[str]:
+    """The rollouts' arm list as the stage builds it: arm_file readable, enough arms, cf_arms among them."""
+    from looper.regime_w.arms import select_arms
+
+    try:
+        arms = {a.name for a in select_arms(ro.arms, ro.arm_file)}
+    except LooperError as exc:
+        key = "arm_file" if ro.arm_file and str(exc).startswith("arm file") else "arms"
+        return [f"[rollouts] {key}: {exc}"]
+    unknown = [n.strip() for n in ro.cf_arms.split(",") if n.strip() and n.strip() not in arms]
+    return [f"[rollouts] cf_arms: {', '.join(unknown)} not among the arms in use"] if unknown else []
 
 
 def environment(config: Any, stages: dict[str, Any]):
