@@ -258,6 +258,40 @@ def status(
 
 
 @app.command()
+def show(
+    stage: Annotated[str, typer.Argument(help="prepare, rollouts, eval, sft, ppo, dpo or loop.")],
+    version: Annotated[
+        str | None, typer.Argument(help="Version id or artifact path. [default: latest]")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="jsonl, csv or table. [default: table on a terminal, jsonl when piped]"
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many rows (table: 20).")] = None,
+    columns: Annotated[str | None, typer.Option(help="Comma-separated columns to keep.")] = None,
+    question: Annotated[
+        str | None,
+        typer.Option(help="Only this question id; rollouts as a table: its arms side by side with scores."),
+    ] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
+) -> None:
+    """Print an artifact's rows (Parquet tables, training logs) as JSONL, CSV or a table."""
+    from looper.show import show as do_show
+
+    do_show(
+        stage,
+        version,
+        workdir=workdir or os.environ.get("LOOPER_HOME") or ".",
+        fmt=format,
+        limit=limit,
+        columns=columns,
+        question=question,
+    )
+
+
+@app.command()
 def export(
     model: Annotated[
         str, typer.Option(help="Adapter to merge: sft, ppo, dpo (latest), or an adapter directory.")

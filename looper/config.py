@@ -102,7 +102,8 @@ class PrepareConfig(RunOptions):
     source: str = opt(
         "hub",
         "Where the questions come from: 'hub' (the dataset named by --dataset), 'synthetic' "
-        "(offline generator), or a path: a directory with train.jsonl and test.jsonl, or one "
+        "(offline generator), hub:<dataset>[:<config>] or a `datasets` save_to_disk directory "
+        "(train and test splits), or a path: a directory with train.jsonl and test.jsonl, or one "
         "GSM8K-format .jsonl file (used as train; no test split).",
     )
     dataset: str = opt("openai/gsm8k", "Hub dataset id used when --source hub (config 'main').")
@@ -115,6 +116,12 @@ class PrepareConfig(RunOptions):
     synthetic_test: int = opt(300, "With --source synthetic: number of test questions.", ge=1)
     difficulty: int = opt(2, "With --source synthetic: arithmetic steps per question (1-5).", ge=1, le=5)
     skip_bad: bool = opt(False, "Skip malformed input rows (counted in the manifest) instead of stopping.")
+    extra_eval: str | None = opt(
+        None,
+        "Test-only sets kept as extra evaluation splits, comma-separated [name=]<source>: "
+        "hub:<dataset>[:<config>][@<split>], a `datasets` directory, .jsonl or .parquet "
+        "(e.g. hub:madrylab/gsm8k-platinum -> split gsm8k-platinum; `looper eval --split gsm8k-platinum`).",
+    )
 
 
 @dataclass
@@ -231,10 +238,17 @@ class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt(
-        "test", "Split of the prepare artifact: test (never trained on) or dev.", choices=("test", "dev")
+        "test",
+        "Split of the prepare artifact: test (never trained on), dev, or an extra evaluation split "
+        "added by `looper prepare --extra-eval` (e.g. gsm8k-platinum).",
     )
     source: str | None = opt(
-        None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum)."
+        None,
+        "A GSM8K-shaped set to evaluate on instead of a prepare split: hub:<dataset>[:<config>][@<split>] "
+        "(e.g. hub:madrylab/gsm8k-platinum), a `datasets` save_to_disk directory, .jsonl or .parquet.",
+    )
+    skip_bad: bool = opt(
+        False, "With --source: skip malformed rows (counted in the manifest) instead of stopping."
     )
     limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).", ge=1)
     samples: int = opt(

@@ -6,6 +6,7 @@ Kept out of the stage modules because stages never import each other.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,7 +38,30 @@ def optimizer_name(choice: str, cuda: bool) -> str:
 
 
 def report_to(choice: str) -> list[str]:
-    return [] if choice == "none" else [choice]
+    # tensorboard is added by TrainingRun.callbacks instead: transformers would write its events
+    # under output_dir (the trainer dir), which `finish` deletes
+    return [] if choice in ("none", "tensorboard") else [choice]
+
+
+def tensorboard_callback(log_dir: Path):
+    """transformers' TensorBoardCallback writing to `log_dir` (its documented TENSORBOARD_LOGGING_DIR)."""
+    from transformers.integrations import TensorBoardCallback
+
+    from looper.errors import LooperError
+
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
+    try:
+        return TensorBoardCallback()  # reads the variable here; the writer opens on rank 0 at train begin
+    except RuntimeError:
+        raise LooperError(
+            "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    finally:
+        if previous is None:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
@@ -186,8 +210,17 @@ class TrainingRun:
     def trainer_dir(self) -> Path:
         return self.run.path / "trainer"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """`--report-to tensorboard` events: `tensorboard --logdir $LOOPER_HOME/tensorboard`."""
+        return self.store.workdir / "tensorboard" / self.stage / self.version
+
     def callbacks(self) -> list:
-        return [metrics_callback(self.run.path / "metrics.jsonl")]
+        callbacks = [metrics_callback(self.run.path / "metrics.jsonl")]
+        if self.config.report_to == "tensorboard":
+            print(f"{self.stage}: TensorBoard events -> {self.tensorboard_dir}")
+            callbacks.append(tensorboard_callback(self.tensorboard_dir))
+        return callbacks
 
     def train(self, trainer: Any) -> Any:
         if self.checkpoint:

@@ -149,9 +149,10 @@ def run(config: RolloutsConfig) -> StageResult:
 
     store = Store(config.workdir)
     prepare = store.resolve("prepare", config.prepare)
-    if config.split == "test":
+    if config.split not in ("train", "dev"):  # test and the --extra-eval splits are for evaluation only
         raise LooperError(
-            "--split test: rollouts feed training, so they never read the test split (use train or dev)"
+            f"--split {config.split}: rollouts feed training, so they never read the test split "
+            "or an evaluation split (use train or dev)"
         )
     shard_index, shard_count = parse_shard(config.shard)
     arms = select_arms(config.arms, config.arm_file)
