@@ -46,8 +46,15 @@ def cross_field_problems(stages: dict[str, Any]) -> list[str]:
         out += arm_problems(ro)
     # files the stages read: a typo here would surface only when that stage starts
     prep = stages.get("prepare")
-    if prep and prep.source not in ("hub", "synthetic") and not Path(prep.source).exists():
-        out.append(f"[prepare] source: {prep.source!r} is not 'hub', 'synthetic' or an existing path")
+    local = prep and prep.source not in ("hub", "synthetic") and not prep.source.startswith("hub:")
+    if local and not Path(prep.source).exists():
+        out.append(
+            f"[prepare] source: {prep.source!r} is not 'hub', 'synthetic', hub:<dataset> or an existing path"
+        )
+    for item in (prep.extra_eval or "").split(",") if prep else []:
+        source = item.strip().partition("=")[2] if "=" in item else item.strip()
+        if source and not source.startswith("hub:") and not Path(source).exists():
+            out.append(f"[prepare] extra_eval: {source!r} is not hub:<dataset> or an existing path")
     if ev and ev.source is not None and not Path(ev.source).is_file():
         out.append(f"[eval] source: no file {ev.source!r}")
     return out

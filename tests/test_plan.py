@@ -327,10 +327,16 @@ def test_files_and_arms_the_stages_would_read(run_cli, tmp_path):
     problems = last_json(out)["problems"]
     assert code == 1 and len(problems) == 3
     assert problems[0].startswith("[rollouts] arms: --arms 99: choose 1 to 8")
-    assert problems[1] == "[prepare] source: 'no/such/dir' is not 'hub', 'synthetic' or an existing path"
+    assert problems[1] == (
+        "[prepare] source: 'no/such/dir' is not 'hub', 'synthetic', hub:<dataset> or an existing path"
+    )
     assert problems[2] == "[eval] source: no file 'missing.jsonl'"
     pipeline.write_text(
         "[common]\nmodel = 'looper:tiny'\n[rollouts]\ncf_arms = 'nope'\nbackend = 'hf'\n[eval]\nbackend = 'hf'\n"
+        "[prepare]\nsource = 'hub:openai/gsm8k'\nextra_eval = 'hub:madrylab/gsm8k-platinum,mine=gone.jsonl'\n"
     )
     code, out, _ = run_cli("--config", pipeline, "plan", "--workdir", tmp_path, "--json")
-    assert code == 1 and last_json(out)["problems"] == ["[rollouts] cf_arms: nope not among the arms in use"]
+    assert code == 1 and last_json(out)["problems"] == [
+        "[rollouts] cf_arms: nope not among the arms in use",
+        "[prepare] extra_eval: 'gone.jsonl' is not hub:<dataset> or an existing path",
+    ]
