@@ -30,6 +30,7 @@ from looper.config import (
     read_pipeline_file,
 )
 from looper.errors import LooperError
+from looper.plan import PlanConfig
 
 app = typer.Typer(
     name="looper",
@@ -67,16 +68,17 @@ def quiet_libraries() -> None:
         "math_verify",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Progress bars off through the environment, read when the libraries load: importing transformers
+    # and datasets here would cost every command (`looper plan` included) seconds. The weight-loading
+    # and per-map ("Tokenizing...") bars go; the training bar stays.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already loaded (in-process callers): too late for the environment
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # weight-loading bars; the training bar stays
-        import datasets
-
-        datasets.disable_progress_bars()  # per-map bars ("Tokenizing...") on every run
-    except ImportError:
-        pass
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 @app.callback()
@@ -214,6 +216,21 @@ def regime_w_demo() -> None:
     from looper.regime_w.demo import main as demo
 
     demo()
+
+
+@app.command()
+def plan(
+    gpu_gb: Annotated[float | None, cli_option(PlanConfig, "gpu_gb")] = None,
+    model_config: Annotated[str | None, cli_option(PlanConfig, "model_config")] = None,
+    workdir: Annotated[str | None, cli_option(PlanConfig, "workdir")] = None,
+    json: Annotated[bool | None, cli_option(PlanConfig, "json", "--json")] = None,
+) -> None:
+    """Check the pipeline file (--config), the environment and each stage's GPU memory, in seconds."""
+    from looper import plan as planner
+
+    values = {"gpu_gb": gpu_gb, "model_config": model_config, "workdir": workdir, "json": json}
+    config = build_config(PlanConfig, file_values={"pipeline": State.config_file}, cli_values=values)
+    raise typer.Exit(planner.run(config))
 
 
 @app.command()

@@ -470,7 +470,20 @@ def _accepts(annotation: Any, value: Any) -> bool:
 
 
 def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Parse and validate a pipeline file; returns {stage: {key: value}} with [common] spread in."""
+    """Parse and validate a pipeline file; returns {stage: {key: value}} with [common] spread in.
+
+    Every unknown table or key and every value of the wrong type is reported, one line each
+    (a ConfigError), not only the first."""
+    merged, problems = parse_pipeline_file(path)
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def parse_pipeline_file(path: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({stage: {key: value}}, problems): the file's values with [common] spread in, and one line
+    `<file>: [stage] key: what is wrong` per unknown table, unknown key or value of the wrong type
+    (left out of the values). A missing file or invalid TOML is a LooperError: nothing to read."""
     path = Path(path)
     if not path.is_file():
         raise LooperError(f"config file {path} not found: pass an existing pipelines/<name>.toml")
@@ -478,31 +491,36 @@ def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise LooperError(f"{path}: not valid TOML ({exc})") from None
-    unknown_tables = set(raw) - set(STAGE_CONFIGS) - {"common"}
-    if unknown_tables:
-        name = sorted(unknown_tables)[0]
-        raise LooperError(
+    problems = []
+    for name in sorted(set(raw) - set(STAGE_CONFIGS) - {"common"}):
+        problems.append(
             f"{path}: unknown table [{name}]; known: [common], " + ", ".join(f"[{s}]" for s in STAGE_CONFIGS)
         )
     common = raw.get("common", {})
     for key in common:
         if not any(key in stage_fields(c) for c in STAGE_CONFIGS.values()):
-            raise LooperError(f"{path}: unknown key '{key}' in [common]: no stage has that option")
+            problems.append(
+                f"{path}: [common] {key}: unknown key '{key}' in [common]: no stage has that option"
+            )
     merged: dict[str, dict[str, Any]] = {}
     for stage, cls in STAGE_CONFIGS.items():
         fields_ = stage_fields(cls)
         values = {k: v for k, v in common.items() if k in fields_}
         for key, value in raw.get(stage, {}).items():
             if key not in fields_:
-                raise LooperError(
-                    f"{path}: unknown key '{key}' in [{stage}]; known: {', '.join(sorted(fields_))}"
+                problems.append(
+                    f"{path}: [{stage}] {key}: unknown key '{key}' in [{stage}]; known: {', '.join(sorted(fields_))}"
                 )
+                continue
             values[key] = value
-        for key, value in values.items():
+        for key, value in list(values.items()):
             if not _accepts(fields_[key].type, value):
-                raise LooperError(f"{path}: [{stage}] {key} = {value!r} is not a valid {fields_[key].type}")
+                problems.append(
+                    f"{path}: [{stage}] {key}: {key} = {value!r} is not a valid {fields_[key].type}"
+                )
+                del values[key]
         merged[stage] = values
-    return merged
+    return merged, problems
 
 
 def check(cls: type, values: dict[str, Any], *, cli_keys: set[str] = frozenset()) -> list[str]:
