@@ -97,15 +97,16 @@ def test_final_round_best_is_the_earliest_highest_and_last_is_last():
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"rounds": 0}, "--rounds 0"),
-        ({"patience": 0}, "--patience 0"),
-        ({"algorithm": "sac"}, "--algorithm sac"),
-        ({"final": "mean"}, "--final mean"),
-        ({"dev_limit": 0}, "--dev-limit 0"),
+        ({"rounds": 0}, "--rounds: 0"),
+        ({"patience": 0}, "--patience: 0"),
+        ({"algorithm": "sac"}, "--algorithm: 'sac'"),
+        ({"final": "mean"}, "--final: 'mean'"),
+        ({"dev_limit": 0}, "--dev-limit: 0"),
+        ({"mode": "rlhf"}, "--mode: 'rlhf'"),
     ],
 )
 def test_bad_options_are_one_line_errors(pipeline, tmp_path, values, message):
-    with pytest.raises(LooperError, match=message):
+    with pytest.raises(LooperError, match=message):  # checked centrally by build_config
         loop_stage.run(loop_config(pipeline, tmp_path / "home", **values))
 
 
