@@ -149,3 +149,36 @@ def ucb_shares(arms, stats) -> tuple[dict, dict]:
         for arm in arms
     }  # fmt: skip
     return {arm: units[arm] / UNITS for arm in arms}, posterior
+
+
+def report_lines(rounds: Sequence[Mapping]) -> list[str]:
+    """Markdown for the loop report: each round's learned allocation (samples per question per arm)
+    and the posterior it came from; nothing when every round was uniform."""
+    learned = [
+        r
+        for r in rounds
+        if (r["figures"].get("arm_allocation") or {}).get("strategy", "uniform") != "uniform"
+    ]
+    if not learned:
+        return []
+    lines = [
+        "## Arm allocation",
+        "",
+        "| round | strategy | samples per question (posterior) |",
+        "|---|---|---|",
+    ]
+    for r in learned:
+        alloc = r["figures"]["arm_allocation"]
+        cells = []
+        for arm, samples in alloc["samples_per_question"].items():
+            p = alloc["posterior"].get(arm, {})
+            about = (
+                f"p_best {p['p_best']:.2f}"
+                if "p_best" in p
+                else f"ucb {p['ucb']:.3g}"
+                if "ucb" in p
+                else "no data"
+            )
+            cells.append(f"{arm} {samples:.2f} ({about})")
+        lines.append(f"| {r['round']} | {alloc['strategy']} | {', '.join(cells)} |")
+    return [*lines, ""]

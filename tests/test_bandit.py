@@ -94,3 +94,25 @@ def test_thompson_across_rounds_on_the_tiny_model(run_cli, tmp_path, tiny_model_
     assert all(p["n"] == 4 and "p_best" in p for p in alloc["posterior"].values())
     rows = [r for f in sorted(Path(second["path"]).glob("shard-*.parquet")) for r in read_rows(f)]
     assert all(len(r["arm_outputs"]) == 4 for r in rows)
+
+
+@pytest.mark.slow
+def test_thompson_across_loop_rounds(run_cli, tmp_path):
+    import json
+    from pathlib import Path
+
+    from test_loop import TINY
+
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(TINY.replace("[rollouts]\n", '[rollouts]\narm_allocation = "thompson"\n'))
+    code, out, err = run_cli(
+        "--config", pipeline, "loop", "--workdir", tmp_path / "home", "--rounds", "2", "--patience", "2",
+        "--no-test-eval", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    path = Path(last_json(out)["path"])
+    rounds = json.loads((path / "manifest.json").read_text())["rounds"]
+    second = json.loads((Path(rounds[1]["rollouts"]["path"]) / "manifest.json").read_text())
+    assert second["allocation"]["prior"] == rounds[0]["rollouts"]["version"]
+    assert second["allocation"]["strategy"] == "thompson" and second["allocation"]["posterior"]
+    assert "## Arm allocation" in (path / "report.md").read_text()

@@ -44,6 +44,7 @@ from typing import Any
 
 import orjson
 
+from looper import bandit
 from looper.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
 from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
 from looper.errors import LooperError
@@ -101,13 +102,12 @@ def rollouts_step(loop: Loop, rnd: dict) -> None:
             read_rows(loop.prepare.path / "train.parquet")
         )
         offset = (offset + (rnd["round"] - 1) * limit) % max(n_train, 1)
-    previous = [r for r in loop.record["rounds"] if r["round"] == rnd["round"] - 1]
-    bandit = (
-        {"arm_prior": previous[0]["rollouts"]["version"]} if previous and table.get("arm_allocation") else {}
-    )
+    # a learned arm allocation (thompson, ucb) learns from the previous round's rollouts
+    before = [r["rollouts"]["version"] for r in loop.record["rounds"] if r["round"] == rnd["round"] - 1]
+    prior = {"arm_prior": before[0]} if before and table.get("arm_allocation", "uniform") != "uniform" else {}
     result = loop.run_stage(
-        "rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset, **bandit
-    )  # a learned arm allocation (thompson, ucb) learns from the previous round's rollouts
+        "rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset, **prior
+    )
     rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
 
 
@@ -193,15 +193,6 @@ def final_round(rounds: list[dict], final: str) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
-def check_options(config: LoopConfig) -> None:
-    """What build_config's per-field checks cannot see (choices and ranges are checked there)."""
-    if not config.pipeline:
-        raise LooperError(
-            "looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
-            "(its stage tables configure every round)"
-        )
-
-
 def ensure_inputs(loop: Loop) -> None:
     """prepare and sft: the latest ones, or made now from their tables when the home has none."""
     for stage in ("prepare", "sft"):
@@ -230,7 +221,11 @@ def loop_version(loop: Loop) -> tuple[str, dict]:
 
 
 def run(config: LoopConfig) -> StageResult:
-    check_options(config)
+    if not config.pipeline:  # choices and ranges of the options are checked by build_config
+        raise LooperError(
+            "looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
+            "(its stage tables configure every round)"
+        )
     store = Store(config.workdir)
     loop = Loop(config, read_pipeline_file(config.pipeline), store)
     ensure_inputs(loop)
@@ -397,6 +392,7 @@ def markdown(summary: dict) -> str:
         "",
         "![per-round figures](loop.png)",
         "",
+        *bandit.report_lines(rounds),
     ]
     if summary["test"]:
         t = summary["test"]
