@@ -125,3 +125,15 @@ class ScheduledWeights(TrainerCallback):
         self.trainer.reward_weights = torch.tensor(weights, dtype=torch.float32)
         for name, weight in zip(self.plan.names, weights):  # logged with the step as weights/<name>
             self.trainer._metrics["train"][f"weights/{name}"].append(weight)
+
+
+def ppo_identity(config, plan: RewardPlan) -> dict:
+    """ppo's config identity with the rewards resolved (weights, parameters, schedule, post-processors)."""
+    from looper.config import identity
+
+    return {k: v for k, v in identity(config).items() if k not in ("rewards", "weights")} | plan.identity()
+
+
+def plot_weights(job, plan: RewardPlan, steps: int) -> None:
+    """reward_weights.png in the artifact: each optimised reward's weight over the run's steps."""
+    schedules.plot_weights(job.run.path / "reward_weights.png", plan.spec.weights, plan.schedule, steps)

@@ -41,11 +41,13 @@ from trl import GRPOConfig, GRPOTrainer
 
 from looper import models, training
 from looper.artifacts import Store
-from looper.config import PpoConfig, identity
+from looper.config import PpoConfig
 from looper.errors import LooperError
 from looper.reward_training import (
     RewardPlan,
     ScheduledWeights,
+    plot_weights,
+    ppo_identity,
     reward_plan,
     row_components,
     stored_reward_funcs,
@@ -63,18 +65,6 @@ from looper.rl import (
 from looper.stages import StageResult
 
 STAGE = "ppo"
-
-
-def ppo_identity(config: PpoConfig, plan: RewardPlan) -> dict:
-    """The config's identity with the rewards resolved (weights, parameters, schedule, post-processors)."""
-    return {k: v for k, v in identity(config).items() if k not in ("rewards", "weights")} | plan.identity()
-
-
-def plot_weights(job, plan: RewardPlan, steps: int) -> None:
-    """reward_weights.png in the artifact: each optimised reward's weight over the run's steps."""
-    from looper.schedules import plot_weights as plot
-
-    plot(job.run.path / "reward_weights.png", plan.spec.weights, plan.schedule, steps)
 
 
 class RegimeWGRPOTrainer(GRPOTrainer):

@@ -20,10 +20,10 @@ from looper.artifacts import Store
 from looper.config import PpoConfig
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.generation.hf import eos_token_ids
-from looper.reward_training import online_reward_funcs, reward_plan
+from looper.reward_training import online_reward_funcs, plot_weights, ppo_identity, reward_plan
 from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
 from looper.stages import StageResult
-from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config, plot_weights, ppo_identity
+from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config
 
 STAGE = "ppo"
 

@@ -347,7 +347,9 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
         },
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
         extra={
-            k: first[k] for k in ("base_model", "policy", "sampling", "generated_by", "rewards") if k in first
+            k: first[k]
+            for k in ("base_model", "policy", "sampling", "generated_by", "rewards", "allocation")
+            if k in first
         }
         | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},
     )
