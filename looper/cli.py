@@ -208,14 +208,15 @@ def rollouts_merge(
 @rollouts_app.command("rescore")
 def rollouts_rescore(
     version: Annotated[
-        str | None, typer.Argument(help="Rollouts artifact to rescore: version id or path [default: latest].")
+        str | None,
+        typer.Argument(help="Rollouts artifact to rescore: version id or path (default: the latest)."),
     ] = None,
     weights: Annotated[str | None, cli_option(STAGE_CONFIGS["rollouts"], "weights")] = None,
     workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
     force: Annotated[bool | None, cli_option(RunOptions, "force", "--force")] = None,
     json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
 ) -> None:
-    """A new rollouts version with other reward weights ([rewards] of --config, then --weights), no generation."""
+    """A new rollouts version with other reward weights (the rewards table of --config, then --weights), no generation."""
     from looper.stages.rescore import run as rescore
 
     table = read_pipeline_file(State.config_file)["rollouts"].get("rewards") if State.config_file else None

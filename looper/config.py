@@ -240,7 +240,8 @@ class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
     shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
     weights: str | None = opt(
-        None, "Reward weights overriding the [rewards] table: name=w,... (e.g. correctness=2.0,length=0)."
+        None,
+        "Reward weights overriding the pipeline file's rewards table: name=w,... (e.g. correctness=2.0,length=0).",
     )
     rewards: dict | None = opt(None, "The pipeline file's [rewards] table (set from it).", cli=False)
 
@@ -362,7 +363,8 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
     )
     max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.", ge=1)
     weights: str | None = opt(
-        None, "Reward weights overriding the [rewards] table: name=w,... (e.g. correctness=2.0,length=0)."
+        None,
+        "Reward weights overriding the pipeline file's rewards table: name=w,... (e.g. correctness=2.0,length=0).",
     )
     rewards: dict | None = opt(None, "The pipeline file's [rewards] table (set from it).", cli=False)
 
