@@ -87,7 +87,9 @@ def run(
         counts=first["counts"],
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
         extra={
-            k: first[k] for k in ("base_model", "policy", "sampling", "generated_by", "shard") if k in first
+            k: first[k]
+            for k in ("base_model", "policy", "sampling", "generated_by", "shard", "allocation")
+            if k in first
         }
         | {"rewards": spec.as_dict(), "rescored_from": src.version},
     )
