@@ -200,6 +200,8 @@ def run(config: RolloutsConfig) -> StageResult:
             backend=config.backend,
             batch_size=config.batch_size,
             trust_remote_code=config.trust_remote_code,
+            scheduler=config.scheduler,
+            dtype=config.dtype,
         )
         columns = [
             TextColumn("rollouts"),
@@ -253,7 +255,7 @@ def run(config: RolloutsConfig) -> StageResult:
                 "adapter_path": str(policy.adapter) if policy.adapter else None,
                 **policy.identity(),
             },
-            "generated_by": policies.generation_weights(config.backend, policy),
+            "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
             "sampling": {
                 "arms": [vars(a) for a in arms],
                 "cf_arms": cf_names,
