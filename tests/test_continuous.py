@@ -171,3 +171,41 @@ def test_progress_and_model_state(lm):
 def test_unknown_scheduler(lm):
     with pytest.raises(LooperError, match="unknown --scheduler 'paged'"):
         gen(lm, "paged")
+
+
+def test_scheduler_and_dtype_options():
+    from looper.config import ConfigError, EvalConfig, RolloutsConfig, build_config
+
+    assert RolloutsConfig().scheduler == EvalConfig().scheduler == "continuous"
+    with pytest.raises(ConfigError, match="--scheduler.*continuous, static"):
+        build_config(RolloutsConfig, file_values={}, cli_values={"scheduler": "paged"})
+    with pytest.raises(ConfigError, match="--dtype.*auto, float32, bfloat16"):
+        build_config(EvalConfig, file_values={}, cli_values={"dtype": "fp8"})
+
+
+def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
+    from looper import models, policies
+
+    monkeypatch.setattr(models, "has_cuda", lambda: False)
+    policy = policies.Policy(
+        name="base", source=models.resolve_model("looper:tiny"), adapter=None, artifact=None
+    )
+    assert policies.generation_weights("hf", policy)["dtype"] == "float32"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    # recorded, so that ppo recomputes behaviour log-probs with its float32 model (`--behaviour-logprobs auto`)
+    assert policies.generation_weights("hf", policy, "bfloat16")["dtype"] == "bfloat16"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    with pytest.raises(LooperError, match="--dtype bfloat16: this CPU has neither AVX-512 BF16 nor AMX"):
+        models.resolve_dtype("bfloat16")
+
+
+def test_bfloat16_generates_with_the_same_contract(lm):
+    model, tokenizer, prompts = lm
+    bf16 = type(model).from_pretrained(model.name_or_path, dtype=torch.bfloat16).eval()
+    out = make_generator(
+        "hf", model=bf16, tokenizer=tokenizer, batch_size=3, scheduler="continuous"
+    ).generate(prompts, Sampling(temperature=0.5, max_new_tokens=6), seed=2)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    for c in out:
+        assert 1 <= len(c.logprobs) == len(c.token_ids) <= 6 and all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason == ("length" if c.tokens == 6 else "stop")
