@@ -449,9 +449,12 @@ def main() -> None:
         f"ratio lm-eval / looper {lm_s / looper_s:.2f}x (goal >= 2x)"
     )
     if static:
+        rows = looper_answers(static[1])
+        differ = [i for i, (a, b) in enumerate(zip(looper_rows, rows)) if a["completion"] != b["completion"]]
         print(
             f"wall-clock looper --scheduler static: {static[0]:.1f} s, ratio lm-eval / looper-static "
-            f"{lm_s / static[0]:.2f}x, static / {args.scheduler} {static[0] / looper_s:.2f}x"
+            f"{lm_s / static[0]:.2f}x, static / {args.scheduler} {static[0] / looper_s:.2f}x; "
+            f"completions differing static vs {args.scheduler}: {len(differ)}/{len(rows)} {differ[:20]}"
         )
     if bf16:
         theirs = looper_answers(bf16[1])
