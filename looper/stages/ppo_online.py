@@ -46,7 +46,7 @@ class TemperatureSchedule(TrainerCallback):
 def run_online(config: PpoConfig) -> StageResult:
     from datasets import Dataset
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     objective = reward_plan(
         config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
@@ -119,7 +119,7 @@ def run_online(config: PpoConfig) -> StageResult:
         inputs={"rollouts": rollouts},
         identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
-        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
+        metrics={"train_loss": job.train_loss(result, trainer), "final_kl_coef": controller.coef},
         extra={
             "reference": adapter_path or "base",
             "loss_type": config.loss_type,

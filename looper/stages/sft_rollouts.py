@@ -45,7 +45,7 @@ def run_rejection(config: SftConfig) -> StageResult:
 
     from looper.stages.sft import trl_config
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts = store.resolve("rollouts", config.rollouts)
     base = models.resolve_model(config.model)
     quant = models.resolve_quant(config.quant)
