@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from looper import faults
 from looper.errors import LooperError
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
@@ -96,6 +97,7 @@ def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        faults.point("shard")  # test-only (LOOPER_FAULT): killed between the write and the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -178,8 +180,15 @@ class Artifact:
         return self.manifest["hash"]
 
     def ref(self) -> dict[str, str]:
-        """How a downstream manifest names this artifact in its `inputs`."""
-        return {"version": self.version, "hash": self.hash, "path": str(self.path)}
+        """How a downstream manifest names this artifact in its `inputs`: its path relative to the
+        home when it lives in one (`data|checkpoints/<stage>/<version>`), so a moved or copied
+        LOOPER_HOME stays readable; readers find inputs by stage and version."""
+        in_home = self.path.parent.name == self.stage and self.path.parent.parent.name in (
+            "data",
+            "checkpoints",
+        )
+        path = Path(*self.path.parts[-3:]) if in_home else self.path
+        return {"version": self.version, "hash": self.hash, "path": str(path)}
 
     @classmethod
     def load(cls, path: Path) -> Artifact:
@@ -230,6 +239,7 @@ class Run:
             **(extra or {}),
         }
         atomic_write_bytes(self.path / MANIFEST, dumps_json(manifest))
+        faults.point("commit")  # test-only (LOOPER_FAULT): killed with the manifest written, not published
         final = self.store.stage_root(self.stage) / self.version
         if final.exists():  # only reachable with --force: the old copy goes once the new one is whole
             trash = final.with_name(f".{self.version}.old-{os.getpid()}")
@@ -250,6 +260,11 @@ class Store:
 
     def stage_root(self, stage: str) -> Path:
         return self.workdir / ("checkpoints" if stage in MODEL_STAGES else "data") / stage
+
+    def relative(self, path: str | Path) -> str:
+        """A path as a manifest records it: relative to the home when inside it (portable), else absolute."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.workdir)) if path.is_relative_to(self.workdir) else str(path)
 
     def version_for(self, stage: str, identity: dict, inputs: dict[str, Any]) -> str:
         """Deterministic version id from what determines the output.
@@ -317,5 +332,7 @@ class Store:
         path = self.stage_root(stage) / f"{version}{PARTIAL}"
         if path.exists() and not resume:
             shutil.rmtree(path)
+        for stray in path.glob(".*.tmp"):  # a write killed before its rename: never part of the artifact
+            stray.unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         return Run(self, stage, version, path)

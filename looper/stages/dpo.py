@@ -135,8 +135,8 @@ def run(config: DpoConfig) -> StageResult:
 
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
-    model, peft_config = training.policy_model(config, base, adapter_path, quant)
+    adapter_path = training.rollouts_adapter(store, rollouts)
+    model, peft_config, base_mismatch = training.policy_model(config, base, adapter_path, quant)
     dataset = Dataset.from_list(
         [
             {
@@ -174,7 +174,8 @@ def run(config: DpoConfig) -> StageResult:
             "final_reward_margin": last_logged(history, "rewards/margins"),
         },
         extra={
-            "reference": adapter_path or "base",
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
             "beta": config.beta,
             "pairs_per_question": config.pairs_per_question,
         },

@@ -71,8 +71,8 @@ def run_online(config: PpoConfig) -> StageResult:
 
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
-    model, peft_config = training.policy_model(config, base, adapter_path, quant)
+    adapter_path = training.rollouts_adapter(store, rollouts)
+    model, peft_config, base_mismatch = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
     dataset = Dataset.from_list(
         [
@@ -111,5 +111,10 @@ def run_online(config: PpoConfig) -> StageResult:
         identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
         metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
-        extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},
+        extra={
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
+            "loss_type": config.loss_type,
+            "mode": "online",
+        },
     )
