@@ -229,7 +229,8 @@ class Run:
             "version": self.version,
             "schema_version": SCHEMA_VERSIONS[self.stage],
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": config,
+            # the home it was run in is where the manifest lies: not recorded, so a moved home holds no stale path
+            "config": {k: v for k, v in config.items() if k != "workdir"},
             "identity": identity,
             "inputs": {name: art.ref() for name, art in inputs.items()},
             "counts": counts or {},

@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from harness import DATA_STAGES, GRADED, STAGE_ARGS, TRAIN_STAGES, grade_rollouts, latest, looper
+
+from faults.harness import DATA_STAGES, GRADED, STAGE_ARGS, TRAIN_STAGES, grade_rollouts, latest, looper
 
 LEDGER: Counter[str] = Counter()
 NOTES: list[str] = []

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harness import GRADED, PIPELINE, tree
+
+from faults.harness import GRADED, PIPELINE, tree
 
 pytestmark = pytest.mark.slow
 

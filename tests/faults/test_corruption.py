@@ -13,7 +13,8 @@ import json
 import shutil
 
 import pytest
-from harness import (
+
+from faults.harness import (
     compare_rows,
     copy_without,
     latest,

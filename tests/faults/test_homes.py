@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import copy_without, latest, looper, one_line_error, same_weights, stage_root, tree
+
+from faults.harness import copy_without, latest, looper, one_line_error, same_weights, stage_root, tree
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import os
 import random
 
 import pytest
-from harness import (
+
+from faults.harness import (
     DATA_STAGES,
     STAGE_ARGS,
     compare_rows,

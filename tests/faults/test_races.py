@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from harness import compare_rows, copy_without, finish, latest, looper, stage_root, start
+
+from faults.harness import compare_rows, copy_without, finish, latest, looper, stage_root, start
 
 pytestmark = pytest.mark.slow
 
