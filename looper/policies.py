@@ -40,7 +40,8 @@ def resolve_policy(
 ) -> Policy:
     """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; else a path or hub id.
 
-    An adapter is checked against `base` (`models.check_adapter_base`)."""
+    An adapter is checked against `base` (`models.check_adapter_base`) and its tensors against the
+    base's layers (`models.check_adapter_fits`), before any work starts."""
     if name == "base":
         return Policy("base", base)
     if name in ADAPTER_STAGES:
@@ -48,15 +49,13 @@ def resolve_policy(
             raise LooperError(f"no {name} adapter under {store.workdir}: run `{ADAPTER_STAGES[name]}` first")
         artifact = store.resolve(name)
         allowed = models.check_adapter_base(artifact.path, base, allow_mismatch=allow_base_mismatch)
-        models.check_adapter_fits(
-            artifact.path, base, models.linear_shapes(source=base)
-        )  # before any work starts
+        models.check_adapter_fits(artifact.path, base, models.linear_shapes(source=base))
         return Policy(name, base, artifact.path, artifact, allowed)
     path = Path(name).expanduser()
     if (path / "adapter_config.json").is_file():
         artifact = Artifact.load(path) if (path / "manifest.json").is_file() else None
         allowed = models.check_adapter_base(path, base, allow_mismatch=allow_base_mismatch)
-        models.check_adapter_fits(path, base, models.linear_shapes(source=base))  # before any work starts
+        models.check_adapter_fits(path, base, models.linear_shapes(source=base))
         return Policy(name, base, path.resolve(), artifact, allowed)
     return Policy(name, models.resolve_model(name))  # another full model: its own base
 

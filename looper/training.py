@@ -155,43 +155,44 @@ def rollout_rows(rollouts: Any) -> list[dict]:
     return rows
 
 
-def rollouts_adapter(store: Any, rollouts: Any) -> Path | None:
-    """The adapter the rollouts were generated with (None: the base), found in this home.
+def rollouts_adapter(store: Any, rollouts: Any, base: Any, config: Any) -> tuple[Path | None, str | None]:
+    """(the adapter the rollouts were generated with or None for the base, the base mismatch
+    --allow-base-mismatch let through or None), found in this home and checked against --model.
 
     An adapter artifact is found by its version (the rollouts' input of that stage), a path
     inside the home is stored relative to it, so a moved or copied LOOPER_HOME still works."""
+    from looper import models
     from looper.errors import LooperError
 
     recorded = rollouts.manifest.get("policy", {}).get("adapter_path")
     if recorded is None:
-        return None
-    for stage, ref in rollouts.manifest.get("inputs", {}).items():
-        if stage != "prepare" and (store.stage_root(stage) / ref["version"]).is_dir():
-            return store.stage_root(stage) / ref["version"]
-    path = store.workdir / recorded  # an absolute recorded path stays as it is
+        return None, None
+    found = [
+        store.stage_root(stage) / ref["version"]
+        for stage, ref in rollouts.manifest.get("inputs", {}).items()
+        if stage != "prepare" and (store.stage_root(stage) / ref["version"]).is_dir()
+    ]
+    path = found[0] if found else store.workdir / recorded  # an absolute recorded path stays as it is
     if not (path / "adapter_config.json").is_file():
         raise LooperError(
             f"rollouts {rollouts.version} were generated with the adapter {recorded}, which is not "
             f"there any more: rerun `looper rollouts` with an adapter that exists"
         )
-    return path
+    allowed = models.check_adapter_base(path, base, allow_mismatch=config.allow_base_mismatch)
+    models.check_adapter_fits(path, base, models.linear_shapes(source=base))
+    return path, allowed
 
 
-def policy_model(
-    config: Any, base: Any, adapter_path: str | Path | None, quant: str
-) -> tuple[Any, Any, str | None]:
-    """(model, peft_config, base mismatch allowed) to train from rollouts: the rollouts' adapter
-    continued (TRL keeps a frozen copy as the reference), or the base with a fresh LoRA
-    (reference = base, adapter off). The adapter is checked against --model (see
-    `models.check_adapter_base`); with --allow-base-mismatch the third item says what was allowed."""
+def policy_model(config: Any, base: Any, adapter_path: Path | None, quant: str) -> tuple[Any, Any]:
+    """(model, peft_config) to train from rollouts: the rollouts' adapter continued (TRL keeps a
+    frozen copy as the reference), or the base with a fresh LoRA (reference = base, adapter off).
+    The adapter was checked against --model by `rollouts_adapter`."""
     from looper import models
 
     model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
     if adapter_path is None:
-        return model, lora_config(config), None
-    allowed = models.check_adapter_base(adapter_path, base, allow_mismatch=config.allow_base_mismatch)
-    model = models.attach_adapter(model, adapter_path, base, trainable=True, allow_base_mismatch=True)
-    return model, None, allowed
+        return model, lora_config(config)
+    return models.attach_adapter(model, adapter_path, base, trainable=True, allow_base_mismatch=True), None
 
 
 @dataclass

@@ -69,10 +69,11 @@ def run_online(config: PpoConfig) -> StageResult:
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
+    # the rollouts' adapter, found in this home and checked against --model before anything is written
+    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = training.rollouts_adapter(store, rollouts)
-    model, peft_config, base_mismatch = training.policy_model(config, base, adapter_path, quant)
+    model, peft_config = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
     dataset = Dataset.from_list(
         [

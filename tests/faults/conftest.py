@@ -22,6 +22,7 @@ from faults.harness import DATA_STAGES, GRADED, STAGE_ARGS, TRAIN_STAGES, grade_
 
 LEDGER: Counter[str] = Counter()
 NOTES: list[str] = []
+FAILED: list[str] = []
 STAGES = ("prepare", "sft", "rollouts", "ppo", "dpo", "eval")
 
 
@@ -50,6 +51,15 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return home, versions
 
 
+def pytest_runtest_logreport(report):
+    if "tests/faults/" not in report.nodeid:
+        return
+    if report.failed:
+        FAILED.append(report.nodeid.split("::", 1)[1])
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        NOTES.append(f"skipped {report.nodeid.split('::', 1)[1]}: {report.longrepr[2]}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not LEDGER:
         return
@@ -63,6 +73,7 @@ def pytest_sessionfinish(session, exitstatus):
         "tests_failed": session.testsfailed,
         "tests_collected": session.testscollected,
         "counts": dict(sorted(LEDGER.items())),
+        "failed": FAILED,
         "notes": NOTES,
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -52,6 +52,8 @@ def render(summary: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {label} | {counts.get(key, 0)} |" for label, key in ROWS]
+    if summary.get("failed"):
+        lines += ["", "Failed:", "", *[f"- `{name}`" for name in summary["failed"]]]
     if summary.get("notes"):
         lines += ["", *[f"- {note}" for note in summary["notes"]]]
     return "\n".join(lines) + "\n"
