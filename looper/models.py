@@ -193,12 +193,12 @@ def load_model(
 
 def adapter_base(adapter_dir: str | Path) -> str | None:
     """The base-model identity an adapter artifact was trained on (from its manifest)."""
-    import orjson
+    from looper.integrity import read_manifest
 
     manifest = Path(adapter_dir) / "manifest.json"
     if not manifest.is_file():
         return None
-    return orjson.loads(manifest.read_bytes()).get("base_model", {}).get("identity")
+    return read_manifest(manifest, strict=False).get("base_model", {}).get("identity")
 
 
 def _same_base(recorded: str, source: ModelSource) -> bool:
