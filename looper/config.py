@@ -218,7 +218,24 @@ class GenerationOptions:
         "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).",
         ge=1,
     )
-    seed: int = opt(0, "Sampling seed (each batch derives its own from it).", ge=0)
+    seed: int = opt(
+        0,
+        "Sampling seed (each batch derives its own from it; --scheduler continuous: each request, "
+        "so a request's samples do not depend on its batch).",
+        ge=0,
+    )
+    scheduler: str = opt(
+        "continuous",
+        "hf backend batching: 'continuous' refills a finished row's slot at once (rows may differ in "
+        "temperature and stop strings); 'static' runs each batch of `generate` until its longest row ends.",
+        choices=("continuous", "static"),
+    )
+    dtype: str = opt(
+        "auto",
+        "hf backend weights: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', or 'bfloat16' "
+        "(on CPU only with AVX-512 BF16 or AMX; faster, a few answers may change).",
+        choices=("auto", "float32", "bfloat16"),
+    )
 
 
 @dataclass

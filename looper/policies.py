@@ -67,7 +67,7 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
-def generation_weights(backend: str, policy: Policy) -> dict:
+def generation_weights(backend: str, policy: Policy, dtype: str = "auto") -> dict:
     """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not.
 
     Recorded in the rollouts manifest so `looper ppo` knows whether the stored log-probs are
@@ -83,7 +83,7 @@ def generation_weights(backend: str, policy: Policy) -> dict:
     return {
         "backend": "hf",
         "quant": "none",
-        "dtype": "bfloat16" if models.has_cuda() else "float32",
+        "dtype": models.resolve_dtype(dtype),
         "adapter": "merged" if policy.adapter else None,
     }
 
@@ -95,10 +95,14 @@ def load_generator(
     batch_size: int,
     trust_remote_code: bool = False,
     require_chat_template: bool = True,
+    scheduler: str = "static",
+    dtype: str = "auto",
 ):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
-    weights first: generation then costs what the base model costs. Plain-text prompting
-    (eval's lm-eval format) passes require_chat_template=False to allow base models."""
+    weights first: generation then costs what the base model costs; `scheduler` and `dtype`
+    are the hf backend's (`GenerationOptions`), and on a CPU torch gets one thread per core
+    this process may use. Plain-text prompting (eval's lm-eval format) passes
+    require_chat_template=False to allow base models."""
     from looper.generation import make_generator
 
     tokenizer = models.load_tokenizer(
@@ -114,13 +118,18 @@ def load_generator(
             max_lora_rank=max(16, rank),
         )
         return generator, tokenizer
-    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code)
+    if not models.has_cuda():
+        models.set_cpu_threads()
+    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code, dtype=dtype)
     if policy.adapter is not None:
         model = models.attach_adapter(  # the base was checked (or the mismatch allowed) in resolve_policy
             model, policy.adapter, policy.source, trainable=False, allow_base_mismatch=True
         ).merge_and_unload()
     model.eval()
-    return make_generator(backend, model=model, tokenizer=tokenizer, batch_size=batch_size), tokenizer
+    generator = make_generator(
+        backend, model=model, tokenizer=tokenizer, batch_size=batch_size, scheduler=scheduler
+    )
+    return generator, tokenizer
 
 
 def _lora_rank(adapter: Path) -> int:

@@ -331,6 +331,7 @@ def model_rows(
             "seed": config.seed,
             "backend": backend,
             "batch_size": config.batch_size if backend == "hf" else None,
+            "hf": [config.scheduler, config.dtype] if backend == "hf" else None,
         },
         n=16,
     )
@@ -356,6 +357,8 @@ def model_rows(
                     batch_size=config.batch_size,
                     trust_remote_code=config.trust_remote_code,
                     require_chat_template=config.format != "lm-eval",
+                    scheduler=config.scheduler,
+                    dtype=config.dtype,
                 )
                 start = time.perf_counter()
 

@@ -208,6 +208,8 @@ def run(config: RolloutsConfig) -> StageResult:
             backend=config.backend,
             batch_size=config.batch_size,
             trust_remote_code=config.trust_remote_code,
+            scheduler=config.scheduler,
+            dtype=config.dtype,
         )
         columns = [
             TextColumn("rollouts"),
@@ -263,7 +265,7 @@ def run(config: RolloutsConfig) -> StageResult:
                 "base_mismatch_allowed": policy.base_mismatch,
                 **policy.identity(),
             },
-            "generated_by": policies.generation_weights(config.backend, policy),
+            "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
             "sampling": {
                 "arms": [vars(a) for a in arms],
                 "cf_arms": cf_names,
