@@ -143,6 +143,18 @@ class ModelOptions:
 
 
 @dataclass
+class AdapterCheckOptions:
+    """For the stages that load an adapter made elsewhere (rollouts --policy, eval --compare, ppo/dpo)."""
+
+    allow_base_mismatch: bool = opt(
+        False,
+        "Use an adapter whose manifest or adapter_config.json names another base than --model "
+        "(recorded in the manifest); tensor shapes must still fit.",
+        identity=False,
+    )
+
+
+@dataclass
 class LoraOptions:
     """The LoRA adapter a training stage creates (sft always; ppo/dpo when starting from the base)."""
 
@@ -234,7 +246,7 @@ class GenerationOptions:
 
 
 @dataclass
-class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
+class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     policy: str = opt(
         "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
     )
@@ -277,7 +289,7 @@ class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
 
 
 @dataclass
-class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
+class EvalConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     compare: str = opt(
         "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
     )
@@ -339,7 +351,7 @@ class TrainOptions:
 
 
 @dataclass
-class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     reward: str = opt(
         "arm",
         "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
@@ -407,7 +419,7 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
 
 
 @dataclass
-class DpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class DpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     pairs_per_question: int = opt(
         1, "Preference pairs per question: best correct arms against worst incorrect arms.", ge=1
     )

@@ -204,7 +204,8 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
     sft_version = m["inputs"]["sft"]["version"]
     assert manifest(r1["rollouts"]["path"])["inputs"]["sft"]["version"] == sft_version
     assert manifest(r2["rollouts"]["path"])["inputs"]["ppo"]["version"] == r1["train"]["version"]
-    assert manifest(r2["rollouts"]["path"])["policy"]["adapter_path"] == r1["train"]["path"]
+    adapter_path = manifest(r2["rollouts"]["path"])["policy"]["adapter_path"]  # home-relative
+    assert Path(result.path).parents[2] / adapter_path == Path(r1["train"]["path"])
     assert manifest(r2["train"]["path"])["inputs"]["rollouts"]["version"] == r2["rollouts"]["version"]
     assert manifest(r2["eval"]["path"])["questions"]["split"] == "dev"
     # each round rolls out the next train questions

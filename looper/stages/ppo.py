@@ -320,9 +320,10 @@ def run(config: PpoConfig) -> StageResult:
 
     from datasets import Dataset
 
+    # the rollouts' adapter, found in this home and checked against --model before anything is written
+    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     controller = AdaptiveKL(
         config.kl_coef,
@@ -376,7 +377,8 @@ def run(config: PpoConfig) -> StageResult:
             "behaviour_logprob_gap": gap,
         },
         extra={
-            "reference": adapter_path or "base",
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
             "loss_type": config.loss_type,
             "reward": config.reward,
             "rewards": objective.identity(),

@@ -59,9 +59,10 @@ def run_online(config: PpoConfig) -> StageResult:
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
+    # the rollouts' adapter, found in this home and checked against --model before anything is written
+    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
     dataset = Dataset.from_list(
@@ -121,7 +122,8 @@ def run_online(config: PpoConfig) -> StageResult:
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
         metrics={"train_loss": job.train_loss(result, trainer), "final_kl_coef": controller.coef},
         extra={
-            "reference": adapter_path or "base",
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
             "loss_type": config.loss_type,
             "mode": "online",
             "rewards": objective.identity(),

@@ -197,7 +197,9 @@ def run(config: RolloutsConfig) -> StageResult:
 
     base = models.resolve_model(config.model)
     try:
-        policy = policies.resolve_policy(config.policy, store=store, base=base)
+        policy = policies.resolve_policy(
+            config.policy, store=store, base=base, allow_base_mismatch=config.allow_base_mismatch
+        )
     except LooperError as exc:
         hint = " (or pass --policy base to roll out the base model)" if config.policy == "sft" else ""
         raise LooperError(f"{exc}{hint}") from None
@@ -288,7 +290,8 @@ def run(config: RolloutsConfig) -> StageResult:
             "base_model": {"spec": base.spec, "identity": base.identity},
             "policy": {
                 "name": policy.name,
-                "adapter_path": str(policy.adapter) if policy.adapter else None,
+                "adapter_path": store.relative(policy.adapter) if policy.adapter else None,
+                "base_mismatch_allowed": policy.base_mismatch,
                 **policy.identity(),
             },
             "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
@@ -334,7 +337,10 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     ):
         raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
-    inputs = {name: Artifact.load(ref["path"]) for name, ref in artifacts[0].manifest["inputs"].items()}
+    inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
+        name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
+        for name, ref in artifacts[0].manifest["inputs"].items()
+    }
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, force):
         return StageResult.up_to_date(existing)
