@@ -2,6 +2,7 @@
 #
 #   make test                       install, lint, then the fast tests (not marked slow)
 #   make test-all                   install, lint, then every test (slow ones included)
+#   make test-faults                the fault-injection suite (tests/faults/, ~15 min), then RELIABILITY.md
 #   make lint                       ruff format --check and ruff check
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
@@ -33,7 +34,7 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all demo all plan prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
@@ -54,6 +55,11 @@ test: lint
 
 test-all: lint
 	$(BIN)/python -m pytest -q
+
+# kills, races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
+test-faults: install
+	$(BIN)/python -m pytest -q tests/faults; status=$$?; \
+	$(BIN)/python tests/faults/reliability.py faults-summary.json RELIABILITY.md; exit $$status
 
 demo:
 	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu

@@ -125,7 +125,8 @@ def test_eval_compares_base_and_sft(run_cli, workdir, tiny_model_dir):
 
 
 def test_interrupted_eval_resumes_and_reuses_finished_models(run_cli, workdir, tiny_model_dir, monkeypatch):
-    from looper.generation.hf import HFGenerator
+    # the default --scheduler continuous's generator (HFGenerator with --scheduler static)
+    from looper.generation.continuous import ContinuousGenerator as HFGenerator
 
     common = eval_args(workdir, tiny_model_dir, "--limit", "4", *FAST)
     code, out, err = run_cli(*common, "--compare", "base")
