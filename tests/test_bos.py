@@ -71,6 +71,10 @@ def spy_generate(model, seen: list):
     return generate
 
 
+def zero_reward(completions, **kwargs) -> list[float]:
+    return [0.0] * len(completions)
+
+
 @pytest.mark.slow
 def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     from datasets import Dataset
@@ -94,7 +98,14 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     arms = (Arm("plain-t0.7", INSTRUCTION, 0.7), Arm("plain-t1", INSTRUCTION, 1.0))
     row = {"id": "q1", "question": QUESTION, "gold_answer": "8"}
     chunk = rollouts.rollout_chunk(
-        [row], arms, [], HFGenerator(model, tokenizer), tokenizer, RolloutsConfig(max_new_tokens=4), 0, None
+        [row],
+        lambda _: list(arms),
+        [],
+        HFGenerator(model, tokenizer),
+        tokenizer,
+        RolloutsConfig(max_new_tokens=4),
+        0,
+        None,
     )
     rollout_rows = ppo.with_tokens(chunk)[0]
     assert generated[0] == generated[1]
@@ -128,12 +139,12 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     plan = step_plan(1, 1, 1)
     replay = ppo.ReplayGRPOTrainer(
         model=model,
-        reward_funcs=[ppo.stored_reward],
+        reward_funcs=[zero_reward],
         args=ppo.grpo_config(PpoConfig(), tmp_path / "ppo", 2, 4, plan),
         train_dataset=Dataset.from_list([{"prompt": "q1"}]),
         processing_class=tokenizer,
         peft_config=None,
-        rollout_func=ppo.replay_func(rollout_rows, tokenizer, "arm", 2),
+        rollout_func=ppo.replay_func(rollout_rows, tokenizer, 2, {"q1": [{}, {}]}),
         kl_controller=AdaptiveKL(0.04, 0.0, 1.0),
     )
     prompt_ids = replay._generate(["q1", "q1"])[0]
@@ -143,7 +154,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     # ppo --online: TRL tokenizes the stage's dataset prompts itself
     online = ppo.RegimeWGRPOTrainer(
         model=model,
-        reward_funcs=[ppo.stored_reward],
+        reward_funcs=[zero_reward],
         args=ppo.grpo_config(PpoConfig(), tmp_path / "online", 2, 4, plan),
         train_dataset=ppo_online.online_dataset([row], tokenizer),
         processing_class=tokenizer,
