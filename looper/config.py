@@ -194,6 +194,44 @@ class GenerationOptions:
         ge=1,
     )
     seed: int = opt(0, "Sampling seed (each batch derives its own from it).", ge=0)
+    # vLLM engine settings (`looper.generation.vllm`). They decide whether the engine fits the
+    # card, not what it generates, so they stay out of the version: a run that died out of
+    # memory resumes as the same version after lowering one of them.
+    max_model_len: int | None = opt(
+        None,
+        "vLLM: tokens of context (prompt + completion) the engine reserves KV cache for. Unset: the "
+        "longest prompt + max_new_tokens, rounded up to a multiple of 256 (the model's own limit, "
+        "131072 for R1-Distill-Llama-8B, needs ~16 GiB of KV cache and does not fit a 24 GB card).",
+        identity=False,
+        ge=16,
+    )
+    gpu_memory_utilization: float = opt(
+        0.85,
+        "vLLM: fraction of each GPU's memory the engine may take (weights + activations + KV "
+        "cache). Lower it when something else holds memory on the card.",
+        identity=False,
+        gt=0,
+        le=1,
+    )
+    enforce_eager: bool = opt(
+        False,
+        "vLLM: no CUDA graphs (starts ~1 min sooner and saves ~1 GiB; decoding is slower).",
+        identity=False,
+    )
+    tensor_parallel_size: int = opt(
+        1,
+        "vLLM: GPUs one engine splits the model over (must divide the model's attention heads).",
+        identity=False,
+        ge=1,
+    )
+    max_lora_rank: int | None = opt(
+        None,
+        "vLLM: largest LoRA rank the engine serves. Unset: the adapter's rank. Rounded up to a "
+        "rank vLLM supports (1, 8, 16, 32, 64, 128, 256, 320, 512).",
+        identity=False,
+        ge=1,
+        le=512,
+    )
 
 
 @dataclass

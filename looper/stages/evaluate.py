@@ -325,6 +325,8 @@ def model_rows(
                     batch_size=config.batch_size,
                     trust_remote_code=config.trust_remote_code,
                     require_chat_template=config.format != "lm-eval",
+                    options=config,
+                    prompts=lambda _tokenizer: prompts,  # vLLM sizes its context for the longest
                 )
                 start = time.perf_counter()
 
