@@ -215,7 +215,7 @@ class GenerationOptions:
     )
     enforce_eager: bool = opt(
         False,
-        "vLLM: no CUDA graphs (starts ~1 min sooner and saves ~1 GiB; decoding is slower).",
+        "vLLM: no CUDA graphs (the engine starts sooner and holds less memory; decoding is slower).",
         identity=False,
     )
     tensor_parallel_size: int = opt(

@@ -239,3 +239,18 @@ def test_trainer_args_fit_the_installed_transformers(tmp_path):
     config = build_config(SftConfig, file_values={"gradient_checkpointing": True}, cli_values={})
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **trainer_args(config, cuda=False))
     assert args.gradient_checkpointing is True, transformers.__version__
+
+
+@pytest.mark.parametrize("name", ["gpu-smoke", "platinum-8b"])
+def test_gpu_pipelines_build_every_stage(name):
+    from looper.config import STAGE_CONFIGS
+
+    stages = read_pipeline_file(PIPELINES / f"{name}.toml")
+    configs = {s: build_config(c, file_values=stages[s], cli_values={}) for s, c in STAGE_CONFIGS.items()}
+    assert configs["rollouts"].backend == configs["eval"].backend == "vllm"
+    assert configs["sft"].quant == "4bit"
+    # the s_cf arms must be among the arms rolled out
+    from looper.regime_w.arms import select_arms
+
+    arms = {a.name for a in select_arms(configs["rollouts"].arms, configs["rollouts"].arm_file)}
+    assert set(configs["rollouts"].cf_arms.split(",")) <= arms
