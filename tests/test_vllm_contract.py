@@ -25,10 +25,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import torch
 
-if not torch.cuda.is_available():  # before vLLM picks its platform (once, at first use)
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+# With no CUDA device, conftest.py has chosen vLLM's CPU platform (VLLM_TARGET_DEVICE=cpu)
+# before anything imported vLLM.
 vllm = pytest.importorskip(
     "vllm",
     reason="vLLM is not installed here (the CPU .venv): the contract test runs in the GPU-stack venv, "
@@ -99,6 +98,14 @@ def test_looper_lora_ranks_are_vllms():
 
     ranks = typing.get_args(typing.get_type_hints(LoRAConfig)["max_lora_rank"])
     assert tuple(sorted(ranks)) == SUPPORTED_LORA_RANKS
+
+
+def test_vllm_platform_can_build_engine_configs():
+    from vllm.platforms import current_platform
+
+    assert current_platform.device_type in ("cpu", "cuda"), (
+        f"vLLM chose platform {type(current_platform).__name__}: VLLM_TARGET_DEVICE={os.environ.get('VLLM_TARGET_DEVICE')}"
+    )
 
 
 @pytest.fixture(scope="module")
