@@ -6,7 +6,8 @@
 #   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
-#                                   prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
+#                                   plan -> prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
+#   make plan PIPELINE=... [GPU_GB=N]  check the pipeline file, environment and GPU memory (seconds)
 #   make prepare|sft|rollouts|ppo|eval PIPELINE=...   one stage (looper itself skips it when up to date)
 #   make loop PIPELINE=... [ROUNDS=N]   rounds of rollouts -> ppo -> dev eval (prepare, sft first if missing)
 #
@@ -33,7 +34,7 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all test-gpu-stack demo all prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-gpu-stack demo all plan prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
@@ -88,7 +89,12 @@ demo:
 
 all: $(MARK)/eval
 
-$(MARK)/prepare: $(PIPELINE) $(STAMP)
+# plan first: a bad value in any stage's table, a missing library or a stage that cannot fit
+# the GPU fails here in seconds, not after hours of the stages before it
+$(MARK)/plan: $(PIPELINE) $(STAMP)
+	$(LOOPER) plan
+	@mkdir -p $(@D) && touch $@
+$(MARK)/prepare: $(MARK)/plan $(PIPELINE) $(STAMP)
 	$(LOOPER) prepare
 	@mkdir -p $(@D) && touch $@
 $(MARK)/sft: $(MARK)/prepare $(PIPELINE)
@@ -106,6 +112,9 @@ $(MARK)/eval: $(MARK)/ppo $(PIPELINE)
 
 prepare sft rollouts ppo eval: install
 	$(LOOPER) $@
+
+plan: install
+	$(LOOPER) plan $(if $(GPU_GB),--gpu-gb $(GPU_GB))
 
 # ROUNDS unset: the pipeline file's [loop] rounds (or the default)
 loop: install

@@ -1,15 +1,22 @@
 """`looper eval --format lm-eval` against lm-evaluation-harness' gsm8k: accuracy agreement and wall-clock.
 
-    # once: the harness in its own venv (never in .venv)
+    # once, if the python running this has no `lm_eval` next to it: the harness in its own venv
     python -m venv bench/.lmeval-venv
-    bench/.lmeval-venv/bin/pip install torch==2.13.0
-    bench/.lmeval-venv/bin/pip install lm-eval torch==2.13.0 transformers==5.23.0 accelerate==1.15.0 peft==0.21.2
+    bench/.lmeval-venv/bin/pip install lm-eval torch==2.13.0 transformers==5.24.0 accelerate==1.15.0 peft==0.21.2
 
-    .venv/bin/python bench/bench_eval_lmeval.py [--limit 100] [--batch-size 16] [--first-n-check]
+    .venv/bin/python bench/bench_eval_lmeval.py [--limit 100] [--batch-size 16] [--max-new-tokens 256]
+        [--scheduler continuous] [--also-static] [--bf16-check] [--first-n-check]
+
+The harness is taken from the running interpreter's venv (`lm_eval` next to `sys.executable`,
+e.g. `pip install lm-eval` into .venv) if there, else from bench/.lmeval-venv. looper runs as
+`python -m looper` with this checkout first on PYTHONPATH (the code of this tree, not an
+installed copy).
 
 SmolLM2-135M-Instruct (the GGUF, converted once by looper; lm-eval gets that safetensors directory
 as `pretrained=`), float32, CPU, greedy, the first `--limit` GSM8K test questions of the shared
-local copy (`../shared/gsm8k`), 5-shot, batch 16, at most 256 new tokens.
+local copy (`../shared/gsm8k`), 5-shot with the harness' default random examples (looper draws
+the same ones: `fewshot_examples`), batch 16, at most 256 new tokens (`--max-new-tokens` N other
+than 256 passes `--gen_kwargs max_gen_toks=N` to the harness, for short check runs).
 
 * lm-eval: `lm_eval run --model hf --tasks gsm8k_local --num_fewshot 5 --limit N --log_samples`.
   `gsm8k_local` is the installed harness' own `lm_eval/tasks/gsm8k/gsm8k.yaml`, copied line for
@@ -24,7 +31,13 @@ generation, scoring, writing results). Then: both filters' accuracies (looper's 
 95% interval), the questions whose extracted answers differ (harness `filtered_resps` from the
 samples file against looper's completions.parquet: `answer` holds the strict-match answer,
 flexible-extract is recomputed from `completion`, as looper's report does), completions and
-prompts that differ byte for byte.
+prompts that differ byte for byte. Each differing completion is explained: both completions are
+tokenized, and the model (float32, alone, batch 1) is run on the prompt plus their common token
+prefix; the top-2 logit gap there is printed (a flip is a near-tie when it is < 1e-4).
+
+`--also-static` also times `looper eval --scheduler static` (the pre-continuous path);
+`--bf16-check` also times `looper eval --dtype bfloat16` and counts the answers that change
+against float32 looper's.
 
 `--first-n-check` also runs the harness with a second local task, `gsm8k_local_first_n`: the same
 YAML plus `fewshot_config: {sampler: first_n}`, the few-shot sampler looper's lm-eval format
@@ -45,9 +58,16 @@ from pathlib import Path
 
 from common import SMOLLM, machine
 
+from looper.artifacts import read_rows
+from looper.data import lm_eval_format
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 LMEVAL_VENV = ROOT / "bench" / ".lmeval-venv"
+LMEVAL_BIN = next(
+    (b for b in (Path(sys.executable).parent, LMEVAL_VENV / "bin") if (b / "lm_eval").is_file()),
+    LMEVAL_VENV / "bin",
+)
 TASK_DIR = ROOT / "bench" / "lmeval"
 TASK, TASK_FIRST_N = "gsm8k_local", "gsm8k_local_first_n"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -56,9 +76,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 def harness_yaml() -> tuple[Path, str]:
     """The installed harness' gsm8k.yaml (path, text)."""
     code = "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('lm_eval').origin))"
-    out = subprocess.run(
-        [str(LMEVAL_VENV / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([str(LMEVAL_BIN / "python"), "-c", code], capture_output=True, text=True, check=True)
     path = Path(out.stdout.strip()) / "tasks" / "gsm8k" / "gsm8k.yaml"
     return path, path.read_text()
 
@@ -126,7 +144,7 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, st
             stderr=err,
             text=True,
             cwd=ROOT,
-            env=os.environ | OFFLINE | (env or {}),
+            env=os.environ | OFFLINE | {"PYTHONPATH": str(ROOT)} | (env or {}),
         )
     seconds = time.perf_counter() - started
     if proc.returncode:
@@ -135,10 +153,12 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, st
     return seconds, proc.stdout
 
 
-def run_lmeval(task: str, model_dir: str, out: Path, limit: int, batch_size: int) -> tuple[float, dict, dict]:
+def run_lmeval(
+    task: str, model_dir: str, out: Path, limit: int, batch_size: int, max_new_tokens: int
+) -> tuple[float, dict, dict]:
     """(seconds, results[task], {doc_id: {filter: sample}})."""
     cmd = [
-        str(LMEVAL_VENV / "bin" / "lm_eval"),
+        str(LMEVAL_BIN / "lm_eval"),
         "run",
         "--model",
         "hf",
@@ -160,6 +180,8 @@ def run_lmeval(task: str, model_dir: str, out: Path, limit: int, batch_size: int
         "--output_path",
         str(out),
     ]
+    if max_new_tokens != lm_eval_format.MAX_GEN_TOKS:
+        cmd += ["--gen_kwargs", f"max_gen_toks={max_new_tokens}"]
     print("$", " ".join(cmd), flush=True)
     seconds, _ = timed(cmd, out.with_suffix(".log"))
     (results_file,) = out.rglob("results_*.json")
@@ -172,10 +194,13 @@ def run_lmeval(task: str, model_dir: str, out: Path, limit: int, batch_size: int
     return seconds, results, samples
 
 
-def run_looper(workdir: Path, limit: int, batch_size: int, max_new_tokens: int) -> tuple[float, dict]:
-    looper = str(ROOT / ".venv" / "bin" / "looper")
+def run_looper(
+    workdir: Path, limit: int, batch_size: int, max_new_tokens: int, *extra: str
+) -> tuple[float, dict]:
     cmd = [
-        looper,
+        sys.executable,
+        "-m",
+        "looper",
         "eval",
         "--workdir",
         str(workdir),
@@ -193,10 +218,12 @@ def run_looper(workdir: Path, limit: int, batch_size: int, max_new_tokens: int) 
         str(batch_size),
         "--backend",
         "hf",
+        "--force",  # no cached chunk from an earlier run of another variant
         "--json",
+        *extra,
     ]
     print("$", " ".join(cmd), flush=True)
-    seconds, stdout = timed(cmd, workdir.parent / "looper-eval.log")
+    seconds, stdout = timed(cmd, workdir.parent / f"looper-eval{'-'.join(['', *extra])}.log")
     return seconds, json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -288,23 +315,59 @@ def compare(
     return {"ids_ok": ids_ok, "accuracy": acc, "diff": diff}
 
 
+def explain_flips(model_dir: str, pairs: list[tuple[int, str, str, str]]) -> None:
+    """For each (doc, prompt, harness completion, looper completion) that differ: the top-2 logit
+    gap of the float32 model, alone, at the first token where the two tokenized completions part."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for doc, prompt, theirs, ours in pairs:
+        a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (theirs, ours))
+        common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"] + a[:common]
+        with torch.inference_mode():
+            logits = model(torch.tensor([context])).logits[0, -1].float()
+        top = logits.topk(2)
+        gap = float(top.values[0] - top.values[1])
+        nxt = [tokenizer.decode(ids[common : common + 1]) if len(ids) > common else "<end>" for ids in (a, b)]
+        print(
+            f"  flip doc {doc}: first differing token #{common}: lm-eval {nxt[0]!r} vs looper {nxt[1]!r}; "
+            f"top-2 logit gap {gap:.2e} ({'near-tie' if gap < 1e-4 else 'NOT a near-tie'}); "
+            f"top-2 here {tokenizer.convert_ids_to_tokens(top.indices.tolist())}"
+        )
+
+
+def looper_answers(result: dict) -> list[dict]:
+    artifact = Path(result["path"])
+    rows = read_rows(artifact / "completions.parquet")
+    return [r for r in rows if r["model"] == "base" and r["sample"] == 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=lm_eval_format.MAX_GEN_TOKS)
+    parser.add_argument("--scheduler", choices=("continuous", "static"), default="continuous")
+    parser.add_argument("--also-static", action="store_true", help="also time looper --scheduler static")
+    parser.add_argument(
+        "--bf16-check", action="store_true", help="also time looper --dtype bfloat16; count changed answers"
+    )
     parser.add_argument(
         "--first-n-check",
         action="store_true",
         help="also run the harness with fewshot_config sampler first_n (diagnostic, timed too)",
     )
     args = parser.parse_args()
-    if not (LMEVAL_VENV / "bin" / "lm_eval").is_file():
-        raise SystemExit(f"no {LMEVAL_VENV}/bin/lm_eval: set it up as this script's docstring says")
+    if not (LMEVAL_BIN / "lm_eval").is_file():
+        raise SystemExit(
+            f"no lm_eval next to {sys.executable} nor in {LMEVAL_VENV}/bin: pip install lm-eval (docstring)"
+        )
     if not GSM8K.is_dir():
         raise SystemExit(f"no local GSM8K copy at {GSM8K}")
-    from looper.artifacts import Store, read_rows
-    from looper.data import lm_eval_format
+    from looper.artifacts import Store
     from looper.models import resolve_model
     from looper.stages.evaluate import fewshot_examples
 
@@ -316,7 +379,9 @@ def main() -> None:
     workdir = out / "looper"
     subprocess.run(
         [
-            str(ROOT / ".venv" / "bin" / "looper"),
+            sys.executable,
+            "-m",
+            "looper",
             "prepare",
             "--source",
             str(GSM8K),
@@ -327,26 +392,31 @@ def main() -> None:
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        env=os.environ | OFFLINE,
+        env=os.environ | OFFLINE | {"PYTHONPATH": str(ROOT)},
     )
+    shape = (args.limit, args.batch_size, args.max_new_tokens)
 
-    lm_s, lm_results, lm_samples = run_lmeval(TASK, model_dir, out / "lm-eval", args.limit, args.batch_size)
+    lm_s, lm_results, lm_samples = run_lmeval(TASK, model_dir, out / "lm-eval", *shape)
     print(f"lm-eval: {lm_s:.1f} s", flush=True)
-    looper_s, looper_json = run_looper(workdir, args.limit, args.batch_size, args.max_new_tokens)
+    looper_s, looper_json = run_looper(workdir, *shape, "--scheduler", args.scheduler)
     print(f"looper:  {looper_s:.1f} s", flush=True)
-    first_n = None
+    looper_rows = looper_answers(looper_json)  # read now: a later variant's run replaces "latest"
+    static = bf16 = first_n = None
+    if args.also_static:
+        static = run_looper(workdir, *shape, "--scheduler", "static")
+        print(f"looper --scheduler static: {static[0]:.1f} s", flush=True)
+    if args.bf16_check:
+        bf16 = run_looper(workdir, *shape, "--scheduler", args.scheduler, "--dtype", "bfloat16")
+        print(f"looper --dtype bfloat16: {bf16[0]:.1f} s", flush=True)
     if args.first_n_check:
-        first_n = run_lmeval(TASK_FIRST_N, model_dir, out / "lm-eval-first-n", args.limit, args.batch_size)
+        first_n = run_lmeval(TASK_FIRST_N, model_dir, out / "lm-eval-first-n", *shape)
         print(f"lm-eval (first_n): {first_n[0]:.1f} s", flush=True)
 
     artifact = Path(looper_json["path"])
     report = json.loads((artifact / "report.json").read_text())
-    looper_rows = [
-        r for r in read_rows(artifact / "completions.parquet") if r["model"] == "base" and r["sample"] == 0
-    ]
     prepare = Store(workdir).resolve("prepare")
-    shots, shots_note = fewshot_examples(prepare, {r["id"] for r in looper_rows})
-    looper_prompts = [lm_eval_format.build_prompt(shots, r["question"]) for r in looper_rows]
+    shots, shots_note = fewshot_examples(prepare, looper_rows)
+    looper_prompts = [lm_eval_format.build_prompt(s, r["question"]) for s, r in zip(shots, looper_rows)]
     manifest = json.loads((artifact / "manifest.json").read_text())
     if manifest["models"]["base"]["prompt_example"] != looper_prompts[0]:
         raise SystemExit("rebuilt looper prompt differs from the one in the eval manifest")
@@ -354,16 +424,47 @@ def main() -> None:
     print()
     print(f"machine: {machine()}")
     print(
-        f"{args.limit} GSM8K test questions, SmolLM2-135M-Instruct float32, 5-shot, greedy, batch {args.batch_size}, "
-        f"max {args.max_new_tokens} new tokens; looper few-shot answers: {shots_note}, ids {[s['id'] for s in shots]}"
+        f"{args.limit} GSM8K test questions, SmolLM2-135M-Instruct float32, 5-shot (harness default random "
+        f"examples; looper's answers: {shots_note}), greedy, batch {args.batch_size}, max {args.max_new_tokens} "
+        f"new tokens, looper --scheduler {args.scheduler}"
     )
-    compare(TASK, lm_samples, lm_results, looper_rows, looper_prompts, report)
+    agreement = compare(TASK, lm_samples, lm_results, looper_rows, looper_prompts, report)
+    flips = agreement["diff"]["completion"]
+    explain_flips(
+        model_dir,
+        [
+            (
+                i,
+                looper_prompts[i],
+                harness_parts(lm_samples[i]["strict-match"])[1],
+                looper_rows[i]["completion"],
+            )
+            for i in flips
+        ],
+    )
     if first_n:
         compare(TASK_FIRST_N, first_n[2], first_n[1], looper_rows, looper_prompts, report)
     print(
         f"wall-clock lm-eval {TASK}: {lm_s:.1f} s, looper eval: {looper_s:.1f} s, "
-        f"ratio lm-eval / looper {lm_s / looper_s:.2f}x (goal >= 1.5x)"
+        f"ratio lm-eval / looper {lm_s / looper_s:.2f}x (goal >= 2x)"
     )
+    if static:
+        rows = looper_answers(static[1])
+        differ = [i for i, (a, b) in enumerate(zip(looper_rows, rows)) if a["completion"] != b["completion"]]
+        print(
+            f"wall-clock looper --scheduler static: {static[0]:.1f} s, ratio lm-eval / looper-static "
+            f"{lm_s / static[0]:.2f}x, static / {args.scheduler} {static[0] / looper_s:.2f}x; "
+            f"completions differing static vs {args.scheduler}: {len(differ)}/{len(rows)} {differ[:20]}"
+        )
+    if bf16:
+        theirs = looper_answers(bf16[1])
+        changed = [i for i, (a, b) in enumerate(zip(looper_rows, theirs)) if a["answer"] != b["answer"]]
+        right = sum(r["correct"] for r in looper_rows), sum(r["correct"] for r in theirs)
+        print(
+            f"wall-clock looper --dtype bfloat16: {bf16[0]:.1f} s, float32 / bfloat16 {looper_s / bf16[0]:.2f}x; "
+            f"answers changed vs float32: {len(changed)}/{len(theirs)} {changed[:20]}; "
+            f"correct float32 {right[0]}, bfloat16 {right[1]}"
+        )
     if first_n:
         print(
             f"wall-clock lm-eval {TASK_FIRST_N}: {first_n[0]:.1f} s, ratio lm-eval / looper {first_n[0] / looper_s:.2f}x"

@@ -14,6 +14,11 @@ the finished version and skips, and any changed input gives a new version.
 Atomicity: a run writes into `<version>.partial/`, writes `manifest.json` last, then renames
 the directory to `<version>/` in one `os.rename`. A crash at any point leaves either no
 artifact or a `.partial` directory that no reader picks up, never half an artifact.
+
+Concurrency: one run per version at a time, held by `<version>.lock` (`looper.locking`),
+taken before the "already made?" check and released after the publish. The manifest lists
+every file with its sha256, and commit checks the directory against that list before the
+rename (`looper.integrity`), so only a complete artifact is ever published.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from looper import integrity
+from looper.disk import space_for
 from looper.errors import LooperError
+from looper.locking import LOCK, ReadOnlyHome, RunLock, is_main_rank
+from looper.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
 MODEL_STAGES = {"sft", "ppo", "dpo", "loop"}  # loop: its final policy
@@ -44,7 +51,6 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 # Files inside an artifact that are not part of its content hash (trainer state, logs).
 UNHASHED = {MANIFEST, "metrics.jsonl", "trainer"}
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "pyarrow", "vllm")
 
 
 # --------------------------------------------------------------------------- file IO
@@ -60,18 +66,23 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + fsync + rename: all or nothing."""
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: Path, data: bytes, *, make_parents: bool = True) -> None:
+    """Write via a temp file in the same directory + fsync + rename: all or nothing.
+
+    `make_parents=False` refuses to re-create a directory that vanished (FileNotFoundError)."""
+    if not make_parents and not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} no longer exists")
+    with space_for(path.parent, len(data)):
+        fd, tmp = _temp_beside(path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -90,25 +101,33 @@ def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with space_for(path.parent, table.nbytes):
+        fd, tmp = _temp_beside(path)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a .parquet or .jsonl table as dicts."""
     path = Path(path)
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise LooperError(
+                f"{path}: unreadable table ({str(exc).splitlines()[0]}): `looper verify` lists damaged "
+                "artifacts, `looper gc --broken` removes them; then rerun the stage that wrote it"
+            ) from None
     if path.suffix == ".jsonl":
         with open(path, "rb") as fh:
             return [orjson.loads(line) for line in fh if line.strip()]
@@ -131,34 +150,6 @@ def hash_tree(root: Path) -> str:
 
 def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:n]
-
-
-def environment() -> dict[str, Any]:
-    """Package versions and git commit recorded in every manifest, for traceability."""
-    import platform
-
-    import looper
-
-    packages = {"python": platform.python_version(), "looper": looper.__version__}
-    for name in PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=Path(looper.__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"packages": packages, "git_commit": commit}
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -187,7 +178,7 @@ class Artifact:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise LooperError(f"{path} is not a finished looper artifact (no {MANIFEST})")
-        manifest = orjson.loads(manifest_path.read_bytes())
+        manifest = integrity.read_manifest(manifest_path)
         stage = manifest.get("stage")
         known = SCHEMA_VERSIONS.get(stage)
         if known is None or manifest.get("schema_version", 0) > known:
@@ -201,8 +192,8 @@ class Artifact:
 class Run:
     """An artifact being written: files go into `path` (the .partial dir) until `commit`."""
 
-    def __init__(self, store: Store, stage: str, version: str, path: Path):
-        self.store, self.stage, self.version, self.path = store, stage, version, path
+    def __init__(self, store: Store, stage: str, version: str, path: Path, lock: RunLock | None = None):
+        self.store, self.stage, self.version, self.path, self.lock = store, stage, version, path, lock
 
     def commit(
         self,
@@ -213,8 +204,21 @@ class Run:
         counts: dict | None = None,
         metrics: dict | None = None,
         extra: dict | None = None,
+        required: Iterable[str] = (),
     ) -> Artifact:
-        """Hash the content, write the manifest, and atomically publish the artifact."""
+        """Hash the content, write the manifest, check the directory against it, and atomically
+        publish the artifact. `required`: files that must be among the content (e.g. every shard)."""
+        if not self.path.is_dir():  # never re-create it: a manifest alone would be published as whole
+            raise LooperError(
+                f"{self.path} vanished before commit (removed by hand or by gc?): rerun the stage"
+            )
+        files = integrity.file_records(self.path)
+        listed = {f["path"] for f in files}
+        if not files or (absent := [name for name in required if name not in listed]):
+            raise LooperError(
+                f"{self.path}: incomplete ({', '.join(absent) if files else 'no files'} missing), "
+                "not published: rerun the stage"
+            )
         manifest = {
             "stage": self.stage,
             "version": self.version,
@@ -226,12 +230,19 @@ class Run:
             "counts": counts or {},
             "metrics": metrics or {},
             "hash": hash_tree(self.path),
+            "files": files,
             **environment(),
             **(extra or {}),
         }
-        atomic_write_bytes(self.path / MANIFEST, dumps_json(manifest))
+        atomic_write_bytes(self.path / MANIFEST, dumps_json(manifest), make_parents=False)
+        # Publish only what reads back whole: the manifest as written, every file as hashed.
+        written = integrity.read_manifest(self.path / MANIFEST)
+        if bad := integrity.problems(self.path, written):
+            raise LooperError(
+                f"{self.path}: changed while committing ({'; '.join(bad)}), not published: rerun"
+            )
         final = self.store.stage_root(self.stage) / self.version
-        if final.exists():  # only reachable with --force: the old copy goes once the new one is whole
+        if final.exists():  # --force, or a broken copy: the old one goes once the new one is in place
             trash = final.with_name(f".{self.version}.old-{os.getpid()}")
             os.rename(final, trash)
             os.rename(self.path, final)
@@ -239,14 +250,42 @@ class Run:
         else:
             os.rename(self.path, final)
         self.store.set_latest(self.stage, self.version)
-        return Artifact.load(final)
+        artifact = Artifact.load(final)
+        self.store.unlock(self.stage, self.version)
+        return artifact
 
 
 class Store:
     """All artifacts under one work dir."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, *, wait: bool = False):
         self.workdir = Path(workdir).expanduser().resolve()
+        self.wait = wait  # --wait: queue behind a run of the same version instead of stopping
+        self.locks: dict[tuple[str, str], RunLock] = {}
+
+    def lock(self, stage: str, version: str, *, to_write: bool = True) -> RunLock | None:
+        """Hold this version's run lock (kept until commit or process exit); None on ranks > 0, and
+        in a read-only home when only looking (`to_write=False`: nothing can change there)."""
+        if not is_main_rank():
+            return None
+        if (stage, version) not in self.locks:
+            root = self.stage_root(stage)
+            try:
+                self.locks[stage, version] = RunLock.acquire(
+                    root / f"{version}{LOCK}",
+                    stage=stage,
+                    target=root / f"{version}{PARTIAL}",
+                    wait=self.wait,
+                )
+            except ReadOnlyHome:
+                if to_write:
+                    raise
+                return None
+        return self.locks[stage, version]
+
+    def unlock(self, stage: str, version: str) -> None:
+        if (held := self.locks.pop((stage, version), None)) is not None:
+            held.release()
 
     def stage_root(self, stage: str) -> Path:
         return self.workdir / ("checkpoints" if stage in MODEL_STAGES else "data") / stage
@@ -268,10 +307,19 @@ class Store:
     def reuse(self, stage: str, version: str, force: bool) -> Artifact | None:
         """The finished artifact of exactly this version, made `latest` again; None if absent or forced.
 
-        This is how every stage skips a rerun that would produce what already exists."""
-        existing = self.find(stage, version)
-        if existing is None or force:
+        This is how every stage skips a rerun that would produce what already exists. It takes the
+        version's run lock first (kept when None is returned: this process is about to build it),
+        so a run that waited behind another finds that one's artifact instead of redoing it.
+        With force the old copy is not even read: a broken one is simply rebuilt; a copy with a file
+        missing or resized (a cheap check; `looper verify` re-hashes) is rebuilt too."""
+        self.lock(stage, version, to_write=False)
+        existing = None if force else self.find(stage, version)
+        if existing is None:
             return None
+        if damaged := integrity.problems(existing.path, existing.manifest, rehash=False):
+            print(f"{stage} {version}: the finished copy is damaged ({'; '.join(damaged)}): rebuilding it")
+            return None  # commit replaces it once the new copy is whole
+        self.unlock(stage, version)
         self.set_latest(stage, version)
         return existing
 
@@ -285,8 +333,8 @@ class Store:
         # Rewrite only on change: Make compares the pointer's mtime to decide staleness.
         if not pointer.is_file() or pointer.read_text().strip() != version:
             atomic_write_bytes(pointer, version.encode() + b"\n")
-        if stage in ALIASES:
-            link = root.parent / ALIASES[stage]
+        link = root.parent / ALIASES.get(stage, "")
+        if stage in ALIASES and not (link.is_symlink() and os.readlink(link) == str(Path(stage) / version)):
             tmp = root.parent / f".{ALIASES[stage]}.tmp-{os.getpid()}"
             tmp.unlink(missing_ok=True)
             os.symlink(Path(stage) / version, tmp)
@@ -314,8 +362,9 @@ class Store:
 
     def begin(self, stage: str, version: str, *, resume: bool = False) -> Run:
         """Start writing `version`; with resume, keep what an interrupted run left."""
+        lock = self.lock(stage, version)
         path = self.stage_root(stage) / f"{version}{PARTIAL}"
         if path.exists() and not resume:
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        return Run(self, stage, version, path)
+        return Run(self, stage, version, path, lock)

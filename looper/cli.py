@@ -8,6 +8,7 @@ help text and defaults live in one place. Errors become one line on stderr and e
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import os
@@ -29,6 +30,7 @@ from looper.config import (
     read_pipeline_file,
 )
 from looper.errors import LooperError
+from looper.plan import PlanConfig
 
 app = typer.Typer(
     name="looper",
@@ -66,16 +68,17 @@ def quiet_libraries() -> None:
         "math_verify",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Progress bars off through the environment, read when the libraries load: importing transformers
+    # and datasets here would cost every command (`looper plan` included) seconds. The weight-loading
+    # and per-map ("Tokenizing...") bars go; the training bar stays.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already loaded (in-process callers): too late for the environment
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # weight-loading bars; the training bar stays
-        import datasets
-
-        datasets.disable_progress_bars()  # per-map bars ("Tokenizing...") on every run
-    except ImportError:
-        pass
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 @app.callback()
@@ -216,28 +219,73 @@ def regime_w_demo() -> None:
 
 
 @app.command()
+def plan(
+    gpu_gb: Annotated[float | None, cli_option(PlanConfig, "gpu_gb")] = None,
+    model_config: Annotated[str | None, cli_option(PlanConfig, "model_config")] = None,
+    workdir: Annotated[str | None, cli_option(PlanConfig, "workdir")] = None,
+    json: Annotated[bool | None, cli_option(PlanConfig, "json", "--json")] = None,
+) -> None:
+    """Check the pipeline file (--config), the environment and each stage's GPU memory, in seconds."""
+    from looper import plan as planner
+
+    values = {"gpu_gb": gpu_gb, "model_config": model_config, "workdir": workdir, "json": json}
+    config = build_config(PlanConfig, file_values={"pipeline": State.config_file}, cli_values=values)
+    raise typer.Exit(planner.run(config))
+
+
+@app.command()
 def status(
     workdir: Annotated[str | None, cli_option(PrepareConfig, "workdir")] = None,
     json: Annotated[bool | None, cli_option(PrepareConfig, "json", "--json")] = None,
 ) -> None:
-    """Show every artifact: version, inputs, created time, and whether it is stale."""
-    from looper.status import collect
+    """Show every artifact: version, inputs, created time, and whether it is stale; flag corrupt,
+    unreadable, interrupted (.partial) and dangling-LATEST states."""
+    from looper.status import collect, format_row
 
     workdir = workdir or os.environ.get("LOOPER_HOME") or "."
     rows = collect(workdir)
     for row in rows:
-        flag = "latest" if row["latest"] else ""
-        stale = "STALE (" + ", ".join(row["stale"]) + ")" if row["stale"] else "ok"
-        inputs = ", ".join(f"{k}={v}" for k, v in row["inputs"].items()) or "-"
-        typer.echo(
-            f"{row['stage']:<9} {row['version']}  {row['created']}  {stale:<8} {flag:<6} inputs: {inputs}"
-        )
+        typer.echo(format_row(row))
     if not rows:
         typer.echo(f"no artifacts under {os.path.abspath(workdir)}")
     if json:
         typer.echo(
             orjson.dumps({"stage": "status", "path": os.path.abspath(workdir), "artifacts": rows}).decode()
         )
+
+
+@app.command()
+def show(
+    stage: Annotated[str, typer.Argument(help="prepare, rollouts, eval, sft, ppo, dpo or loop.")],
+    version: Annotated[
+        str | None, typer.Argument(help="Version id or artifact path. [default: latest]")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="jsonl, csv or table. [default: table on a terminal, jsonl when piped]"
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many rows (table: 20).")] = None,
+    columns: Annotated[str | None, typer.Option(help="Comma-separated columns to keep.")] = None,
+    question: Annotated[
+        str | None,
+        typer.Option(help="Only this question id; rollouts as a table: its arms side by side with scores."),
+    ] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
+) -> None:
+    """Print an artifact's rows (Parquet tables, training logs) as JSONL, CSV or a table."""
+    from looper.show import show as do_show
+
+    do_show(
+        stage,
+        version,
+        workdir=workdir or os.environ.get("LOOPER_HOME") or ".",
+        fmt=format,
+        limit=limit,
+        columns=columns,
+        question=question,
+    )
 
 
 @app.command()
@@ -276,19 +324,60 @@ def gc(
         typer.Option("--partials", help="Also remove interrupted runs (.partial dirs: their resume state)."),
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    broken: Annotated[
+        bool,
+        typer.Option(
+            "--broken",
+            help="Instead: remove versions whose manifest is missing or unreadable or whose files do not "
+            "match it, leftovers of killed publishes, and LATEST pointers naming no version.",
+        ),
+    ] = False,
     workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Remove older artifact versions that no kept artifact depends on, saying what it frees."""
     from looper.maintenance import gc as do_gc
+    from looper.maintenance import gc_broken
 
-    removed, freed = do_gc(
-        workdir=workdir or os.environ.get("LOOPER_HOME") or ".", keep=keep, partials=partials, dry_run=dry_run
-    )
+    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    if broken:
+        removed, freed = gc_broken(workdir=workdir, dry_run=dry_run)
+    else:
+        removed, freed = do_gc(workdir=workdir, keep=keep, partials=partials, dry_run=dry_run)
     for path in removed:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
     typer.echo(
         f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB in {len(removed)} director(y/ies)"
     )
+
+
+@app.command()
+def verify(
+    stage: Annotated[str | None, typer.Argument(help="Only this stage's artifacts.")] = None,
+    version: Annotated[str | None, typer.Argument(help="Only this version (or 'latest').")] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
+    json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
+) -> None:
+    """Re-hash finished artifacts against their manifests; list corrupt or missing files (exit 1 if any)."""
+    from looper.maintenance import verify as do_verify
+
+    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    rows = do_verify(workdir=workdir, stage=stage, version=version)
+    for row in rows:
+        state = "CORRUPT" if row["problems"] else "ok"
+        typer.echo(f"{state:<8}{row['stage']:<9} {row['version']}  {row['path']}")
+        for problem in row["problems"]:
+            typer.echo(f"    {problem}")
+    bad = [row for row in rows if row["problems"]]
+    typer.echo(
+        f"verified {len(rows)} artifact(s): {len(bad)} with problems"
+        + ("; `looper gc --broken` removes them, `looper <stage> --force` rebuilds one" if bad else "")
+    )
+    if json:
+        typer.echo(
+            orjson.dumps({"stage": "verify", "path": os.path.abspath(workdir), "artifacts": rows}).decode()
+        )
+    if bad:
+        raise typer.Exit(1)
 
 
 def main() -> None:
@@ -310,6 +399,11 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if State.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a write no `disk.space_for` wrapped
+            typer.echo(
+                f"error: no space left on {exc.filename or 'the device'}: free some space and rerun", err=True
+            )
+            sys.exit(1)
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     if exit_code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into 130 without raising

@@ -95,6 +95,12 @@ class RunOptions:
     workdir: str = opt(".", "Directory holding data/ and checkpoints/ (env LOOPER_HOME).", identity=False)
     force: bool = opt(False, "Redo the stage even if an identical version exists.", identity=False)
     json: bool = opt(False, "Print one JSON object with the result as the last stdout line.", identity=False)
+    wait: bool = opt(
+        False,
+        "When another looper run is building the same version, wait for it to end (then reuse or "
+        "resume its work) instead of stopping at once.",
+        identity=False,
+    )
 
 
 @dataclass
@@ -102,7 +108,8 @@ class PrepareConfig(RunOptions):
     source: str = opt(
         "hub",
         "Where the questions come from: 'hub' (the dataset named by --dataset), 'synthetic' "
-        "(offline generator), or a path: a directory with train.jsonl and test.jsonl, or one "
+        "(offline generator), hub:<dataset>[:<config>] or a `datasets` save_to_disk directory "
+        "(train and test splits), or a path: a directory with train.jsonl and test.jsonl, or one "
         "GSM8K-format .jsonl file (used as train; no test split).",
     )
     dataset: str = opt("openai/gsm8k", "Hub dataset id used when --source hub (config 'main').")
@@ -115,6 +122,12 @@ class PrepareConfig(RunOptions):
     synthetic_test: int = opt(300, "With --source synthetic: number of test questions.", ge=1)
     difficulty: int = opt(2, "With --source synthetic: arithmetic steps per question (1-5).", ge=1, le=5)
     skip_bad: bool = opt(False, "Skip malformed input rows (counted in the manifest) instead of stopping.")
+    extra_eval: str | None = opt(
+        None,
+        "Test-only sets kept as extra evaluation splits, comma-separated [name=]<source>: "
+        "hub:<dataset>[:<config>][@<split>], a `datasets` directory, .jsonl or .parquet "
+        "(e.g. hub:madrylab/gsm8k-platinum -> split gsm8k-platinum; `looper eval --split gsm8k-platinum`).",
+    )
 
 
 @dataclass
@@ -193,7 +206,24 @@ class GenerationOptions:
         "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).",
         ge=1,
     )
-    seed: int = opt(0, "Sampling seed (each batch derives its own from it).", ge=0)
+    seed: int = opt(
+        0,
+        "Sampling seed (each batch derives its own from it; --scheduler continuous: each request, "
+        "so a request's samples do not depend on its batch).",
+        ge=0,
+    )
+    scheduler: str = opt(
+        "continuous",
+        "hf backend batching: 'continuous' refills a finished row's slot at once (rows may differ in "
+        "temperature and stop strings); 'static' runs each batch of `generate` until its longest row ends.",
+        choices=("continuous", "static"),
+    )
+    dtype: str = opt(
+        "auto",
+        "hf backend weights: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', or 'bfloat16' "
+        "(on CPU only with AVX-512 BF16 or AMX; faster, a few answers may change).",
+        choices=("auto", "float32", "bfloat16"),
+    )
     # vLLM engine settings (`looper.generation.vllm`). They decide whether the engine fits the
     # card, not what it generates, so they stay out of the version: a run that died out of
     # memory resumes as the same version after lowering one of them.
@@ -269,10 +299,17 @@ class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt(
-        "test", "Split of the prepare artifact: test (never trained on) or dev.", choices=("test", "dev")
+        "test",
+        "Split of the prepare artifact: test (never trained on), dev, or an extra evaluation split "
+        "added by `looper prepare --extra-eval` (e.g. gsm8k-platinum).",
     )
     source: str | None = opt(
-        None, "A GSM8K-format .jsonl to evaluate on instead of a prepare split (e.g. GSM8K-Platinum)."
+        None,
+        "A GSM8K-shaped set to evaluate on instead of a prepare split: hub:<dataset>[:<config>][@<split>] "
+        "(e.g. hub:madrylab/gsm8k-platinum), a `datasets` save_to_disk directory, .jsonl or .parquet.",
+    )
+    skip_bad: bool = opt(
+        False, "With --source: skip malformed rows (counted in the manifest) instead of stopping."
     )
     limit: int | None = opt(None, "Evaluate at most this many questions (the first ones).", ge=1)
     samples: int = opt(
@@ -488,7 +525,20 @@ def _accepts(annotation: Any, value: Any) -> bool:
 
 
 def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Parse and validate a pipeline file; returns {stage: {key: value}} with [common] spread in."""
+    """Parse and validate a pipeline file; returns {stage: {key: value}} with [common] spread in.
+
+    Every unknown table or key and every value of the wrong type is reported, one line each
+    (a ConfigError), not only the first."""
+    merged, problems = parse_pipeline_file(path)
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def parse_pipeline_file(path: str | Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({stage: {key: value}}, problems): the file's values with [common] spread in, and one line
+    `<file>: [stage] key: what is wrong` per unknown table, unknown key or value of the wrong type
+    (left out of the values). A missing file or invalid TOML is a LooperError: nothing to read."""
     path = Path(path)
     if not path.is_file():
         raise LooperError(f"config file {path} not found: pass an existing pipelines/<name>.toml")
@@ -496,31 +546,36 @@ def read_pipeline_file(path: str | Path) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise LooperError(f"{path}: not valid TOML ({exc})") from None
-    unknown_tables = set(raw) - set(STAGE_CONFIGS) - {"common"}
-    if unknown_tables:
-        name = sorted(unknown_tables)[0]
-        raise LooperError(
+    problems = []
+    for name in sorted(set(raw) - set(STAGE_CONFIGS) - {"common"}):
+        problems.append(
             f"{path}: unknown table [{name}]; known: [common], " + ", ".join(f"[{s}]" for s in STAGE_CONFIGS)
         )
     common = raw.get("common", {})
     for key in common:
         if not any(key in stage_fields(c) for c in STAGE_CONFIGS.values()):
-            raise LooperError(f"{path}: unknown key '{key}' in [common]: no stage has that option")
+            problems.append(
+                f"{path}: [common] {key}: unknown key '{key}' in [common]: no stage has that option"
+            )
     merged: dict[str, dict[str, Any]] = {}
     for stage, cls in STAGE_CONFIGS.items():
         fields_ = stage_fields(cls)
         values = {k: v for k, v in common.items() if k in fields_}
         for key, value in raw.get(stage, {}).items():
             if key not in fields_:
-                raise LooperError(
-                    f"{path}: unknown key '{key}' in [{stage}]; known: {', '.join(sorted(fields_))}"
+                problems.append(
+                    f"{path}: [{stage}] {key}: unknown key '{key}' in [{stage}]; known: {', '.join(sorted(fields_))}"
                 )
+                continue
             values[key] = value
-        for key, value in values.items():
+        for key, value in list(values.items()):
             if not _accepts(fields_[key].type, value):
-                raise LooperError(f"{path}: [{stage}] {key} = {value!r} is not a valid {fields_[key].type}")
+                problems.append(
+                    f"{path}: [{stage}] {key}: {key} = {value!r} is not a valid {fields_[key].type}"
+                )
+                del values[key]
         merged[stage] = values
-    return merged
+    return merged, problems
 
 
 def check(cls: type, values: dict[str, Any], *, cli_keys: set[str] = frozenset()) -> list[str]:

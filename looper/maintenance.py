@@ -1,7 +1,10 @@
-"""`looper export` (adapter merged into a standalone model) and `looper gc` (free disk).
+"""`looper export` (adapter merged into a standalone model), `looper gc` (free disk) and
+`looper verify` (re-hash artifacts against their manifests).
 
 looper export --model ppo --out exported/ppo-8b      # serve with vLLM or transformers
 looper gc --keep 2                                    # keep the 2 newest versions per stage
+looper gc --broken                                    # remove corrupt versions, dangling pointers
+looper verify rollouts                                # every byte of every rollouts version
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from looper import models, policies
-from looper.artifacts import MANIFEST, PARTIAL, SCHEMA_VERSIONS, Artifact, Store, dumps_json
+from looper import integrity, models, policies
+from looper.artifacts import ALIASES, MANIFEST, PARTIAL, SCHEMA_VERSIONS, Artifact, Store, dumps_json
 from looper.errors import LooperError
+from looper.locking import LOCK, RunLock
 
 
 def export(*, name: str, out: str, workdir: str, base_model: str | None = None) -> Path:
@@ -48,6 +52,16 @@ def export(*, name: str, out: str, workdir: str, base_model: str | None = None) 
     return target
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -61,6 +75,8 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
     artifacts = {}
     for stage in SCHEMA_VERSIONS:
         root = store.stage_root(stage)
+        # an unreadable manifest stops gc with BrokenArtifact (naming it and `looper gc --broken`):
+        # what such a version was built from is unknown, so nothing could be removed safely
         found = (
             [Artifact.load(p) for p in root.iterdir() if (p / MANIFEST).is_file()] if root.is_dir() else []
         )
@@ -82,10 +98,111 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
                 kept.add((stage, ref["version"]))
                 frontier.append((stage, ref["version"]))
     doomed = [a.path for key, a in by_key.items() if key not in kept]
-    if partials:
-        doomed += [p for s in artifacts for p in store.stage_root(s).glob(f"*{PARTIAL}")]
     freed = sum(_size(p) for p in doomed)
     if not dry_run:
         for path in doomed:
             shutil.rmtree(path)
+    if partials:
+        gone, size = remove_idle_partials(store, dry_run)
+        doomed, freed = doomed + gone, freed + size
     return doomed, freed
+
+
+def remove_idle_partials(store: Store, dry_run: bool) -> tuple[list[Path], int]:
+    """Interrupted runs' .partial dirs, each removed under its run lock: one a live run holds is
+    left alone (said so), and no run can start on it while it goes."""
+    removed, freed = [], 0
+    for stage in SCHEMA_VERSIONS:
+        root = store.stage_root(stage)
+        for path in sorted(root.glob(f"*{PARTIAL}")) if root.is_dir() else []:
+            version = path.name.removesuffix(PARTIAL)
+            try:
+                lock = RunLock.acquire(root / f"{version}{LOCK}", stage=stage, target=path, wait=False)
+            except LooperError:
+                print(f"kept {path}: a looper {stage} run is using it now")
+                continue
+            try:
+                freed += _size(path)
+                removed.append(path)
+                if not dry_run:
+                    shutil.rmtree(path)
+            finally:
+                lock.release()
+    return removed, freed
+
+
+def broken_versions(store: Store, stages: list[str], version: str | None = None, *, rehash: bool = True):
+    """(stage, path, problems) of every version dir checked: [] problems when whole."""
+    for stage in stages:
+        root = store.stage_root(stage)
+        paths = [root / version] if version else sorted(root.iterdir()) if root.is_dir() else []
+        for path in paths:
+            if version is None and not integrity.is_version_dir(path):
+                continue
+            if not (path / MANIFEST).is_file():
+                yield stage, path, [f"{MANIFEST} missing" if path.is_dir() else "no such version"]
+                continue
+            try:
+                manifest = integrity.read_manifest(path / MANIFEST)
+            except integrity.BrokenArtifact as exc:
+                yield stage, path, [f"{MANIFEST} unreadable ({exc.reason})"]
+                continue
+            yield stage, path, integrity.problems(path, manifest, rehash=rehash)
+
+
+def verify(*, workdir: str, stage: str | None = None, version: str | None = None) -> list[dict]:
+    """Every finished artifact (of `stage`, or that one `version`) re-hashed against its manifest."""
+    if stage is not None and stage not in SCHEMA_VERSIONS:
+        raise LooperError(f"looper verify {stage}: not a stage (one of {', '.join(SCHEMA_VERSIONS)})")
+    if version is not None and version == "latest":
+        version = Store(workdir).latest(stage)
+        if version is None:
+            raise LooperError(f"no {stage} artifact under {Store(workdir).workdir}")
+    stages = [stage] if stage else list(SCHEMA_VERSIONS)
+    return [
+        {"stage": s, "version": p.name, "path": str(p), "problems": found}
+        for s, p, found in broken_versions(Store(workdir), stages, version)
+    ]
+
+
+def gc_broken(*, workdir: str, dry_run: bool = False) -> tuple[list[Path], int]:
+    """Remove what cannot be used: versions whose manifest is missing or unreadable or whose files
+    do not match it (re-hashed), leftovers of interrupted publishes, and LATEST pointers (and
+    their checkpoints/ aliases) that name no version. Each version goes under its run lock."""
+    store = Store(workdir)
+    removed, freed = [], 0
+    for stage, path, found in broken_versions(store, list(SCHEMA_VERSIONS)):
+        if not found:
+            continue
+        root = store.stage_root(stage)
+        try:
+            lock = RunLock.acquire(root / f"{path.name}{LOCK}", stage=stage, target=path, wait=False)
+        except LooperError:
+            print(f"kept {path}: a looper {stage} run is rebuilding it now")
+            continue
+        try:
+            print(f"broken {path}: {'; '.join(found)}")
+            freed += _size(path)
+            removed.append(path)
+            if not dry_run:
+                shutil.rmtree(path)
+        finally:
+            lock.release()
+    for stage in SCHEMA_VERSIONS:
+        root = store.stage_root(stage)
+        # a publish killed between its two renames leaves `.<version>.old-<pid>` behind
+        for trash in sorted(root.glob(".*.old-*")) if root.is_dir() else []:
+            if pid_alive(int(trash.name.rsplit("-", 1)[1])):
+                continue  # that publish is in progress
+            freed += _size(trash)
+            removed.append(trash)
+            if not dry_run:
+                shutil.rmtree(trash)
+        latest = store.latest(stage)
+        if latest is not None and not (root / latest / MANIFEST).is_file():
+            removed.append(root / "LATEST")
+            if not dry_run:
+                (root / "LATEST").unlink()
+                if stage in ALIASES:
+                    (root.parent / ALIASES[stage]).unlink(missing_ok=True)
+    return removed, freed

@@ -129,6 +129,38 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): otherwise bf16 is emulated, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU; 'bfloat16' on a CPU without native bf16 is an error."""
+    if dtype == "auto":
+        return "bfloat16" if has_cuda() else "float32"
+    if dtype == "bfloat16" and not has_cuda() and not cpu_has_bf16():
+        raise LooperError(
+            "--dtype bfloat16: this CPU has neither AVX-512 BF16 nor AMX (see lscpu), so bf16 would be "
+            "slower than float32; use --dtype auto"
+        )
+    return dtype
+
+
+def set_cpu_threads() -> int:
+    """torch's intra-op threads = the cores this process may run on (its affinity mask, which
+    containers and taskset narrow; torch's default counts the machine's), unless OMP_NUM_THREADS
+    says otherwise. Returns the count in use."""
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    return torch.get_num_threads()
+
+
 def resolve_quant(quant: str) -> str:
     """'auto' -> 4bit on CUDA (QLoRA), none on CPU; '4bit' needs bitsandbytes."""
     if quant == "auto":
@@ -166,15 +198,17 @@ def load_model(
     quant: str = "none",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    dtype: str = "auto",
 ) -> Any:
-    """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU."""
+    """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU;
+    `dtype` 'float32' or 'bfloat16' overrides 'auto' (see `resolve_dtype`)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    kwargs["dtype"] = torch.bfloat16 if has_cuda() else torch.float32
+    kwargs["dtype"] = getattr(torch, resolve_dtype(dtype))
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -192,12 +226,12 @@ def load_model(
 
 def adapter_base(adapter_dir: str | Path) -> str | None:
     """The base-model identity an adapter artifact was trained on (from its manifest)."""
-    import orjson
+    from looper.integrity import read_manifest
 
     manifest = Path(adapter_dir) / "manifest.json"
     if not manifest.is_file():
         return None
-    return orjson.loads(manifest.read_bytes()).get("base_model", {}).get("identity")
+    return read_manifest(manifest, strict=False).get("base_model", {}).get("identity")
 
 
 def check_adapter_base(adapter_dir: str | Path, source: ModelSource) -> None:

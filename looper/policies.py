@@ -59,7 +59,7 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
-def generation_weights(backend: str, policy: Policy) -> dict:
+def generation_weights(backend: str, policy: Policy, dtype: str = "auto") -> dict:
     """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not.
 
     Recorded in the rollouts manifest so `looper ppo` knows whether the stored log-probs are
@@ -75,7 +75,7 @@ def generation_weights(backend: str, policy: Policy) -> dict:
     return {
         "backend": "hf",
         "quant": "none",
-        "dtype": "bfloat16" if models.has_cuda() else "float32",
+        "dtype": models.resolve_dtype(dtype),
         "adapter": "merged" if policy.adapter else None,
     }
 
@@ -87,12 +87,16 @@ def load_generator(
     batch_size: int,
     trust_remote_code: bool = False,
     require_chat_template: bool = True,
+    scheduler: str = "static",
+    dtype: str = "auto",
     options: Any = None,
     prompts: Callable[[Any], Iterable[str]] | None = None,
 ):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
-    weights first: generation then costs what the base model costs. Plain-text prompting
-    (eval's lm-eval format) passes require_chat_template=False to allow base models.
+    weights first: generation then costs what the base model costs; `scheduler` and `dtype`
+    are the hf backend's (`GenerationOptions`), and on a CPU torch gets one thread per core
+    this process may use. Plain-text prompting (eval's lm-eval format) passes
+    require_chat_template=False to allow base models.
 
     vLLM takes its engine settings from `options` (the stage's `GenerationOptions`); unless
     `options.max_model_len` is set, the engine's context is derived from `prompts(tokenizer)`,
@@ -116,13 +120,18 @@ def load_generator(
             **engine,
         )
         return generator, tokenizer
-    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code)
+    if not models.has_cuda():
+        models.set_cpu_threads()
+    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code, dtype=dtype)
     if policy.adapter is not None:
         model = models.attach_adapter(
             model, policy.adapter, policy.source, trainable=False
         ).merge_and_unload()
     model.eval()
-    return make_generator(backend, model=model, tokenizer=tokenizer, batch_size=batch_size), tokenizer
+    generator = make_generator(
+        backend, model=model, tokenizer=tokenizer, batch_size=batch_size, scheduler=scheduler
+    )
+    return generator, tokenizer
 
 
 def _lora_rank(adapter: Path) -> int:

@@ -140,7 +140,8 @@ def _cell(text: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report.get("settings", {})
     k = report["samples"]
-    lines = [f"# Looper eval {report.get('version', '')}".rstrip(), ""]
+    title = f"# Looper eval {report.get('version', '')}".rstrip()
+    lines = [title + (f": {s['dataset']}" if s.get("dataset") else ""), ""]
     if s:
         decoding = (
             "greedy"
@@ -229,12 +230,17 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(names)), [Path(n).name or n for n in names])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (95% Wilson interval)")
-    ax.set_title(f"GSM8K accuracy, {report['questions']} questions")
+    # named after the questions it ran on: "gsm8k test", "synthetic dev", "gsm8k-platinum", ...
+    dataset = report.get("settings", {}).get("dataset") or "eval"
+    title = f"{dataset} accuracy, {report['questions']} questions"
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", metadata={"Title": title})  # also a PNG text chunk, for readers
 
 
-def plot_lengths(lengths: dict[str, list[int]], path: Path, max_new_tokens: int | None = None) -> None:
+def plot_lengths(
+    lengths: dict[str, list[int]], path: Path, max_new_tokens: int | None = None, dataset: str | None = None
+) -> None:
     """Completion-length histograms per model (all samples), the token limit marked."""
     fig, ax = _figure()
     top = max([max(v) for v in lengths.values() if v] + [max_new_tokens or 1])
@@ -245,10 +251,11 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path, max_new_tokens: int 
         ax.axvline(max_new_tokens, color="grey", linestyle="--", linewidth=1, label="--max-new-tokens")
     ax.set_xlabel("completion tokens")
     ax.set_ylabel("completions")
-    ax.set_title("Completion lengths")
+    title = f"Completion lengths, {dataset}" if dataset else "Completion lengths"
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", metadata={"Title": title})
 
 
 def write(out_dir: Path, report: dict[str, Any], rows: list[dict]) -> None:
@@ -260,4 +267,5 @@ def write(out_dir: Path, report: dict[str, Any], rows: list[dict]) -> None:
     lengths: dict[str, list[int]] = {m: [] for m in report["models"]}
     for row in rows:
         lengths[row["model"]].append(row["tokens"])
-    plot_lengths(lengths, out_dir / "lengths.png", report.get("settings", {}).get("max_new_tokens"))
+    settings = report.get("settings", {})
+    plot_lengths(lengths, out_dir / "lengths.png", settings.get("max_new_tokens"), settings.get("dataset"))

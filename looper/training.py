@@ -6,6 +6,7 @@ Kept out of the stage modules because stages never import each other.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,7 +38,30 @@ def optimizer_name(choice: str, cuda: bool) -> str:
 
 
 def report_to(choice: str) -> list[str]:
-    return [] if choice == "none" else [choice]
+    # tensorboard is added by TrainingRun.callbacks instead: transformers would write its events
+    # under output_dir (the trainer dir), which `finish` deletes
+    return [] if choice in ("none", "tensorboard") else [choice]
+
+
+def tensorboard_callback(log_dir: Path):
+    """transformers' TensorBoardCallback writing to `log_dir` (its documented TENSORBOARD_LOGGING_DIR)."""
+    from transformers.integrations import TensorBoardCallback
+
+    from looper.errors import LooperError
+
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
+    try:
+        return TensorBoardCallback()  # reads the variable here; the writer opens on rank 0 at train begin
+    except RuntimeError:
+        raise LooperError(
+            "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    finally:
+        if previous is None:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
 def checkpointing_arg() -> str:
@@ -69,25 +93,34 @@ def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     }
 
 
-def last_checkpoint(trainer_dir: Path) -> str | None:
-    """The newest `checkpoint-N` an interrupted run left, to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(trainer_dir: Path, stage: str = "train") -> str | None:
+    """The newest complete `checkpoint-N` an interrupted run left, to resume from (incomplete
+    ones, from a kill or a full disk mid-save, are skipped with a message: `looper.checkpoints`)."""
+    from looper.checkpoints import last_complete
 
-    return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    return last_complete(trainer_dir, stage)
 
 
-def resume_point(trainer_dir: Path, metrics_path: Path) -> str | None:
+def resume_point(trainer_dir: Path, metrics_path: Path, stage: str = "train") -> str | None:
     """The checkpoint to resume from; metrics.jsonl loses the lines logged after it (they are logged again).
 
     Without a checkpoint the run starts over, and so does its metrics file."""
     from looper.artifacts import atomic_write_bytes
 
-    checkpoint = last_checkpoint(trainer_dir)
+    checkpoint = last_checkpoint(trainer_dir, stage)
     if metrics_path.is_file():
         step = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else -1
-        kept = [line for line in metrics_path.read_bytes().splitlines() if orjson.loads(line)["step"] <= step]
+        kept = [line for line in metrics_path.read_bytes().splitlines() if logged_step(line) <= step]
         atomic_write_bytes(metrics_path, b"".join(line + b"\n" for line in kept))
     return checkpoint
+
+
+def logged_step(line: bytes) -> float:
+    """A metrics.jsonl line's step; a line cut off by a kill mid-append counts as after any checkpoint."""
+    try:
+        return orjson.loads(line)["step"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def metrics_callback(path: Path):
@@ -185,26 +218,59 @@ class TrainingRun:
     base: Any  # models.ModelSource
     quant: str
     checkpoint: str | None
+    before: dict | None = None  # run totals up to `checkpoint` (looper.checkpoints.load_totals)
 
     @classmethod
     def begin(
         cls, store: Any, stage: str, version: str, config: Any, *, base: Any, quant: str
     ) -> TrainingRun:
         run_ = store.begin(stage, version, resume=config.resume and not config.force)
-        checkpoint = resume_point(run_.path / "trainer", run_.path / "metrics.jsonl")
+        checkpoint = resume_point(run_.path / "trainer", run_.path / "metrics.jsonl", stage)
         return cls(stage, version, store, run_, config, base, quant, checkpoint)
 
     @property
     def trainer_dir(self) -> Path:
         return self.run.path / "trainer"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """`--report-to tensorboard` events: `tensorboard --logdir $LOOPER_HOME/tensorboard`."""
+        return self.store.workdir / "tensorboard" / self.stage / self.version
+
     def callbacks(self) -> list:
-        return [metrics_callback(self.run.path / "metrics.jsonl")]
+        callbacks = [metrics_callback(self.run.path / "metrics.jsonl")]
+        if self.config.report_to == "tensorboard":
+            print(f"{self.stage}: TensorBoard events -> {self.tensorboard_dir}")
+            callbacks.append(tensorboard_callback(self.tensorboard_dir))
+        return callbacks
 
     def train(self, trainer: Any) -> Any:
+        """trainer.train(), resumed from the checkpoint `begin` found; a full disk says so (`looper.disk`)."""
+        from looper import checkpoints, disk
+
         if self.checkpoint:
             print(f"{self.stage}: resuming from {Path(self.checkpoint).name}")
-        return trainer.train(resume_from_checkpoint=self.checkpoint)
+        self.before = checkpoints.load_totals(self.checkpoint)
+        if self.before is None:
+            print(
+                f"{self.stage}: {self.checkpoint} has no run totals: train_loss will cover the steps from there"
+            )
+        trainer.add_callback(
+            checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
+        )
+        with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
+            return trainer.train(resume_from_checkpoint=self.checkpoint)
+
+    def train_loss(self, result: Any, trainer: Any) -> float:
+        """Mean training loss per step over the whole run, a resumed one included."""
+        steps_now = trainer.state.global_step - (self.before or {}).get("step", 0)
+        if self.before is None or trainer.state.global_step == 0:
+            return result.training_loss
+        return (self.before["loss_sum"] + result.training_loss * steps_now) / trainer.state.global_step
+
+    def train_tokens(self, trainer: Any) -> int:
+        """Tokens trained on over the whole run (TRL's count restarts at a resume)."""
+        return int(trainer._total_train_tokens) + (self.before or {}).get("tokens", 0)
 
     def finish(
         self,
@@ -223,7 +289,10 @@ class TrainingRun:
             return StageResult(
                 self.stage, self.version, str(self.store.stage_root(self.stage) / self.version)
             )
-        save_adapter(trainer.model, tokenizer, self.run.path)  # the trained adapter, not TRL's 'ref' copy
+        from looper import disk
+
+        with disk.space_for(self.run.path, disk.checkpoint_bytes(trainer.model, self.trainer_dir) // 3):
+            save_adapter(trainer.model, tokenizer, self.run.path)  # the trained adapter, not TRL's 'ref' copy
         shutil.rmtree(self.trainer_dir, ignore_errors=True)  # resume state is useless once finished
         artifact = self.run.commit(
             config=orjson.loads(orjson.dumps(vars(self.config))),

@@ -236,4 +236,4 @@ def test_dpo_errors(run_cli, tiny_model_dir, tmp_path):
     code, _, err = run_cli(
         "dpo", "--model", tiny_model_dir, "--workdir", tmp_path, "--pairs-per-question", "0"
     )
-    assert code == 1 and "--pairs-per-question 0" in err
+    assert code == 1 and "--pairs-per-question: 0 is out of range" in err

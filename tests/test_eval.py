@@ -125,7 +125,8 @@ def test_eval_compares_base_and_sft(run_cli, workdir, tiny_model_dir):
 
 
 def test_interrupted_eval_resumes_and_reuses_finished_models(run_cli, workdir, tiny_model_dir, monkeypatch):
-    from looper.generation.hf import HFGenerator
+    # the default --scheduler continuous's generator (HFGenerator with --scheduler static)
+    from looper.generation.continuous import ContinuousGenerator as HFGenerator
 
     common = eval_args(workdir, tiny_model_dir, "--limit", "4", *FAST)
     code, out, err = run_cli(*common, "--compare", "base")
@@ -242,7 +243,7 @@ def test_eval_errors(run_cli, workdir, tiny_model_dir, tmp_path):
     assert "run `looper ppo` first" in error("--compare", "base,ppo")
     assert "unknown model 'no-such-model'" in error("--compare", "base,no-such-model")
     assert "--temperature > 0" in error("--compare", "base", "--samples", "2")
-    assert "--format xyz" in error("--compare", "base", "--format", "xyz")
+    assert "--format: 'xyz' is not one of" in error("--compare", "base", "--format", "xyz")
     assert "--split train" in error("--compare", "base", "--split", "train")
     other = tiny_model(tmp_path / "other-base", seed=1)
     assert "was trained on base" in error("--compare", "sft", model=other)

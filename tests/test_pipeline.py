@@ -35,6 +35,7 @@ def latest(home: Path, kind: str, stage: str) -> Path:
     return root / (root / "LATEST").read_text().strip()
 
 
+@pytest.mark.slow  # the end-to-end pipeline (installs, trains every stage)
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     home = tmp_path / "home"

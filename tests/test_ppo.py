@@ -429,7 +429,7 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
     code, _, err = run_cli("ppo", "--model", other, "--workdir", tmp_path)
     assert code == 1 and "were generated from base" in err
     code, _, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--reward", "both")
-    assert code == 1 and "--reward both" in err
+    assert code == 1 and "--reward: 'both' is not one of" in err
     # 2 questions: a step of 3 cannot be made, nor one of 2 questions from mini-batches of 3 (no 0-step adapter)
     for online in ([], ["--online"]):
         code, _, err = run_cli(

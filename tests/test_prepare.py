@@ -102,7 +102,7 @@ def test_single_file_source_and_missing_source(run_cli, gsm8k_dir, tmp_path):
     code, out, _ = run_cli("prepare", "--source", gsm8k_dir / "train.jsonl", "--workdir", tmp_path, "--json")
     assert code == 0 and last_json(out)["counts"]["test"] == 0
     code, _, err = run_cli("prepare", "--source", tmp_path / "nope", "--workdir", tmp_path)
-    assert code == 1 and "not 'hub', 'synthetic', or an existing" in err
+    assert code == 1 and "not 'hub', 'synthetic', hub:<dataset>[:<config>], or an existing" in err
 
 
 def test_synthetic_source_offline(run_cli, tmp_path):

@@ -57,6 +57,7 @@ def metric_rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 25 steps; test_adapter_reloads_and_generates is sft's fast CLI test
 def test_sft_lowers_loss_and_writes_adapter(run_cli, prepared, tiny_model_dir, tmp_path):
     workdir = tmp_path / "w"
     import shutil
@@ -183,6 +184,7 @@ def test_reasoning_template_keeps_the_solution(prepared, tiny_model_dir, tmp_pat
     assert trained == f"{steps.strip()}\n</think>\n\n#### {gold.strip()}{tokenizer.eos_token}"
 
 
+@pytest.mark.slow  # trains 6 steps twice
 def test_resume_matches_uninterrupted(run_cli, prepared, tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 

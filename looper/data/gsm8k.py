@@ -63,6 +63,19 @@ def clean_solution(answer: str) -> str:
     return _CALC.sub("", answer).strip()
 
 
+def check_row(obj: object) -> tuple[str, str]:
+    """(question, answer) of one GSM8K-format row; ValueError saying what is wrong otherwise."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    question, answer = obj.get("question"), obj.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("missing 'question'")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("missing 'answer'")
+    normalize_gold(answer)
+    return question, answer
+
+
 def read_jsonl(path: Path, *, skip_bad: bool, bad: BadRows) -> list[RawRow]:
     """GSM8K-format JSONL; every problem is reported as `path:line: what is wrong`."""
     rows: list[RawRow] = []
@@ -72,15 +85,7 @@ def read_jsonl(path: Path, *, skip_bad: bool, bad: BadRows) -> list[RawRow]:
                 continue
             where = f"{path}:{line_no}"
             try:
-                obj = orjson.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                question, answer = obj.get("question"), obj.get("answer")
-                if not isinstance(question, str) or not question.strip():
-                    raise ValueError("missing 'question'")
-                if not isinstance(answer, str) or not answer.strip():
-                    raise ValueError("missing 'answer'")
-                normalize_gold(answer)
+                question, answer = check_row(orjson.loads(line))
             except (orjson.JSONDecodeError, ValueError) as exc:
                 message = f"{where}: {'invalid JSON' if isinstance(exc, orjson.JSONDecodeError) else exc}"
                 if not skip_bad:
@@ -100,9 +105,11 @@ def read_hub(dataset: str, split: str) -> list[RawRow]:
 
         data = load_dataset(dataset, "main", split=split)
     except Exception as exc:  # the hub raises many types: offline, not found, auth
+        detail = " ".join(str(exc).split())[:200]
         raise LooperError(
-            f"could not load {dataset} ({split}) from the Hugging Face hub ({type(exc).__name__}); "
-            "pass --source PATH to a local GSM8K JSONL copy, or --source synthetic"
+            f"could not load {dataset} ({split}) from the Hugging Face hub ({type(exc).__name__}: {detail}); "
+            "pass --source PATH to a local GSM8K JSONL copy, or --source synthetic; a test-only set "
+            f"(e.g. GSM8K-Platinum) goes in --extra-eval hub:{dataset} or `looper eval --source hub:{dataset}`"
         ) from None
     return [RawRow(r["question"], r["answer"], f"hub:{dataset}:{split}:{i}", i) for i, r in enumerate(data)]
 

@@ -33,6 +33,7 @@ from looper.errors import LooperError
 __all__ = ["Sampling", "Completion", "Generator", "make_generator", "expand_sampling", "cut_at_stop"]
 
 BACKENDS = ("hf", "vllm")
+SCHEDULERS = ("continuous", "static")  # hf backend: refill finished rows at once | whole batches
 VLLM_HINT = "the vllm backend needs vLLM: pip install 'looper[vllm]' (GPU only), or use --backend hf"
 
 
@@ -118,12 +119,15 @@ def make_generator(
     model_path: str | None = None,
     adapter_path: str | None = None,
     batch_size: int = 16,
+    scheduler: str = "static",
     **kwargs: Any,
 ) -> Generator:
     """A generator for `backend`.
 
     'hf': ``HFGenerator(model, tokenizer, batch_size)`` on an already loaded model (a PEFT
-    model included); `model_path`, `adapter_path` and `kwargs` are not used.
+    model included), or with ``scheduler="continuous"`` ``ContinuousGenerator`` (same contract,
+    a finished row's slot refilled at once: `looper.generation.continuous`); `model_path`,
+    `adapter_path` and `kwargs` are not used.
     'vllm': ``VLLMGenerator(model_path, adapter_path, **kwargs)`` (kwargs: adapter_rank and
     the engine settings of `looper.generation.vllm.engine_kwargs`); `model`, `tokenizer`,
     `batch_size` are not used, vLLM batches by itself. vLLM is imported only here, only when chosen.
@@ -131,6 +135,12 @@ def make_generator(
     if backend == "hf":
         if model is None or tokenizer is None:
             raise ValueError("the hf backend needs model= and tokenizer=")
+        if scheduler not in SCHEDULERS:
+            raise LooperError(f"unknown --scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if scheduler == "continuous":
+            from looper.generation.continuous import ContinuousGenerator
+
+            return ContinuousGenerator(model, tokenizer, batch_size=batch_size)
         from looper.generation.hf import HFGenerator
 
         return HFGenerator(model, tokenizer, batch_size=batch_size)

@@ -1,4 +1,5 @@
-"""`looper regime-w demo`: score hand-written arm sets and print every score (no model needed).
+"""`looper regime-w demo` (or `python -m looper.regime_w.demo`): score hand-written arm sets
+and print every score (no model needed).
 
 Each case is four arms' completions for "Tom has 3 apples and buys 4 more; how many?"
 (gold 7), chosen so that one score moves at a time.
@@ -36,3 +37,7 @@ def main() -> None:
             f"{name:<28} {scores['s_end']:6.3f} {scores['s_path']:6.3f} {scores['s_cf']:6.3f} "
             f"{scores['s_wm']:6.3f} {question:7.3f}  " + " ".join(f"{r:.3f}" for r in arms)
         )
+
+
+if __name__ == "__main__":  # `python -m looper.regime_w.demo`, the reference recipe's first step
+    main()

@@ -109,7 +109,7 @@ def last_logged(log_history: list[dict], key: str):
 def run(config: DpoConfig) -> StageResult:
     if config.pairs_per_question < 1:
         raise LooperError(f"--pairs-per-question {config.pairs_per_question}: must be 1 or more")
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
@@ -169,7 +169,7 @@ def run(config: DpoConfig) -> StageResult:
             "steps": trainer.state.global_step,
         },
         metrics={
-            "train_loss": result.training_loss,
+            "train_loss": job.train_loss(result, trainer),
             "final_reward_accuracy": last_logged(history, "rewards/accuracies"),
             "final_reward_margin": last_logged(history, "rewards/margins"),
         },

@@ -3,7 +3,8 @@
     looper eval --compare base,sft,ppo                      # GSM8K test split, greedy
     looper eval --split dev --limit 50 --compare base,sft   # the quick check on dev questions
     looper eval --format lm-eval --compare base             # as lm-evaluation-harness' gsm8k (5-shot)
-    looper eval --source gsm8k_platinum.jsonl --compare base,ppo
+    looper eval --source hub:madrylab/gsm8k-platinum --compare base,ppo   # any GSM8K-shaped set
+    looper eval --split gsm8k-platinum      # an extra split added by `looper prepare --extra-eval`
     looper eval --samples 8 --temperature 0.7 --compare sft # adds maj@8 and pass@8
 
 What it does, in order:
@@ -11,8 +12,11 @@ What it does, in order:
    `ppo`, `dpo` the latest adapter of that stage (it must have been trained on --model),
    anything else a hub id, model directory or adapter path;
 2. takes the questions: the prepare artifact's test split (never trained on), its dev split,
-   or any GSM8K-format `--source` JSONL (with a warning when some of its questions are in the
-   prepare artifact's train/dev data);
+   an extra evaluation split it holds (`looper prepare --extra-eval`), or any GSM8K-shaped
+   `--source` (`looper.data.sources`: hub:<dataset>[:<config>][@<split>], a `datasets`
+   directory, .jsonl or .parquet; bad rows stop the run or, with --skip-bad, are counted in
+   the manifest), with a warning when some of its questions are in the prepare artifact's
+   train/dev data;
 3. builds prompts: `chat` renders the training prompt (the prepare rows' messages, or
    `tutoring_messages` for --source) with each model's chat template; `lm-eval` builds the
    harness's 5-shot plain-text prompt (`looper.data.lm_eval_format`);
@@ -26,7 +30,8 @@ Resume and reuse: completions are cached per model in chunks of CHUNK questions,
 hashes the policy identity, the exact prompts with their ids and gold answers, the decoding
 settings, --samples, --format, --seed and the backend (and --batch-size for hf, whose
 sampling seeds are per batch). An interrupted eval therefore resumes at the chunk it was
-in, and `--compare base,sft,ppo` after `--compare base,sft` only generates for ppo.
+in (a chunk that does not read back whole is regenerated), and `--compare base,sft,ppo`
+after `--compare base,sft` only generates for ppo.
 Chunk c is generated with seed `--seed + c`. `--force` regenerates; deleting
 data/eval/cache is always safe (it only costs regeneration).
 """
@@ -34,7 +39,6 @@ data/eval/cache is always safe (it only costs regeneration).
 from __future__ import annotations
 
 import gc
-import hashlib
 import random
 import sys
 import time
@@ -49,10 +53,11 @@ from looper import models, report
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Artifact, Store, read_rows, short_hash, write_parquet
 from looper.config import EvalConfig, identity
-from looper.data import gsm8k, lm_eval_format
+from looper.data import gsm8k, lm_eval_format, sources
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
+from looper.integrity import table_reads_back
 from looper.policies import ADAPTER_STAGES, Policy, choose_backend, load_generator, resolve_policy
 from looper.stages import StageResult
 
@@ -81,8 +86,10 @@ def check_options(config: EvalConfig) -> list[str]:
     """The --compare names, after every check that needs no model or data."""
     if config.format not in FORMATS:
         raise LooperError(f"--format {config.format}: choose one of {', '.join(FORMATS)}")
-    if config.source is None and config.split not in ("test", "dev"):
-        raise LooperError(f"--split {config.split}: choose test (never trained on) or dev")
+    if config.source is None and config.split == "train":
+        raise LooperError(
+            "--split train: evaluate on test (never trained on), dev, or an extra evaluation split"
+        )
     if config.samples < 1:
         raise LooperError(f"--samples {config.samples}: need at least 1 completion per question")
     if config.samples > 1 and config.temperature == 0:
@@ -121,6 +128,12 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
     """(question rows, version inputs, prepare artifact if any, what the manifest says about them)."""
     if config.source is None:
         prepare = store.resolve("prepare", config.prepare)
+        if not (prepare.path / f"{config.split}.parquet").is_file():
+            present = sorted(p.stem for p in prepare.path.glob("*.parquet") if p.stem != "train")
+            raise LooperError(
+                f"--split {config.split}: prepare {prepare.version} has no such split (it has "
+                f"{', '.join(present)}; add one with `looper prepare --extra-eval`)"
+            )
         rows = split_rows(prepare, config.split)
         if not rows and config.split == "test":
             raise LooperError(
@@ -136,27 +149,33 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
             prepare,
             {
                 "from": f"prepare {prepare.version} {config.split} split",
+                "dataset": dataset_name(prepare, config.split),
                 "prepare": prepare.version,
                 "split": config.split,
             },
         )
-    path = Path(config.source).expanduser()
-    if not path.is_file():
-        raise LooperError(f"--source {config.source}: no such file (a GSM8K-format .jsonl)")
-    raw = gsm8k.read_jsonl(path, skip_bad=False, bad=gsm8k.BadRows())[: config.limit]
+    bad = gsm8k.BadRows()
+    qset = sources.load(config.source, option="--source", skip_bad=config.skip_bad, bad=bad)
+    raw = qset.rows[: config.limit]
     if not raw:
-        raise LooperError(f"--source {path}: no questions")
+        raise LooperError(f"--source {config.source}: no questions")
     rows = [
         {
-            "id": f"{path.stem}-{r.index:05d}",
+            "id": f"{qset.name}-{r.index:05d}",
             "question": r.question.strip(),
             "gold_answer": gsm8k.normalize_gold(r.answer),
             "prompt": tutoring_messages(r.question),
         }
         for r in raw
     ]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    about = {"from": str(path), "source": str(path.resolve()), "sha256": digest}
+    digest = qset.about["rows_hash"]
+    about = {
+        "from": config.source,
+        "dataset": qset.name,
+        "source": qset.about,
+        "skipped_bad": bad.count,
+        "bad_rows": bad.examples,
+    }
     try:
         prepare = store.resolve("prepare", config.prepare)
     except LooperError:
@@ -177,7 +196,7 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
     overlap = [r["id"] for r in rows if gsm8k.normalize_text(r["question"]) in seen]
     if overlap:
         print(
-            f"eval: warning: {len(overlap)} of {len(rows)} questions in {path} also appear in the training "
+            f"eval: warning: {len(overlap)} of {len(rows)} questions in {config.source} also appear in the training "
             f"data (prepare {prepare.version} train/dev; e.g. {overlap[0]}): their accuracy is not held out",
             file=sys.stderr,
         )
@@ -188,6 +207,13 @@ def load_questions(config: EvalConfig, store: Store) -> tuple[list[dict], dict, 
     }
     inputs = {"source": digest} | ({"prepare": prepare} if config.format == "lm-eval" else {})
     return rows, inputs, prepare, about
+
+
+def dataset_name(prepare: Artifact, split: str) -> str:
+    """What a prepare split holds, for the report: 'gsm8k test', 'synthetic dev', 'gsm8k-platinum'."""
+    if split in prepare.manifest.get("extra_eval", {}):
+        return split
+    return f"{prepare.manifest.get('source', {}).get('kind', 'prepare')} {split}"
 
 
 def fewshot_examples(prepare: Artifact, rows: list[dict]) -> tuple[list[list[dict]], str]:
@@ -303,6 +329,7 @@ def model_rows(
             "seed": config.seed,
             "backend": backend,
             "batch_size": config.batch_size if backend == "hf" else None,
+            "hf": [config.scheduler, config.dtype] if backend == "hf" else None,
         },
         n=16,
     )
@@ -310,11 +337,14 @@ def model_rows(
     out: list[dict] = []
     generator = None
     tokens, start = 0, time.perf_counter()
+    cached = [] if config.force else sorted((cache / key).glob("chunk-*.parquet"))
+    if cached:
+        print(f"eval: {policy.name}: resuming from {len(cached)} cached chunk(s) in {cache / key}")
     try:
         for c, first in enumerate(range(0, len(rows), CHUNK)):
             chunk = rows[first : first + CHUNK]
             path = cache / key / f"chunk-{c:05d}.parquet"
-            if path.is_file() and not config.force:
+            if not config.force and table_reads_back(path, STAGE):
                 out += [r | {"model": policy.name} for r in read_rows(path)]
                 progress.update(task, completed=first + len(chunk))
                 continue
@@ -325,6 +355,8 @@ def model_rows(
                     batch_size=config.batch_size,
                     trust_remote_code=config.trust_remote_code,
                     require_chat_template=config.format != "lm-eval",
+                    scheduler=config.scheduler,
+                    dtype=config.dtype,
                     options=config,
                     prompts=lambda _tokenizer: prompts,  # vLLM sizes its context for the longest
                 )
@@ -376,7 +408,7 @@ def run(config: EvalConfig) -> StageResult:
     sampling = Sampling(
         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop
     )
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     policies = resolve_policies(names, store, models.resolve_model(config.model))
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)
@@ -420,6 +452,7 @@ def run(config: EvalConfig) -> StageResult:
         "settings": {
             "format": config.format,
             "questions_from": about["from"],
+            "dataset": about["dataset"],
             "samples": config.samples,
             "temperature": config.temperature,
             "top_p": config.top_p,
@@ -454,6 +487,8 @@ def run(config: EvalConfig) -> StageResult:
         "samples": config.samples,
         "completions": len(all_rows),
     }
+    if "skipped_bad" in about:
+        counts["skipped_bad"] = about["skipped_bad"]
     if "overlap_with_training" in about:
         counts["overlap_with_training"] = about["overlap_with_training"]
     artifact = run_.commit(

@@ -73,7 +73,8 @@ class Loop:
 
     def stage_config(self, stage: str, **overrides: Any) -> Any:
         """The stage's config: its table of the pipeline file, then the loop's overrides."""
-        values = {"workdir": str(self.store.workdir), "json": False, "force": False, **overrides}
+        values = {"workdir": str(self.store.workdir), "json": False, "force": False, "wait": self.store.wait}
+        values = {**values, **overrides}
         return build_config(STAGE_CONFIGS[stage], file_values=self.tables.get(stage, {}), cli_values=values)
 
     def run_stage(self, stage: str, label: str, **overrides: Any) -> StageResult:
@@ -235,7 +236,7 @@ def loop_version(loop: Loop) -> tuple[str, dict]:
 
 def run(config: LoopConfig) -> StageResult:
     check_options(config)
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     loop = Loop(config, read_pipeline_file(config.pipeline), store)
     ensure_inputs(loop)
     version, stage_identity = loop_version(loop)
@@ -245,7 +246,13 @@ def run(config: LoopConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=not config.force)
     loop.record_path = run_.path / RECORD
     if loop.record_path.is_file():
-        loop.record = orjson.loads(loop.record_path.read_bytes())
+        try:
+            loop.record = orjson.loads(loop.record_path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise LooperError(
+                f"{loop.record_path}: unreadable ({exc}): rerun with --force to start the loop's record "
+                "afresh (finished stages are still reused)"
+            ) from None
         if loop.record["rounds"]:
             say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
     rounds = loop.record["rounds"]

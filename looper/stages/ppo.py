@@ -260,7 +260,7 @@ def run(config: PpoConfig) -> StageResult:
         return run_online(config)
     if config.reward not in ("arm", "question", "correctness"):
         raise LooperError(f"--reward {config.reward}: choose arm, question or correctness")
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
@@ -344,7 +344,7 @@ def run(config: PpoConfig) -> StageResult:
             "steps": trainer.state.global_step,
         },
         metrics={
-            "train_loss": result.training_loss,
+            "train_loss": job.train_loss(result, trainer),
             "final_kl_coef": controller.coef,
             "behaviour_logprob_gap": gap,
         },

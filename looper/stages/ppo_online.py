@@ -59,7 +59,7 @@ def group_reward_func(group_size: int, weights: scoring.RegimeWWeights, blend: f
 def run_online(config: PpoConfig) -> StageResult:
     from datasets import Dataset
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
@@ -110,6 +110,6 @@ def run_online(config: PpoConfig) -> StageResult:
         inputs={"rollouts": rollouts},
         identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
-        metrics={"train_loss": result.training_loss, "final_kl_coef": controller.coef},
+        metrics={"train_loss": job.train_loss(result, trainer), "final_kl_coef": controller.coef},
         extra={"reference": adapter_path or "base", "loss_type": config.loss_type, "mode": "online"},
     )

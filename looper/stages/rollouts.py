@@ -14,8 +14,10 @@ use the log-probs as its behaviour policy.
 
 Questions are processed in chunks of `--shard-size`; each finished chunk is written as
 `shard-NNNNN.parquet` at once, so an interrupted run resumes at the first missing chunk,
-with no question missing or twice. Chunk seeds derive from the chunk index, so a resumed
-run samples what an uninterrupted one would have.
+with no question missing or twice (a shard that does not read back whole, cut off by a kill
+or a full disk, is regenerated). Chunk seeds derive from the chunk index, so a resumed
+run samples what an uninterrupted one would have. The commit refuses to publish unless
+every shard of this run is there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from looper.config import RolloutsConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
+from looper.integrity import table_reads_back
 from looper.regime_w import reward, scoring
 from looper.regime_w.arms import Arm, select_arms
 from looper.regime_w.perturb import PERTURBATIONS, perturb
@@ -157,11 +160,12 @@ def rollout_chunk(
 def run(config: RolloutsConfig) -> StageResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     prepare = store.resolve("prepare", config.prepare)
-    if config.split == "test":
+    if config.split not in ("train", "dev"):  # test and the --extra-eval splits are for evaluation only
         raise LooperError(
-            "--split test: rollouts feed training, so they never read the test split (use train or dev)"
+            f"--split {config.split}: rollouts feed training, so they never read the test split "
+            "or an evaluation split (use train or dev)"
         )
     shard_index, shard_count = parse_shard(config.shard)
     arms = select_arms(config.arms, config.arm_file)
@@ -203,13 +207,17 @@ def run(config: RolloutsConfig) -> StageResult:
     mine = [j for j in range(len(chunks)) if j % shard_count == shard_index - 1]
 
     run_ = store.begin(STAGE, version, resume=not config.force)
-    todo = [j for j in mine if not (run_.path / f"shard-{j:05d}.parquet").is_file()]
+    todo = [j for j in mine if not table_reads_back(run_.path / f"shard-{j:05d}.parquet", STAGE)]
+    if len(todo) < len(mine):
+        print(f"rollouts: resuming {run_.path}: {len(mine) - len(todo)} of {len(mine)} chunks already done")
     if todo:
         generator, tokenizer = policies.load_generator(
             policy,
             backend=config.backend,
             batch_size=config.batch_size,
             trust_remote_code=config.trust_remote_code,
+            scheduler=config.scheduler,
+            dtype=config.dtype,
             options=config,
             # vLLM sizes its context for the longest prompt of the chunks still to do
             prompts=lambda tok: [p for j in todo for p in chunk_requests(chunks[j], arms, cf_arms, tok)[0]],
@@ -258,6 +266,7 @@ def run(config: RolloutsConfig) -> StageResult:
         inputs=inputs,
         identity=stage_identity,
         counts={"questions": len(all_rows), "shards": len(mine), "arms": len(arms)},
+        required=[f"shard-{j:05d}.parquet" for j in mine],
         metrics=summary,
         extra={
             "base_model": {"spec": base.spec, "identity": base.identity},
@@ -266,7 +275,7 @@ def run(config: RolloutsConfig) -> StageResult:
                 "adapter_path": str(policy.adapter) if policy.adapter else None,
                 **policy.identity(),
             },
-            "generated_by": policies.generation_weights(config.backend, policy),
+            "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
             "sampling": {
                 "arms": [vars(a) for a in arms],
                 "cf_arms": cf_names,

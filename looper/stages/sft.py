@@ -106,7 +106,7 @@ def first_dev_loss(metrics_path: Path) -> float | None:
 
 
 def run(config: SftConfig) -> StageResult:
-    store = Store(config.workdir)
+    store = Store(config.workdir, wait=config.wait)
     prepare = store.resolve("prepare", config.prepare)
     source = models.resolve_model(config.model)
     quant = models.resolve_quant(config.quant)
@@ -152,10 +152,10 @@ def run(config: SftConfig) -> StageResult:
             "train_questions": len(train_rows),
             "dev_questions": len(dev_rows),
             "steps": trainer.state.global_step,
-            "train_tokens": int(trainer._total_train_tokens),
+            "train_tokens": job.train_tokens(trainer),
         },
         metrics={
-            "train_loss": result.training_loss,
+            "train_loss": job.train_loss(result, trainer),
             "dev_loss_before": first_dev_loss(job.run.path / "metrics.jsonl"),
             "dev_loss": dev_after,
         },
