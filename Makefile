@@ -79,8 +79,9 @@ $(GPU_STAMP): pyproject.toml Makefile constraints/gpu.txt
 GPU_PYTEST := VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q
 test-gpu-stack: $(GPU_STAMP)
 	$(GPU_PYTEST) -m "not slow" --ignore=tests/faults tests/
-	@# the slow tiny-model GRPO tests too: resume, behaviour log-probs, online KL control
-	$(GPU_PYTEST) -m slow tests/test_ppo.py
+	@# the slow tiny-model training tests too: pinned sft/ppo/dpo curves, GRPO resume, behaviour
+	@# log-probs, online KL control
+	$(GPU_PYTEST) -m slow tests/test_training_pinned.py tests/test_ppo.py
 
 demo:
 	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu
