@@ -2,6 +2,7 @@
 #
 #   make test                       install, lint, then the fast tests (not marked slow)
 #   make test-all                   install, lint, then every test (slow ones included)
+#   make test-faults                the fault-injection suite (tests/faults/, ~15 min), then RELIABILITY.md
 #   make lint                       ruff format --check and ruff check
 #   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
@@ -34,7 +35,7 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all test-gpu-stack demo all plan prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-gpu-stack test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
@@ -82,6 +83,11 @@ test-gpu-stack: $(GPU_STAMP)
 	@# the slow tiny-model training tests too: pinned sft/ppo/dpo curves, GRPO resume, behaviour
 	@# log-probs, online KL control
 	$(GPU_PYTEST) -m slow tests/test_training_pinned.py tests/test_ppo.py
+
+# kills, races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
+test-faults: install
+	$(BIN)/python -m pytest -q tests/faults; status=$$?; \
+	$(BIN)/python tests/faults/reliability.py faults-summary.json RELIABILITY.md; exit $$status
 
 demo:
 	@$(MAKE) --no-print-directory all PIPELINE=pipelines/smoke-cpu.toml LOOPER_HOME=$(CURDIR)/runs/smoke-cpu

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from looper import integrity
+from looper import faults, integrity
 from looper.disk import space_for
 from looper.errors import LooperError
 from looper.locking import LOCK, ReadOnlyHome, RunLock, is_main_rank
@@ -44,7 +44,7 @@ from looper.provenance import environment
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
 MODEL_STAGES = {"sft", "ppo", "dpo", "loop"}  # loop: its final policy
 # rollouts 2: arm outputs' token_ids/logprobs include the EOS that ended a completion (`tokens` does not count it)
-SCHEMA_VERSIONS = {"prepare": 1, "sft": 1, "rollouts": 2, "ppo": 1, "dpo": 1, "eval": 1, "loop": 1}
+SCHEMA_VERSIONS = {"prepare": 1, "sft": 1, "rollouts": 3, "ppo": 1, "dpo": 1, "eval": 1, "loop": 1}
 # Stable names kept for users of the old layout: checkpoints/sft_lora -> latest sft, ...
 ALIASES = {"sft": "sft_lora", "ppo": "ppo_regime_w"}
 MANIFEST = "manifest.json"
@@ -108,6 +108,7 @@ def write_parquet(path: Path, rows: list[dict], schema: Any) -> None:
             pq.write_table(table, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            faults.point("shard")  # test-only (LOOPER_FAULT): killed between the write and the rename
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -169,8 +170,15 @@ class Artifact:
         return self.manifest["hash"]
 
     def ref(self) -> dict[str, str]:
-        """How a downstream manifest names this artifact in its `inputs`."""
-        return {"version": self.version, "hash": self.hash, "path": str(self.path)}
+        """How a downstream manifest names this artifact in its `inputs`: its path relative to the
+        home when it lives in one (`data|checkpoints/<stage>/<version>`), so a moved or copied
+        LOOPER_HOME stays readable; readers find inputs by stage and version."""
+        in_home = self.path.parent.name == self.stage and self.path.parent.parent.name in (
+            "data",
+            "checkpoints",
+        )
+        path = Path(*self.path.parts[-3:]) if in_home else self.path
+        return {"version": self.version, "hash": self.hash, "path": str(path)}
 
     @classmethod
     def load(cls, path: Path) -> Artifact:
@@ -224,7 +232,8 @@ class Run:
             "version": self.version,
             "schema_version": SCHEMA_VERSIONS[self.stage],
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": config,
+            # the home it was run in is where the manifest lies: not recorded, so a moved home holds no stale path
+            "config": {k: v for k, v in config.items() if k != "workdir"},
             "identity": identity,
             "inputs": {name: art.ref() for name, art in inputs.items()},
             "counts": counts or {},
@@ -235,6 +244,7 @@ class Run:
             **(extra or {}),
         }
         atomic_write_bytes(self.path / MANIFEST, dumps_json(manifest), make_parents=False)
+        faults.point("commit")  # test-only (LOOPER_FAULT): killed with the manifest written, not published
         # Publish only what reads back whole: the manifest as written, every file as hashed.
         written = integrity.read_manifest(self.path / MANIFEST)
         if bad := integrity.problems(self.path, written):
@@ -289,6 +299,11 @@ class Store:
 
     def stage_root(self, stage: str) -> Path:
         return self.workdir / ("checkpoints" if stage in MODEL_STAGES else "data") / stage
+
+    def relative(self, path: str | Path) -> str:
+        """A path as a manifest records it: relative to the home when inside it (portable), else absolute."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.workdir)) if path.is_relative_to(self.workdir) else str(path)
 
     def version_for(self, stage: str, identity: dict, inputs: dict[str, Any]) -> str:
         """Deterministic version id from what determines the output.
@@ -366,5 +381,7 @@ class Store:
         path = self.stage_root(stage) / f"{version}{PARTIAL}"
         if path.exists() and not resume:
             shutil.rmtree(path)
+        for stray in path.glob(".*.tmp"):  # a write killed before its rename: never part of the artifact
+            stray.unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         return Run(self, stage, version, path, lock)

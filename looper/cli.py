@@ -136,6 +136,8 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
     params = []
     run_options = {f.name for f in dataclasses.fields(RunOptions)}
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in run_options):  # stage options first
+        if not f.metadata.get("cli", True):  # set from a pipeline-file table only
+            continue
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             flags = (f"{flag}/--no-{flag[2:]}",) if f.default else (flag,)
@@ -203,6 +205,26 @@ def rollouts_merge(
     from looper.stages.rollouts import merge
 
     result = merge(parts, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", force=bool(force))
+    print_result("rollouts", result, bool(json))
+
+
+@rollouts_app.command("rescore")
+def rollouts_rescore(
+    version: Annotated[
+        str | None,
+        typer.Argument(help="Rollouts artifact to rescore: version id or path (default: the latest)."),
+    ] = None,
+    weights: Annotated[str | None, cli_option(STAGE_CONFIGS["rollouts"], "weights")] = None,
+    workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
+    force: Annotated[bool | None, cli_option(RunOptions, "force", "--force")] = None,
+    json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
+) -> None:
+    """A new rollouts version with other reward weights (the rewards table of --config, then --weights), no generation."""
+    from looper.stages.rescore import run as rescore
+
+    table = read_pipeline_file(State.config_file)["rollouts"].get("rewards") if State.config_file else None
+    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    result = rescore(version, workdir=workdir, weights=weights, table=table, force=bool(force))
     print_result("rollouts", result, bool(json))
 
 

@@ -40,13 +40,15 @@ def opt(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    cli: bool = True,
 ) -> Any:
     """A config field: its default, the help text the CLI shows, whether it changes outputs,
-    and what values it accepts (`choices`; bounds ge/gt/le/lt, checked by `check`)."""
+    and what values it accepts (`choices`; bounds ge/gt/le/lt, checked by `check`).
+    `cli=False`: set only from the pipeline file (a table), no command-line option."""
     bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
     return field(
         default=default,
-        metadata={"help": help, "identity": identity, "choices": choices, "bounds": bounds},
+        metadata={"help": help, "identity": identity, "choices": choices, "bounds": bounds, "cli": cli},
     )
 
 
@@ -141,6 +143,18 @@ class ModelOptions:
 
 
 @dataclass
+class AdapterCheckOptions:
+    """For the stages that load an adapter made elsewhere (rollouts --policy, eval --compare, ppo/dpo)."""
+
+    allow_base_mismatch: bool = opt(
+        False,
+        "Use an adapter whose manifest or adapter_config.json names another base than --model "
+        "(recorded in the manifest); tensor shapes must still fit.",
+        identity=False,
+    )
+
+
+@dataclass
 class LoraOptions:
     """The LoRA adapter a training stage creates (sft always; ppo/dpo when starting from the base)."""
 
@@ -180,6 +194,11 @@ class SftConfig(LoraOptions, ModelOptions, RunOptions):
         "Concatenate a batch into one row without padding (TRL padding_free; CUDA + FlashAttention 2 only).",
     )
     limit: int | None = opt(None, "Train on at most this many questions of the train split.", ge=1)
+    rollouts: str | None = opt(
+        None,
+        "Rejection sampling: train on the best correct arm of each question of this rollouts "
+        "artifact ('latest' or a version), continuing its policy's adapter, instead of the gold solutions.",
+    )
     dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.", ge=0)
     eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).", ge=1)
     save_steps: int = opt(50, "Save a resumable trainer checkpoint every this many steps.", ge=1)
@@ -265,7 +284,7 @@ class GenerationOptions:
 
 
 @dataclass
-class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
+class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     policy: str = opt(
         "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
     )
@@ -282,18 +301,33 @@ class RolloutsConfig(GenerationOptions, ModelOptions, RunOptions):
     cf_arms: str = opt(
         "wolfram-t0.2,maudlin-t0.2", "Comma-separated arms re-asked on perturbed questions for s_cf."
     )
+    arm_allocation: str = opt(
+        "uniform",
+        "How each question's samples are shared among the arms: 'uniform' (budget / arms each), "
+        "'thompson' or 'ucb' (learned from the per-arm rewards of --arm-prior; looper.bandit).",
+        choices=("uniform", "thompson", "ucb"),
+    )
+    arm_budget: int | None = opt(None, "Samples per question (default: one per arm).", ge=2)
+    arm_floor: float = opt(0.05, "With thompson/ucb: least share of the budget every arm keeps.", ge=0, le=1)
+    arm_prior: str | None = opt(
+        None,
+        "With thompson/ucb: rollouts artifact whose per-arm rewards the allocation learns from "
+        "('latest' or a version; the loop sets the previous round's). None: no data, uniform.",
+    )
     w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.", ge=0)
     w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.", ge=0)
     w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
-    coherence_blend: float = opt(
-        0.5, "Per-arm coherence = blend * own agreement + (1 - blend) * s_wm.", ge=0, le=1
-    )
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
     shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
+    weights: str | None = opt(
+        None,
+        "Reward weights overriding the pipeline file's rewards table: name=w,... (e.g. correctness=2.0,length=0).",
+    )
+    rewards: dict | None = opt(None, "The pipeline file's [rewards] table (set from it).", cli=False)
 
 
 @dataclass
-class EvalConfig(GenerationOptions, ModelOptions, RunOptions):
+class EvalConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     compare: str = opt(
         "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
     )
@@ -355,7 +389,7 @@ class TrainOptions:
 
 
 @dataclass
-class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     reward: str = opt(
         "arm",
         "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
@@ -405,12 +439,25 @@ class PpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
         "Online GRPO: sample fresh groups from the current policy each step instead of replaying rollouts.",
     )
     online_generations: int = opt(8, "With --online: completions sampled per question.", ge=2)
-    online_temperature: float = opt(0.7, "With --online: sampling temperature.", gt=0)
+    online_temperature: float = opt(
+        0.7, "With --online: sampling temperature (at the start, with an end).", gt=0
+    )
+    online_temperature_end: float | None = opt(
+        None, "With --online: sampling temperature at the end of the run (none: constant).", gt=0
+    )
+    online_temperature_shape: str = opt(
+        "cosine", "With --online-temperature-end: how it moves there.", choices=("linear", "cosine")
+    )
     max_new_tokens: int = opt(512, "With --online: most tokens generated per completion.", ge=1)
+    weights: str | None = opt(
+        None,
+        "Reward weights overriding the pipeline file's rewards table: name=w,... (e.g. correctness=2.0,length=0).",
+    )
+    rewards: dict | None = opt(None, "The pipeline file's [rewards] table (set from it).", cli=False)
 
 
 @dataclass
-class DpoConfig(TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class DpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     pairs_per_question: int = opt(
         1, "Preference pairs per question: best correct arms against worst incorrect arms.", ge=1
     )
@@ -455,10 +502,61 @@ class LoopConfig(RunOptions):
         "After the rounds, evaluate sft against the final policy as the eval table says "
         "(its split, default test), with McNemar's test.",
     )
+    mode: str = opt(
+        "rl",
+        "'rl': every round trains with --algorithm; 'hybrid': rejection-sampling SFT rounds "
+        "(best correct arm per question) alternate with --algorithm rounds (looper.stages.hybrid).",
+        choices=("rl", "hybrid"),
+    )
+    sft_every: int = opt(2, "Hybrid: rounds from the first SFT round (round 1) to the next.", ge=1)
+    sft_growth: int = opt(
+        2, "Hybrid: each later gap between SFT rounds is this many times the one before (1: fixed).", ge=1
+    )
+    export_every: int = opt(
+        0,
+        "Merge the adapter of every K-th round into its base (looper export) under exports/; 0: never.",
+        ge=0,
+    )
     pipeline: str | None = opt(
         None,
         "Pipeline file whose stage tables configure the rounds' stages (default: the global --config).",
         identity=False,
+    )
+
+
+@dataclass
+class RewardsConfig:
+    """The `[rewards]` table (read by rollouts, rollouts rescore and ppo): the weight of each reward
+    of `looper.rewards` in the composite, their parameters, post-processors and schedules."""
+
+    correctness: float = opt(1.0, "Weight of correctness (right: correct_value, wrong: wrong_value).")
+    format: float = opt(0.0, "Weight of format (1 for a final '#### n' and a closed think block, else 0).")
+    agreement: float = opt(0.0, "Weight of agreement (1 when the answer is the group's majority answer).")
+    coherence: float = opt(
+        0.7, "Weight of coherence (blend * agreement with the other arms + (1 - blend) * s_wm)."
+    )
+    coherence_wm: float = opt(0.0, "Weight of the question's s_wm alone.")
+    coherence_end: float = opt(0.0, "Weight of the question's s_end (answer agreement) alone.")
+    coherence_path: float = opt(0.0, "Weight of the question's s_path (length regularity) alone.")
+    counterfactual: float = opt(0.0, "Weight of the question's s_cf (robustness to perturbed re-asks).")
+    length: float = opt(1.0, "Weight of length (-length_per_token per token beyond length_free_tokens).")
+    correct_value: float = opt(1.0, "correctness of a right final answer.")
+    wrong_value: float = opt(-0.5, "correctness of a wrong or missing final answer.")
+    coherence_blend: float = opt(
+        0.5, "Per-arm coherence = blend * own agreement + (1 - blend) * s_wm.", ge=0, le=1
+    )
+    length_free_tokens: int = opt(400, "Tokens without length penalty.", ge=0)
+    length_per_token: float = opt(0.001, "Length penalty per token beyond length_free_tokens.", ge=0)
+    post: str = opt("", "Post-processors of the total reward in order, comma-separated: clip, normalize.")
+    clip_min: float = opt(-10.0, "clip: lowest total reward.")
+    clip_max: float = opt(10.0, "clip: highest total reward.")
+    normalize_decay: float = opt(
+        0.99, "normalize: EMA decay of the running mean and variance of the total reward.", gt=0, lt=1
+    )
+    schedule: dict | None = opt(
+        None,
+        "ppo: weights over training progress, {name = [{at = 0.0, weight = w}, {at = 0.5, weight = w, "
+        "shape = 'cosine'}]}: shape linear|cosine|constant from the previous point.",
     )
 
 
@@ -470,6 +568,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "dpo": DpoConfig,
     "eval": EvalConfig,
     "loop": LoopConfig,
+    "rewards": RewardsConfig,
 }
 
 
@@ -575,6 +674,9 @@ def parse_pipeline_file(path: str | Path) -> tuple[dict[str, dict[str, Any]], li
                 )
                 del values[key]
         merged[stage] = values
+    for stage, values in merged.items():  # the [rewards] table reaches the stages that score
+        if "rewards" in stage_fields(STAGE_CONFIGS[stage]) and raw.get("rewards"):
+            values["rewards"] = raw["rewards"]
     return merged, problems
 
 

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,23 +235,142 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     return read_manifest(manifest, strict=False).get("base_model", {}).get("identity")
 
 
-def check_adapter_base(adapter_dir: str | Path, source: ModelSource) -> None:
-    base = adapter_base(adapter_dir)
-    if base is not None and base != source.identity:
+def _same_base(recorded: str, source: ModelSource) -> bool:
+    """Whether adapter_config.json's base_model_name_or_path names `source`.
+
+    PEFT records where the base was loaded from: a hub id, a directory, or for .gguf and
+    looper:tiny a directory in Looper's cache. Cache entries are named by content
+    (`gguf-v2/<sha256>`, `tiny-v1`), so another box's cache path names the same base."""
+    if recorded in (source.spec, source.path, source.identity):
+        return True
+    if Path(recorded).is_dir() and Path(source.path).is_dir():
+        return Path(recorded).resolve() == Path(source.path).resolve()
+    try:
+        cached = Path(source.path).resolve().relative_to(cache_root().resolve())
+    except ValueError:
+        return False
+    return recorded.rstrip("/").endswith("/" + str(cached))
+
+
+def check_adapter_base(
+    adapter_dir: str | Path, source: ModelSource, *, allow_mismatch: bool = False
+) -> str | None:
+    """Refuse an adapter trained on another base than `source`.
+
+    The base comes from the Looper manifest beside the adapter when there is one, else from
+    PEFT's adapter_config.json (base_model_name_or_path). With `allow_mismatch` a mismatch is
+    printed and returned (for the manifest of what is built with it) instead of raised."""
+    import orjson
+
+    base, where = adapter_base(adapter_dir), "manifest.json"
+    if base is not None:
+        problem = base != source.identity
+    else:
+        config_file = Path(adapter_dir) / "adapter_config.json"
+        try:
+            base = orjson.loads(config_file.read_bytes()).get("base_model_name_or_path")
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise LooperError(
+                f"{config_file}: unreadable adapter config ({exc}): not a PEFT adapter?"
+            ) from None
+        where = "adapter_config.json"
+        problem = bool(base) and not _same_base(base, source)
+    if not problem:
+        return None
+    message = (
+        f"adapter {adapter_dir} was trained on base '{base}' (its {where}), not on --model "
+        f"{source.spec} ('{source.identity}')"
+    )
+    if not allow_mismatch:
+        raise LooperError(f"{message}: pass the matching --model, or --allow-base-mismatch to use it anyway")
+    print(f"warning: {message}; used anyway (--allow-base-mismatch)", file=sys.stderr)
+    return message
+
+
+def linear_shapes(model: Any = None, source: ModelSource | None = None) -> dict[str, tuple[int, int]] | None:
+    """{module name: (in_features, out_features)} of a loaded model's linear layers, or read from
+    the safetensors headers of a local base (no weights loaded); None when neither is at hand."""
+    if model is not None:
+        return {
+            name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features")
+        }
+    files = sorted(Path(source.path).glob("*.safetensors")) if Path(source.path).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                shape = fh.get_slice(key).get_shape()
+                if key.endswith(".weight") and len(shape) == 2:
+                    shapes[key.removesuffix(".weight")] = (shape[1], shape[0])  # stored [out, in]
+    return shapes
+
+
+def check_adapter_fits(adapter_dir: str | Path, source: ModelSource, shapes: dict | None) -> None:
+    """Refuse, in one line (how many tensors, the first one whole), a LoRA adapter whose tensors
+    do not fit the base's layers. Read from the safetensors header: nothing is loaded."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if shapes is None or not weights.is_file():
+        return  # PEFT's own load error is shortened in attach_adapter
+    from safetensors import safe_open
+
+    bad, total, first = 0, 0, None
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in sorted(fh.keys()):
+            # base_model.model.<module>.lora_A.weight: A is [r, in_features], B is [out_features, r]
+            name = key.removeprefix("base_model.model.")
+            module_name, _, rest = name.rpartition(".lora_")
+            if rest[:1] not in ("A", "B"):
+                continue
+            total += 1
+            shape = list(fh.get_slice(key).get_shape())
+            side, want = ("in", shape[1]) if rest[0] == "A" else ("out", shape[0])
+            if module_name not in shapes:
+                problem = f"{name}: the model has no layer {module_name}"
+            elif (have := shapes[module_name][0 if side == "in" else 1]) != want:
+                problem = f"{name} has shape {shape}: {side}_features {want}, the model's layer has {have}"
+            else:
+                continue
+            bad += 1
+            first = first or problem
+    if bad:
         raise LooperError(
-            f"adapter {adapter_dir} was trained on base '{base}', not on --model {source.spec} "
-            f"('{source.identity}'): pass the matching --model"
+            f"adapter {adapter_dir} does not fit --model {source.spec}: {bad} of {total} LoRA tensors "
+            f"differ in shape, e.g. {first}"
         )
 
 
-def attach_adapter(model: Any, adapter_dir: str | Path, source: ModelSource, *, trainable: bool) -> Any:
-    """Wrap `model` with a saved LoRA adapter after checking it was trained on this base."""
+def attach_adapter(
+    model: Any,
+    adapter_dir: str | Path,
+    source: ModelSource,
+    *,
+    trainable: bool,
+    allow_base_mismatch: bool = False,
+) -> Any:
+    """Wrap `model` with a saved LoRA adapter after checking it was trained on this base and
+    that its tensors fit the model's modules (a misfit is one line: how many, the first one)."""
     from peft import PeftModel
 
-    check_adapter_base(adapter_dir, source)
+    check_adapter_base(adapter_dir, source, allow_mismatch=allow_base_mismatch)
+    check_adapter_fits(adapter_dir, source, linear_shapes(model))
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise LooperError(
-            f"adapter {adapter_dir} does not fit --model {source.spec}: {str(exc).splitlines()[0]}"
+            f"adapter {adapter_dir} does not fit --model {source.spec}: {_short(exc)}"
         ) from None
+
+
+def _short(exc: Exception) -> str:
+    """One line from a torch/PEFT loading error: the first size mismatch and how many there were."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatches = [line for line in lines if line.startswith("size mismatch for")]
+    if mismatches:
+        return f"{len(mismatches)} tensors differ in shape, e.g. {mismatches[0].removeprefix('size mismatch for ')}"
+    return lines[0] if lines else type(exc).__name__

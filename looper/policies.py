@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from looper import models
-from looper.artifacts import Artifact, Store
+from looper.artifacts import Artifact, Store, hash_tree
 from looper.errors import LooperError
 
 # Which stage makes each named adapter, for the "run it first" message.
@@ -27,28 +27,37 @@ class Policy:
     source: models.ModelSource  # the base weights
     adapter: Path | None = None  # a LoRA adapter directory on top, if any
     artifact: Artifact | None = None  # the adapter's artifact, when it is one of ours
+    base_mismatch: str | None = None  # what --allow-base-mismatch let through, for the manifest
 
     def identity(self) -> dict[str, Any]:
-        """What determines this policy's outputs: used in downstream version hashes."""
-        adapter = self.artifact.hash if self.artifact else (str(self.adapter) if self.adapter else None)
+        """What determines this policy's outputs: used in downstream version hashes. A bare
+        adapter counts by its content, not its path: the same files anywhere give the same version."""
+        adapter = self.artifact.hash if self.artifact else (hash_tree(self.adapter) if self.adapter else None)
         return {"base": self.source.identity, "adapter": adapter}
 
 
-def resolve_policy(name: str, *, store: Store, base: models.ModelSource) -> Policy:
-    """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; else a path or hub id."""
+def resolve_policy(
+    name: str, *, store: Store, base: models.ModelSource, allow_base_mismatch: bool = False
+) -> Policy:
+    """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; else a path or hub id.
+
+    An adapter is checked against `base` (`models.check_adapter_base`) and its tensors against the
+    base's layers (`models.check_adapter_fits`), before any work starts."""
     if name == "base":
         return Policy("base", base)
     if name in ADAPTER_STAGES:
         if store.latest(name) is None:
             raise LooperError(f"no {name} adapter under {store.workdir}: run `{ADAPTER_STAGES[name]}` first")
         artifact = store.resolve(name)
-        models.check_adapter_base(artifact.path, base)
-        return Policy(name, base, artifact.path, artifact)
+        allowed = models.check_adapter_base(artifact.path, base, allow_mismatch=allow_base_mismatch)
+        models.check_adapter_fits(artifact.path, base, models.linear_shapes(source=base))
+        return Policy(name, base, artifact.path, artifact, allowed)
     path = Path(name).expanduser()
     if (path / "adapter_config.json").is_file():
         artifact = Artifact.load(path) if (path / "manifest.json").is_file() else None
-        models.check_adapter_base(path, base)
-        return Policy(name, base, path.resolve(), artifact)
+        allowed = models.check_adapter_base(path, base, allow_mismatch=allow_base_mismatch)
+        models.check_adapter_fits(path, base, models.linear_shapes(source=base))
+        return Policy(name, base, path.resolve(), artifact, allowed)
     return Policy(name, models.resolve_model(name))  # another full model: its own base
 
 
@@ -124,8 +133,8 @@ def load_generator(
         models.set_cpu_threads()
     model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code, dtype=dtype)
     if policy.adapter is not None:
-        model = models.attach_adapter(
-            model, policy.adapter, policy.source, trainable=False
+        model = models.attach_adapter(  # the base was checked (or the mismatch allowed) in resolve_policy
+            model, policy.adapter, policy.source, trainable=False, allow_base_mismatch=True
         ).merge_and_unload()
     model.eval()
     generator = make_generator(

@@ -152,6 +152,20 @@ def save_adapter(model: Any, tokenizer: Any, path: Path) -> None:
     adapters = ["default"] if "default" in getattr(model, "peft_config", {}) else None
     model.save_pretrained(path, safe_serialization=True, selected_adapters=adapters)
     tokenizer.save_pretrained(path)
+    sort_adapter_config(path / "adapter_config.json")
+
+
+def sort_adapter_config(path: Path) -> None:
+    """PEFT keeps target_modules (and modules_to_save) as sets and writes them in the order of
+    this process's string hashing, so identical weights would hash differently from run to run
+    and change every downstream version: write those lists sorted."""
+    from looper.artifacts import atomic_write_bytes
+
+    adapter_config = orjson.loads(path.read_bytes())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(adapter_config.get(key), list):
+            adapter_config[key] = sorted(adapter_config[key])
+    atomic_write_bytes(path, orjson.dumps(adapter_config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def rollouts_input(store: Any, config: Any) -> tuple[Any, Any, str]:
@@ -186,15 +200,44 @@ def rollout_rows(rollouts: Any) -> list[dict]:
     return rows
 
 
-def policy_model(config: Any, base: Any, adapter_path: str | None, quant: str) -> tuple[Any, Any]:
+def rollouts_adapter(store: Any, rollouts: Any, base: Any, config: Any) -> tuple[Path | None, str | None]:
+    """(the adapter the rollouts were generated with or None for the base, the base mismatch
+    --allow-base-mismatch let through or None), found in this home and checked against --model.
+
+    An adapter artifact is found by its version (the rollouts' input of that stage), a path
+    inside the home is stored relative to it, so a moved or copied LOOPER_HOME still works."""
+    from looper import models
+    from looper.errors import LooperError
+
+    recorded = rollouts.manifest.get("policy", {}).get("adapter_path")
+    if recorded is None:
+        return None, None
+    found = [
+        store.stage_root(stage) / ref["version"]
+        for stage, ref in rollouts.manifest.get("inputs", {}).items()
+        if stage != "prepare" and (store.stage_root(stage) / ref["version"]).is_dir()
+    ]
+    path = found[0] if found else store.workdir / recorded  # an absolute recorded path stays as it is
+    if not (path / "adapter_config.json").is_file():
+        raise LooperError(
+            f"rollouts {rollouts.version} were generated with the adapter {recorded}, which is not "
+            f"there any more: rerun `looper rollouts` with an adapter that exists"
+        )
+    allowed = models.check_adapter_base(path, base, allow_mismatch=config.allow_base_mismatch)
+    models.check_adapter_fits(path, base, models.linear_shapes(source=base))
+    return path, allowed
+
+
+def policy_model(config: Any, base: Any, adapter_path: Path | None, quant: str) -> tuple[Any, Any]:
     """(model, peft_config) to train from rollouts: the rollouts' adapter continued (TRL keeps a
-    frozen copy as the reference), or the base with a fresh LoRA (reference = base, adapter off)."""
+    frozen copy as the reference), or the base with a fresh LoRA (reference = base, adapter off).
+    The adapter was checked against --model by `rollouts_adapter`."""
     from looper import models
 
     model = models.load_model(base, quant=quant, trust_remote_code=config.trust_remote_code)
     if adapter_path is None:
         return model, lora_config(config)
-    return models.attach_adapter(model, adapter_path, base, trainable=True), None
+    return models.attach_adapter(model, adapter_path, base, trainable=True, allow_base_mismatch=True), None
 
 
 @dataclass
@@ -258,6 +301,9 @@ class TrainingRun:
         trainer.add_callback(
             checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
         )
+        from looper import faults
+
+        faults.arm_trainer(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
         with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
             return trainer.train(resume_from_checkpoint=self.checkpoint)
 

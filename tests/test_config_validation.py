@@ -36,14 +36,14 @@ def test_file_values_are_named_as_stage_keys_and_all_problems_reported():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("shard_size", -1), ("offset", -2), ("batch_size", 0), ("coherence_blend", 1.5), ("backend", "tpu")],
+    [("shard_size", -1), ("offset", -2), ("batch_size", 0), ("w_end", -0.1), ("backend", "tpu")],
 )
 def test_rollouts_rejects(key, value):
     assert len(check(RolloutsConfig, {key: value})) == 1
 
 
 def test_none_means_unset_and_bounds_are_inclusive():
-    assert check(RolloutsConfig, {"limit": None, "offset": 0, "coherence_blend": 1.0}) == []
+    assert check(RolloutsConfig, {"limit": None, "offset": 0, "w_end": 0.0}) == []
 
 
 def test_every_default_is_accepted():

@@ -73,7 +73,7 @@ def test_make_all_tiny_pipeline_then_nothing_to_do(tmp_path):
     # lineage: each manifest names the version it was built from
     assert manifest(sft)["inputs"]["prepare"]["version"] == prepare.name
     assert manifest(rollouts)["inputs"]["prepare"]["version"] == prepare.name
-    assert manifest(rollouts)["policy"]["adapter_path"] == str(sft)
+    assert manifest(rollouts)["policy"]["adapter_path"] == f"checkpoints/sft/{sft.name}"  # home-relative
     assert manifest(rollouts)["inputs"]["sft"]["version"] == sft.name  # a retrained sft makes rollouts stale
     assert manifest(ppo)["inputs"]["rollouts"]["version"] == rollouts.name
     assert manifest(evaluation)["inputs"]["prepare"]["version"] == prepare.name

@@ -392,15 +392,18 @@ def test_adaptive_kl_controller_step_rule():
 def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
+    from looper.reward_training import reward_plan, row_components
+
     rows = build_rollouts(tmp_path, tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [r["id"] for r in rows for _ in range(4)]  # TRL repeats each prompt num_generations times
-    arm = replay_func(rows, tokenizer, "arm", 4)(prompts, None)
-    assert arm["stored_reward"] == [1.0, -0.5, 1.0, -0.5] * 2
+    plan = reward_plan(None, None, "arm", {})
+    arm = replay_func(rows, tokenizer, 4, row_components(rows, plan, {}, "arm"))(prompts, None)
+    assert arm["reward_correctness"] == [1.0, -0.5, 1.0, -0.5] * 2
     assert arm["completion_ids"][0] == rows[0]["arm_outputs"][0]["token_ids"]
     assert arm["logprobs"][1] == rows[0]["arm_outputs"][1]["logprobs"]
-    question = replay_func(rows, tokenizer, "question", 4)(prompts, None)
-    assert question["stored_reward"] == [1.49] * 8
+    question = replay_func(rows, tokenizer, 4, row_components(rows, plan, {}, "question"))(prompts, None)
+    assert question["reward_correctness"] == [1.0] * 8 and question["reward_coherence"] == [0.7] * 8
     # question mode: centred over the batch, not the group
     advantages = floored_advantages(torch.tensor([1.0, 1.0, 3.0, 3.0]), None, 0.1)
     assert advantages.tolist() == pytest.approx([-0.866, -0.866, 0.866, 0.866], abs=1e-3)
@@ -493,15 +496,25 @@ def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
     assert any(m.get("completions/max_length", 0) <= 6 and "kl_coef" in m for m in metrics)
 
 
-def test_online_group_reward_on_hand_written_group():
-    from looper.regime_w.scoring import RegimeWWeights
-    from looper.stages.ppo_online import group_reward_func
+def online_total(texts, gold, completion_ids, table=None, scoring=None, eos_ids=()):
+    from looper import rewards
+    from looper.reward_training import online_reward_funcs, reward_plan
 
-    fn = group_reward_func(group_size=2, weights=RegimeWWeights(0.4, 0.3, 0.3), blend=0.5, eos_ids={0})
-    rewards = fn(
+    plan = reward_plan(table, None, "arm", scoring or {})
+    group = [f"g{i // 2}" for i in range(len(texts))]
+    parts = {
+        fn.__name__: fn(texts, gold_answer=gold, completion_ids=completion_ids, group=group)
+        for fn in online_reward_funcs(plan, eos_ids)
+    }
+    return rewards.combine(parts, plan.spec.weights)
+
+
+def test_online_group_reward_on_hand_written_group():
+    rewards = online_total(
         ["#### 7", "#### 9", "#### 5", "#### 5"],
-        gold_answer=["7", "7", "5", "5"],
-        completion_ids=[[1] * 10] * 3 + [[1] * 9 + [0]],
+        ["7", "7", "5", "5"],
+        [[1] * 10] * 3 + [[1] * 9 + [0]],
+        eos_ids={0},
     )  # the last ends on EOS: 9 tokens, s_path < 1
     # group 1: one right, answers disagree (s_end 0): right arm 1 + 0.7*(0.5*0 + 0.5*0.3); wrong -0.5 + same
     assert rewards[:2] == pytest.approx([1.105, -0.395])
@@ -512,16 +525,12 @@ def test_online_group_reward_on_hand_written_group():
     assert s_wm < 0.7 and rewards[2:] == pytest.approx([1 + 0.7 * (0.5 + 0.5 * s_wm)] * 2)
 
 
-def test_online_reward_uses_the_rollouts_weights_and_blend():
-    from looper.regime_w.scoring import RegimeWWeights
-    from looper.stages.ppo_online import group_reward_func, reward_settings
-
-    weights, blend = reward_settings({"w_end": 0.9, "w_path": 0.1, "w_cf": 0.0, "coherence_blend": 1.0})
-    assert (weights, blend) == (RegimeWWeights(0.9, 0.1, 0.0), 1.0)
-    assert reward_settings({}) == (RegimeWWeights(0.4, 0.3, 0.3), 0.5)  # rollouts' defaults
-    fn = group_reward_func(2, weights, blend)
+def test_online_reward_uses_the_rollouts_weights_and_the_blend():
     # blend 1: coherence is the arm's own agreement alone; disagreeing arms get none of s_wm
-    assert fn(["#### 7", "#### 9"], gold_answer=["7", "7"], completion_ids=[[1] * 10] * 2) == [1.0, -0.5]
+    scoring = {"w_end": 0.9, "w_path": 0.1, "w_cf": 0.0}
+    assert online_total(
+        ["#### 7", "#### 9"], ["7", "7"], [[1] * 10] * 2, table={"coherence_blend": 1.0}, scoring=scoring
+    ) == [1.0, -0.5]
 
 
 @pytest.mark.slow
@@ -633,3 +642,31 @@ def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_p
     assert code == 0 and "resuming from checkpoint-2" in out, err
     resumed = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
     assert resumed == pytest.approx(reference, rel=1e-6) and resumed != 0.04
+
+
+def test_ppo_logs_each_component_with_scheduled_weights(run_cli, tiny_model_dir, tmp_path):
+    build_rollouts(tmp_path, tiny_model_dir)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[rewards]\ncoherence = 0.0\nformat = 0.5\npost = "clip,normalize"\nclip_min = -1.0\nclip_max = 1.0\n'
+        "[rewards.schedule]\ncorrectness = [{at = 0.0, weight = 0.0}, {at = 1.0, weight = 1.0}]\n"
+    )
+    args = ["--model", tiny_model_dir, "--workdir", tmp_path, *FAST, "--max-steps", "4", "--json"]
+    code, out, err = run_cli("--config", pipeline, "ppo", *args, "--weights", "length=0")
+    assert code == 0, err
+    result = last_json(out)
+    steps = [json.loads(line) for line in open(f"{result['path']}/metrics.jsonl") if '"kl_coef"' in line]
+    assert len(steps) == 4 and all(
+        {"rewards/correctness/mean", "rewards/format/mean"} <= set(m) for m in steps
+    )
+    assert not any("rewards/coherence/mean" in m or "rewards/length/mean" in m for m in steps)
+    assert [m["weights/correctness"] for m in steps] == [0.0, 0.25, 0.5, 0.75]  # linear over the 4 steps
+    assert all(m["weights/format"] == 0.5 for m in steps)
+    assert open(f"{result['path']}/reward_weights.png", "rb").read(4) == b"\x89PNG"
+    manifest = json.loads(open(f"{result['path']}/manifest.json").read())
+    assert manifest["rewards"]["post"] == "clip,normalize" and manifest["rewards"]["schedule"]["correctness"]
+    # other weights, another version; the same ones, up to date
+    code, out, _ = run_cli("--config", pipeline, "ppo", *args, "--weights", "length=0")
+    assert code == 0 and last_json(out)["skipped"]
+    code, out, _ = run_cli("--config", pipeline, "ppo", *args, "--weights", "length=1", "--max-steps", "1")
+    assert code == 0 and last_json(out)["version"] != result["version"]

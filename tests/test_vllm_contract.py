@@ -139,7 +139,7 @@ def platinum(r1_dir, tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
         if stage == "rollouts":
             arms = select_arms(config.arms, config.arm_file)
             cf = [a for a in arms if a.name in config.cf_arms.split(",")]
-            prompts = chunk_requests(rows, arms, cf, tokenizer)[0]
+            prompts = chunk_requests(rows, lambda row, arms=arms: arms, cf, tokenizer)[0]
         else:
             prompts = [render_prompt(tokenizer, tutoring_messages(r["question"])) for r in rows]
         options = policies.vllm_engine_options(config, policy, prompts, tokenizer, config.trust_remote_code)

@@ -14,6 +14,8 @@ from statistics import fmean
 import pyarrow as pa
 
 from looper.answers import answers_agree
+from looper.bandit import arm_reward_stats
+from looper.rewards import NAMES as REWARD_NAMES
 from looper.stats import auroc, majority_vote
 
 ARM_OUTPUT = pa.struct(
@@ -45,6 +47,8 @@ CF_OUTPUT = pa.struct(
         ("tokens", pa.int64()),
     ]
 )
+# every reward of `looper.rewards` unweighted (schema 3): `looper ppo` and `rollouts rescore` recombine them
+COMPONENTS = pa.struct([(name, pa.float64()) for name in REWARD_NAMES])
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -59,6 +63,8 @@ ROW_SCHEMA = pa.schema(
         ("s_wm", pa.float64()),
         ("reward", pa.float64()),
         ("arm_rewards", pa.list_(pa.float64())),
+        ("arm_components", pa.list_(COMPONENTS)),
+        ("question_components", COMPONENTS),
     ]
 )
 
@@ -71,10 +77,12 @@ def summarize(rows: list[dict], arm_names: list[str]) -> dict:
     ]
     outputs = [o for r in rows for o in r["arm_outputs"]]
     return {
-        "arm_accuracy": {
-            name: fmean(o["correct"] for r in rows for o in r["arm_outputs"] if o["arm"] == name)
+        "arm_accuracy": {  # arms a bandit allocation never sampled are left out
+            name: fmean(o["correct"] for o in outputs if o["arm"] == name)
             for name in arm_names
+            if any(o["arm"] == name for o in outputs)
         },
+        "arm_reward_stats": arm_reward_stats(rows),
         "pass_at_n": fmean(any(o["correct"] for o in r["arm_outputs"]) for r in rows),
         "maj_at_n": fmean(majority_correct),
         **{f"mean_{k}": fmean(r[k] for r in rows) for k in ("s_end", "s_path", "s_cf", "s_wm", "reward")},

@@ -133,9 +133,10 @@ def run(config: DpoConfig) -> StageResult:
     from datasets import Dataset
     from trl import DPOTrainer
 
+    # the rollouts' adapter, found in this home and checked against --model before anything is written
+    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     dataset = Dataset.from_list(
         [
@@ -174,7 +175,8 @@ def run(config: DpoConfig) -> StageResult:
             "final_reward_margin": last_logged(history, "rewards/margins"),
         },
         extra={
-            "reference": adapter_path or "base",
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
             "beta": config.beta,
             "pairs_per_question": config.pairs_per_question,
         },

@@ -106,7 +106,9 @@ def check_options(config: EvalConfig) -> list[str]:
     return names
 
 
-def resolve_policies(names: list[str], store: Store, base: models.ModelSource) -> list[Policy]:
+def resolve_policies(
+    names: list[str], store: Store, base: models.ModelSource, allow_base_mismatch: bool = False
+) -> list[Policy]:
     policies = []
     for name in names:
         scheme = ":" in name.split("/", 1)[0]  # pkg:<package>/<file>, looper:tiny
@@ -116,7 +118,7 @@ def resolve_policies(names: list[str], store: Store, base: models.ModelSource) -
                 f"--compare: unknown model '{name}': use base, sft, ppo, dpo, a hub id "
                 "(org/name), a model directory or an adapter path"
             )
-        policies.append(resolve_policy(name, store=store, base=base))
+        policies.append(resolve_policy(name, store=store, base=base, allow_base_mismatch=allow_base_mismatch))
     return policies
 
 
@@ -409,7 +411,7 @@ def run(config: EvalConfig) -> StageResult:
         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=stop
     )
     store = Store(config.workdir, wait=config.wait)
-    policies = resolve_policies(names, store, models.resolve_model(config.model))
+    policies = resolve_policies(names, store, models.resolve_model(config.model), config.allow_base_mismatch)
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)
     stage_identity = identity(config) | {
@@ -436,7 +438,8 @@ def run(config: EvalConfig) -> StageResult:
                 "identity": policy.identity(),
                 "cache_key": key,
                 "prompt_example": prompts[0],
-                "adapter": None if policy.adapter is None else str(policy.adapter),
+                "adapter": None if policy.adapter is None else store.relative(policy.adapter),
+                "base_mismatch_allowed": policy.base_mismatch,
             }
 
     result = report.summarize(

@@ -44,13 +44,13 @@ from typing import Any
 
 import orjson
 
+from looper import bandit
 from looper.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
 from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
 from looper.errors import LooperError
 from looper.stages import StageResult
 
 STAGE = "loop"
-ALGORITHMS = ("ppo", "dpo")
 STAGE_MODULES = {"eval": "evaluate"}
 RECORD = "rounds.json"
 # Files of a training artifact that are not the adapter (the loop artifact copies the rest).
@@ -70,6 +70,7 @@ class Loop:
         self.sft: Artifact | None = None
         self.record_path: Path | None = None
         self.record: dict[str, Any] = {"rounds": [], "current": None}
+        self.version: str | None = None
 
     def stage_config(self, stage: str, **overrides: Any) -> Any:
         """The stage's config: its table of the pipeline file, then the loop's overrides."""
@@ -102,7 +103,12 @@ def rollouts_step(loop: Loop, rnd: dict) -> None:
             read_rows(loop.prepare.path / "train.parquet")
         )
         offset = (offset + (rnd["round"] - 1) * limit) % max(n_train, 1)
-    result = loop.run_stage("rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset)
+    # a learned arm allocation (thompson, ucb) learns from the previous round's rollouts
+    before = [r["rollouts"]["version"] for r in loop.record["rounds"] if r["round"] == rnd["round"] - 1]
+    prior = {"arm_prior": before[0]} if before and table.get("arm_allocation", "uniform") != "uniform" else {}
+    result = loop.run_stage(
+        "rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset, **prior
+    )
     rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
 
 
@@ -159,6 +165,7 @@ def round_figures(rnd: dict, sft_path: str) -> dict:
         "maj_at_n": m.get("maj_at_n"),
         "auroc_s_wm": m.get("auroc_s_wm"),
         "zero_variance_groups": m.get("zero_variance_groups"),
+        "arm_allocation": rollouts.get("allocation"),  # shares and posterior of a bandit allocation
         "questions": rollouts.get("counts", {}).get("questions"),
         "kl_mean": sum(kls) / len(kls) if kls else None,
         "kl_last": kls[-1] if kls else None,
@@ -187,26 +194,6 @@ def final_round(rounds: list[dict], final: str) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
-def check_options(config: LoopConfig) -> None:
-    if config.rounds < 1:
-        raise LooperError(f"--rounds {config.rounds}: run at least 1 round")
-    if config.patience < 1:
-        raise LooperError(f"--patience {config.patience}: must be at least 1 round")
-    if config.algorithm not in ALGORITHMS:
-        raise LooperError(f"--algorithm {config.algorithm}: choose {' or '.join(ALGORITHMS)}")
-    if config.final not in ("best", "last"):
-        raise LooperError(f"--final {config.final}: choose best or last")
-    if config.dev_limit is not None and config.dev_limit < 1:
-        raise LooperError(
-            f"--dev-limit {config.dev_limit}: evaluate at least 1 dev question (or leave it unset)"
-        )
-    if not config.pipeline:
-        raise LooperError(
-            "looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
-            "(its stage tables configure every round)"
-        )
-
-
 def ensure_inputs(loop: Loop) -> None:
     """prepare and sft: the latest ones, or made now from their tables when the home has none."""
     for stage in ("prepare", "sft"):
@@ -223,11 +210,11 @@ def ensure_inputs(loop: Loop) -> None:
 
 def loop_version(loop: Loop) -> tuple[str, dict]:
     """The loop's identity: its options, the identity of every stage config a round uses, prepare and sft."""
-    steps = {
-        stage: identity(loop.stage_config(stage)) for stage in ("rollouts", loop.config.algorithm, "eval")
-    }
+    stages = ("rollouts", loop.config.algorithm, "eval") + (("sft",) if loop.config.mode == "hybrid" else ())
+    steps = {stage: identity(loop.stage_config(stage)) for stage in stages}
     for stage in steps.values():
-        stage.pop("offset", None), stage.pop("policy", None), stage.pop("rollouts", None)  # set per round
+        for key in ("offset", "policy", "rollouts", "arm_prior"):  # set per round
+            stage.pop(key, None)
     stage_identity = identity(loop.config) | {"steps": steps}
     return loop.store.version_for(
         STAGE, stage_identity, {"prepare": loop.prepare, "sft": loop.sft}
@@ -235,11 +222,19 @@ def loop_version(loop: Loop) -> tuple[str, dict]:
 
 
 def run(config: LoopConfig) -> StageResult:
-    check_options(config)
+    if not config.pipeline:  # choices and ranges of the options are checked by build_config
+        raise LooperError(
+            "looper loop needs a pipeline file: `looper --config pipelines/<name>.toml loop` "
+            "(its stage tables configure every round)"
+        )
     store = Store(config.workdir, wait=config.wait)
     loop = Loop(config, read_pipeline_file(config.pipeline), store)
     ensure_inputs(loop)
     version, stage_identity = loop_version(loop)
+    loop.version = version
+    from looper.stages.hybrid import round_steps
+
+    steps = round_steps(config, ROUND_STEPS)
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
@@ -275,7 +270,7 @@ def run(config: LoopConfig) -> StageResult:
             rnd = {"round": k, "policy_in": policy_in}
         loop.record["current"] = rnd
         started = time.time() - rnd.get("wall_s", 0.0)
-        for _name, step in ROUND_STEPS:
+        for _name, step in steps:
             step(loop, rnd)
             rnd["wall_s"] = time.time() - started
             loop.save()
@@ -336,7 +331,8 @@ def run(config: LoopConfig) -> StageResult:
             "stop": stop_reason,
             "final": summary["final"],
             "rounds": [
-                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval")} for r in rounds
+                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
+                for r in rounds
             ],
         },
     )
@@ -403,6 +399,7 @@ def markdown(summary: dict) -> str:
         "",
         "![per-round figures](loop.png)",
         "",
+        *bandit.report_lines(rounds),
     ]
     if summary["test"]:
         t = summary["test"]

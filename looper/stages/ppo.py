@@ -41,8 +41,17 @@ from trl import GRPOConfig, GRPOTrainer
 
 from looper import models, training
 from looper.artifacts import Store
-from looper.config import PpoConfig, identity
+from looper.config import PpoConfig
 from looper.errors import LooperError
+from looper.reward_training import (
+    RewardPlan,
+    ScheduledWeights,
+    plot_weights,
+    ppo_identity,
+    reward_plan,
+    row_components,
+    stored_reward_funcs,
+)
 from looper.rl import (
     AdaptiveKL,
     StepPlan,
@@ -71,7 +80,13 @@ class RegimeWGRPOTrainer(GRPOTrainer):
     KL_STATE = "kl_controller.json"
 
     def __init__(
-        self, *args, kl_controller: AdaptiveKL, reward_mode: str = "arm", std_floor: float = 0.1, **kwargs
+        self,
+        *args,
+        kl_controller: AdaptiveKL,
+        reward_mode: str = "arm",
+        std_floor: float = 0.1,
+        reward_plan: RewardPlan | None = None,
+        **kwargs,
     ):
         self.kl_controller, self.reward_mode, self.std_floor, self.step_kls = (
             kl_controller,
@@ -79,7 +94,11 @@ class RegimeWGRPOTrainer(GRPOTrainer):
             std_floor,
             [],
         )
-        super().__init__(*args, callbacks=[*kwargs.pop("callbacks", []), KLStep(self)], **kwargs)
+        self.post = reward_plan.post_processors() if reward_plan else []
+        callbacks = [*kwargs.pop("callbacks", []), KLStep(self)]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        if reward_plan is not None:  # after TRL set its weights: the schedule's, before every step
+            self.add_callback(ScheduledWeights(self, reward_plan))
         self.beta = kl_controller.coef
 
     def _compute_loss(self, model, inputs):
@@ -116,16 +135,23 @@ class RegimeWGRPOTrainer(GRPOTrainer):
         elif checkpoint:
             print(f"ppo: {checkpoint} holds no KL controller state: the coefficient restarts at {self.beta}")
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self.rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self.rewards_per_func
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        device = output["advantages"].device
-        if self.reward_mode == "question":  # one shared reward per question: centre over the batch instead
-            rewards = torch.tensor([x["stored_reward"] for x in inputs], dtype=torch.float32)
-            output["advantages"] = floored_advantages(rewards, None, self.std_floor).to(device)
-        else:  # centred rewards have the rewards' group std
-            output["advantages"] = floored_advantages(
-                output["advantages"].cpu(), self.num_generations, self.std_floor
-            ).to(device)
+        device, local = output["advantages"].device, len(output["advantages"])
+        # the weighted total of all processes (as TRL sums it), post-processed in the configured order
+        per_func = self.rewards_per_func.cpu()
+        total = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
+        for post in self.post:
+            total = post(total)
+        # --reward question: one shared reward per question, so centre over the batch instead of the group
+        group = None if self.reward_mode == "question" else self.num_generations
+        advantages = floored_advantages(total, group, self.std_floor)
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start : start + local].to(device)
         return output
 
 
@@ -182,16 +208,6 @@ def recompute_behaviour_logprobs(trainer: GRPOTrainer, rows: list[dict], encode,
     return gap / max(tokens, 1)
 
 
-def stored_reward(completions, stored_reward, **kwargs) -> list[float]:
-    """Reward function: the reward `looper rollouts` stored for each completion."""
-    return list(stored_reward)
-
-
-# Per-arm rewards, advantages taken within each question's arms: Regime W's stored arm reward,
-# or correctness alone (1 right, 0 wrong), to measure what the coherence and length terms add.
-ARM_REWARDS = {"arm": lambda arm, stored: stored, "correctness": lambda arm, stored: float(arm["correct"])}
-
-
 def prompt_encoder(tokenizer):
     """Prompt string -> token ids, as rollouts generated from them (cached: arms share prompts)."""
     cache: dict[str, list[int]] = {}
@@ -204,34 +220,36 @@ def prompt_encoder(tokenizer):
     return encode
 
 
-def replay_func(rows: list[dict], tokenizer, reward_mode: str, n_arms: int):
-    """A TRL rollout_func that returns the stored arms of each question instead of generating."""
+def replay_func(rows: list[dict], tokenizer, n_arms: int, components: dict[str, list[dict]]):
+    """A TRL rollout_func that returns the stored arms of each question instead of generating, with
+    each arm's reward components (`components`: question id -> per arm {name: value}) as columns
+    `reward_<name>` for the reward functions."""
     by_id = {r["id"]: r for r in rows}
     encode = prompt_encoder(tokenizer)
 
     def rollout_func(prompts: list[str], trainer) -> dict:
-        prompt_ids, completion_ids, logprobs, rewards = [], [], [], []
+        prompt_ids, completion_ids, logprobs, columns = [], [], [], {}
         for question_id in prompts[::n_arms]:  # TRL repeats each prompt once per generation
             row = by_id[question_id]
-            for arm, arm_reward in zip(row["arm_outputs"], row["arm_rewards"]):
+            for arm, parts in zip(row["arm_outputs"], components[question_id]):
                 prompt_ids.append(encode(arm["prompt"]))
                 completion_ids.append(list(arm["token_ids"]))
                 logprobs.append(list(arm["logprobs"]))
-                rewards.append(
-                    ARM_REWARDS[reward_mode](arm, arm_reward) if reward_mode in ARM_REWARDS else row["reward"]
-                )
-        return {
-            "prompt_ids": prompt_ids,
-            "completion_ids": completion_ids,
-            "logprobs": logprobs,
-            "stored_reward": rewards,
-        }
+                for name, value in parts.items():
+                    columns.setdefault(f"reward_{name}", []).append(value)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, **columns}
 
     return rollout_func
 
 
 def grpo_config(
-    config: PpoConfig, output_dir, n_arms: int, max_completion: int, plan: StepPlan, temperature: float = 1.0
+    config: PpoConfig,
+    output_dir,
+    n_arms: int,
+    max_completion: int,
+    plan: StepPlan,
+    temperature: float = 1.0,
+    reward_weights: list[float] | None = None,
 ) -> GRPOConfig:
     cuda = models.has_cuda()
     return GRPOConfig(
@@ -248,6 +266,7 @@ def grpo_config(
         beta=config.kl_coef,
         epsilon=config.clip_epsilon,
         loss_type=config.loss_type,
+        reward_weights=reward_weights,
         scale_rewards="none",  # centred only: RegimeWGRPOTrainer divides by the floored group std
         disable_dropout=True,  # dropout in the forwards that form the ratio and the KL would read as policy change
     )
@@ -262,7 +281,10 @@ def run(config: PpoConfig) -> StageResult:
         raise LooperError(f"--reward {config.reward}: choose arm, question or correctness")
     store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = training.rollouts_input(store, config)
-    stage_identity = identity(config) | {"model": base.identity, "quant": quant}
+    objective = reward_plan(
+        config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
+    )
+    stage_identity = ppo_identity(config, objective) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
@@ -287,7 +309,8 @@ def run(config: PpoConfig) -> StageResult:
         raise LooperError(
             "rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more"
         )
-    flat = sum(len(set(r["arm_rewards"])) <= 1 for r in rows)
+    components = row_components(rows, objective, rollouts.manifest, config.reward)
+    flat = sum(len({tuple(c.values()) for c in components[r["id"]]}) <= 1 for r in rows)
     print(
         f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
         + (" (they teach nothing under --reward arm)" if config.reward == "arm" else "")
@@ -297,9 +320,10 @@ def run(config: PpoConfig) -> StageResult:
 
     from datasets import Dataset
 
+    # the rollouts' adapter, found in this home and checked against --model before anything is written
+    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     controller = AdaptiveKL(
         config.kl_coef,
@@ -309,18 +333,22 @@ def run(config: PpoConfig) -> StageResult:
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
     trainer = ReplayGRPOTrainer(
         model=model,
-        reward_funcs=[stored_reward],
-        args=grpo_config(config, job.trainer_dir, n_arms, max_completion, plan),
+        reward_funcs=stored_reward_funcs(objective.names),
+        args=grpo_config(
+            config, job.trainer_dir, n_arms, max_completion, plan, reward_weights=objective.weights_at(0.0)
+        ),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        rollout_func=replay_func(rows, tokenizer, config.reward, n_arms),
+        rollout_func=replay_func(rows, tokenizer, n_arms, components),
         callbacks=job.callbacks(),
         kl_controller=controller,
         reward_mode=config.reward,
         std_floor=config.advantage_std_floor,
+        reward_plan=objective,
     )
     trainer.restore_kl(job.checkpoint)
+    plot_weights(job, objective, total_steps(config.max_steps, config.epochs, plan))
     gap = None
     if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
         gap = recompute_behaviour_logprobs(
@@ -349,9 +377,11 @@ def run(config: PpoConfig) -> StageResult:
             "behaviour_logprob_gap": gap,
         },
         extra={
-            "reference": adapter_path or "base",
+            "reference": store.relative(adapter_path) if adapter_path else "base",
+            "base_mismatch_allowed": base_mismatch,
             "loss_type": config.loss_type,
             "reward": config.reward,
+            "rewards": objective.identity(),
             "behaviour_logprobs": behaviour,
         },
     )

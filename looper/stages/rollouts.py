@@ -23,10 +23,11 @@ every shard of this run is there.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import orjson
 
-from looper import models, policies
+from looper import bandit, models, policies, rewards
 from looper.answers import extract_answer, is_correct
 from looper.artifacts import Store, read_rows, write_parquet
 from looper.config import RolloutsConfig, identity
@@ -34,11 +35,12 @@ from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
 from looper.integrity import table_reads_back
-from looper.regime_w import reward, scoring
+from looper.regime_w import scoring
 from looper.regime_w.arms import Arm, select_arms
 from looper.regime_w.perturb import PERTURBATIONS, perturb
 from looper.regime_w.summary import ROW_SCHEMA, summarize
 from looper.stages import StageResult
+from looper.stats import majority_vote
 
 STAGE = "rollouts"
 
@@ -77,16 +79,31 @@ def output_record(arm: Arm, prompt: str, completion, gold: str) -> dict:
     }
 
 
+def reward_spec(config: RolloutsConfig) -> rewards.RewardSpec:
+    """The rewards these rollouts store: defaults < [rewards] table < --weights; s_wm as scored here."""
+    return rewards.resolve(config.rewards, config.weights, (config.w_end, config.w_path, config.w_cf))
+
+
+def rollouts_identity(config: RolloutsConfig) -> dict:
+    """The config's identity with the reward settings resolved (equal rewards, equal version)."""
+    raw = {k: v for k, v in identity(config).items() if k not in ("rewards", "weights")}
+    return raw | {"rewards": reward_spec(config).as_dict()}
+
+
 def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
     answers = [o["answer"] for o in outputs]
     tokens = [o["tokens"] for o in outputs]
-    correct = [o["correct"] for o in outputs]
     by_arm = {o["arm"]: o["answer"] for o in outputs}
+    majority = majority_vote(answers)  # a re-asked arm the bandit left out of the question is compared to it
     weights = scoring.RegimeWWeights(config.w_end, config.w_path, config.w_cf)
     scores = scoring.score_question(
-        answers, tokens, [by_arm[c["arm"]] for c in cf_outputs], [c["answer"] for c in cf_outputs], weights
+        answers,
+        tokens,
+        [by_arm.get(c["arm"], majority) for c in cf_outputs],
+        [c["answer"] for c in cf_outputs],
+        weights,
     )
-    return {
+    scored = {
         "id": row["id"],
         "question": row["question"],
         "gold_answer": row["gold_answer"],
@@ -94,21 +111,18 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
         "arm_outputs": outputs,
         "cf_outputs": cf_outputs,
         **scores,
-        "reward": reward.question_reward(correct, tokens, scores["s_wm"]),
-        "arm_rewards": reward.arm_rewards(
-            correct, tokens, answers, scores["s_wm"], blend=config.coherence_blend
-        ),
     }
+    return scored | rewards.row_rewards(scored, reward_spec(config))
 
 
 def chunk_requests(
-    rows: list[dict], arms: tuple[Arm, ...], cf_arms: list[Arm], tokenizer
+    rows: list[dict], arms: Callable[[dict], list[Arm]], cf_arms: list[Arm], tokenizer
 ) -> tuple[list[str], list[tuple]]:
     """(prompts, slots) of a chunk: every arm of every question, then its s_cf re-asks on a
     perturbed question. slot: (row index, "arm"|"cf", arm, (perturbation, question) or None)."""
     prompts, slots = [], []
     for i, row in enumerate(rows):
-        for arm in arms:
+        for arm in arms(row):
             prompts.append(render_prompt(tokenizer, tutoring_messages(row["question"], arm.instruction)))
             slots.append((i, "arm", arm, None))
         for k, arm in enumerate(cf_arms):
@@ -121,7 +135,7 @@ def chunk_requests(
 
 def rollout_chunk(
     rows: list[dict],
-    arms: tuple[Arm, ...],
+    arms: Callable[[dict], list[Arm]],
     cf_arms: list[Arm],
     generator,
     tokenizer,
@@ -129,7 +143,7 @@ def rollout_chunk(
     seed: int,
     on_progress,
 ) -> list[dict]:
-    """All arms (and the s_cf re-asks) of all questions in the chunk, generated in one call."""
+    """All arms (`arms(row)`: each sample's arm) and the s_cf re-asks of the chunk's questions, in one call."""
     prompts, slots = chunk_requests(rows, arms, cf_arms, tokenizer)
     samplings = []
     for _, _, arm, _ in slots:
@@ -176,20 +190,37 @@ def run(config: RolloutsConfig) -> StageResult:
             f"--cf-arms: {', '.join(unknown)} not among the arms in use ({', '.join(arm_names)})"
         )
     cf_arms = [arm_names[n] for n in cf_names]
+    learning = config.arm_allocation != "uniform" and config.arm_prior
+    prior = store.resolve(STAGE, config.arm_prior) if learning else None
+    allocation = bandit.allocate(
+        config.arm_allocation,
+        list(arm_names),
+        config.arm_budget or len(arms),
+        config.arm_floor,
+        prior.manifest.get("metrics", {}).get("arm_reward_stats") if prior else None,
+        seed=config.seed,
+    )
+    arms_of = lambda row: [arm_names[n] for n in allocation.arms_for(row["id"], config.seed)]  # noqa: E731
+    if config.arm_allocation != "uniform":
+        print(f"rollouts: {config.arm_allocation} allocation per question: " + ", ".join(
+            f"{a} {s * allocation.budget:.2f}" for a, s in allocation.shares.items()))  # fmt: skip
 
     base = models.resolve_model(config.model)
     try:
-        policy = policies.resolve_policy(config.policy, store=store, base=base)
+        policy = policies.resolve_policy(
+            config.policy, store=store, base=base, allow_base_mismatch=config.allow_base_mismatch
+        )
     except LooperError as exc:
         hint = " (or pass --policy base to roll out the base model)" if config.policy == "sft" else ""
         raise LooperError(f"{exc}{hint}") from None
-    stage_identity = identity(config) | {
+    stage_identity = rollouts_identity(config) | {
         "model": base.identity,
         "policy": policy.identity(),
         "arms": [vars(a) for a in arms],
     }
     # the policy's adapter is an input too: a retrained sft makes these rollouts stale
     inputs = {"prepare": prepare} | ({policy.artifact.stage: policy.artifact} if policy.artifact else {})
+    inputs |= {"arm_prior": prior} if prior else {}  # the allocation is learned from it
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
@@ -220,7 +251,9 @@ def run(config: RolloutsConfig) -> StageResult:
             dtype=config.dtype,
             options=config,
             # vLLM sizes its context for the longest prompt of the chunks still to do
-            prompts=lambda tok: [p for j in todo for p in chunk_requests(chunks[j], arms, cf_arms, tok)[0]],
+            prompts=lambda tok: [
+                p for j in todo for p in chunk_requests(chunks[j], arms_of, cf_arms, tok)[0]
+            ],
         )
         columns = [
             TextColumn("rollouts"),
@@ -240,7 +273,7 @@ def run(config: RolloutsConfig) -> StageResult:
                 def on_progress(done, tokens, start=time.perf_counter()):
                     # rates of the chunk in flight: completions are questions x (arms + s_cf re-asks)
                     elapsed = max(time.perf_counter() - start, 1e-9)
-                    per_question = len(arms) + len(cf_arms)
+                    per_question = allocation.budget + len(cf_arms)
                     progress.update(
                         task,
                         rate=f"{done / per_question / elapsed:.2f} questions/s, {tokens / elapsed:.0f} tok/s",
@@ -248,7 +281,7 @@ def run(config: RolloutsConfig) -> StageResult:
 
                 scored = rollout_chunk(
                     chunks[j],
-                    arms,
+                    arms_of,
                     cf_arms,
                     generator,
                     tokenizer,
@@ -272,10 +305,13 @@ def run(config: RolloutsConfig) -> StageResult:
             "base_model": {"spec": base.spec, "identity": base.identity},
             "policy": {
                 "name": policy.name,
-                "adapter_path": str(policy.adapter) if policy.adapter else None,
+                "adapter_path": store.relative(policy.adapter) if policy.adapter else None,
+                "base_mismatch_allowed": policy.base_mismatch,
                 **policy.identity(),
             },
             "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
+            "rewards": reward_spec(config).as_dict(),
+            "allocation": allocation.as_dict() | {"prior": prior.version if prior else None},
             "sampling": {
                 "arms": [vars(a) for a in arms],
                 "cf_arms": cf_names,
@@ -316,7 +352,10 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     ):
         raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
-    inputs = {name: Artifact.load(ref["path"]) for name, ref in artifacts[0].manifest["inputs"].items()}
+    inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
+        name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
+        for name, ref in artifacts[0].manifest["inputs"].items()
+    }
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, force):
         return StageResult.up_to_date(existing)
@@ -337,7 +376,11 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
             "arms": first["counts"]["arms"],
         },
         metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
-        extra={k: first[k] for k in ("base_model", "policy", "sampling", "generated_by") if k in first}
+        extra={
+            k: first[k]
+            for k in ("base_model", "policy", "sampling", "generated_by", "rewards", "allocation")
+            if k in first
+        }
         | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},
     )
     return StageResult.from_artifact(artifact)

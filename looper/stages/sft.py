@@ -106,6 +106,10 @@ def first_dev_loss(metrics_path: Path) -> float | None:
 
 
 def run(config: SftConfig) -> StageResult:
+    if config.rollouts:
+        from looper.stages.sft_rollouts import run_rejection
+
+        return run_rejection(config)
     store = Store(config.workdir, wait=config.wait)
     prepare = store.resolve("prepare", config.prepare)
     source = models.resolve_model(config.model)
