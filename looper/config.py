@@ -706,7 +706,7 @@ def build_config(cls: type, *, file_values: dict[str, Any], cli_values: dict[str
     values = dict(file_values)
     given = {k: v for k, v in cli_values.items() if v is not None}
     values.update(given)
-    if "workdir" not in cli_values or cli_values["workdir"] is None:
+    if "workdir" in stage_fields(cls) and cli_values.get("workdir") is None:
         # LOOPER_HOME sits between the pipeline file and the command line
         if os.environ.get("LOOPER_HOME"):
             values["workdir"] = os.environ["LOOPER_HOME"]
