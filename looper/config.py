@@ -243,6 +243,44 @@ class GenerationOptions:
         "(on CPU only with AVX-512 BF16 or AMX; faster, a few answers may change).",
         choices=("auto", "float32", "bfloat16"),
     )
+    # vLLM engine settings (`looper.generation.vllm`). They decide whether the engine fits the
+    # card, not what it generates, so they stay out of the version: a run that died out of
+    # memory resumes as the same version after lowering one of them.
+    max_model_len: int | None = opt(
+        None,
+        "vLLM: tokens of context (prompt + completion) the engine reserves KV cache for. Unset: the "
+        "longest prompt + max_new_tokens, rounded up to a multiple of 256 (the model's own limit, "
+        "131072 for R1-Distill-Llama-8B, needs ~16 GiB of KV cache and does not fit a 24 GB card).",
+        identity=False,
+        ge=16,
+    )
+    gpu_memory_utilization: float = opt(
+        0.85,
+        "vLLM: fraction of each GPU's memory the engine may take (weights + activations + KV "
+        "cache). Lower it when something else holds memory on the card.",
+        identity=False,
+        gt=0,
+        le=1,
+    )
+    enforce_eager: bool = opt(
+        False,
+        "vLLM: no CUDA graphs (the engine starts sooner and holds less memory; decoding is slower).",
+        identity=False,
+    )
+    tensor_parallel_size: int = opt(
+        1,
+        "vLLM: GPUs one engine splits the model over (must divide the model's attention heads).",
+        identity=False,
+        ge=1,
+    )
+    max_lora_rank: int | None = opt(
+        None,
+        "vLLM: largest LoRA rank the engine serves. Unset: the adapter's rank. Rounded up to a "
+        "rank vLLM supports (1, 8, 16, 32, 64, 128, 256, 320, 512).",
+        identity=False,
+        ge=1,
+        le=512,
+    )
 
 
 @dataclass
@@ -668,7 +706,7 @@ def build_config(cls: type, *, file_values: dict[str, Any], cli_values: dict[str
     values = dict(file_values)
     given = {k: v for k, v in cli_values.items() if v is not None}
     values.update(given)
-    if "workdir" not in cli_values or cli_values["workdir"] is None:
+    if "workdir" in stage_fields(cls) and cli_values.get("workdir") is None:
         # LOOPER_HOME sits between the pipeline file and the command line
         if os.environ.get("LOOPER_HOME"):
             values["workdir"] = os.environ["LOOPER_HOME"]

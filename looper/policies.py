@@ -8,6 +8,7 @@ same base, and builds the generation backend (`looper.generation`).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,12 +98,18 @@ def load_generator(
     require_chat_template: bool = True,
     scheduler: str = "static",
     dtype: str = "auto",
+    options: Any = None,
+    prompts: Callable[[Any], Iterable[str]] | None = None,
 ):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
     weights first: generation then costs what the base model costs; `scheduler` and `dtype`
     are the hf backend's (`GenerationOptions`), and on a CPU torch gets one thread per core
     this process may use. Plain-text prompting (eval's lm-eval format) passes
-    require_chat_template=False to allow base models."""
+    require_chat_template=False to allow base models.
+
+    vLLM takes its engine settings from `options` (the stage's `GenerationOptions`); unless
+    `options.max_model_len` is set, the engine's context is derived from `prompts(tokenizer)`,
+    every prompt the stage will send, and `options.max_new_tokens`."""
     from looper.generation import make_generator
 
     tokenizer = models.load_tokenizer(
@@ -110,12 +117,16 @@ def load_generator(
     )
     backend = choose_backend(backend)
     if backend == "vllm":
-        rank = _lora_rank(policy.adapter) if policy.adapter else 16
+        if options is None:
+            raise ValueError("the vllm backend needs options= (the stage's GenerationOptions)")
+        engine = vllm_engine_options(
+            options, policy, [] if prompts is None else prompts(tokenizer), tokenizer, trust_remote_code
+        )
         generator = make_generator(
             "vllm",
             model_path=policy.source.path,
             adapter_path=str(policy.adapter) if policy.adapter else None,
-            max_lora_rank=max(16, rank),
+            **engine,
         )
         return generator, tokenizer
     if not models.has_cuda():
@@ -136,3 +147,44 @@ def _lora_rank(adapter: Path) -> int:
     import orjson
 
     return int(orjson.loads((adapter / "adapter_config.json").read_bytes()).get("r", 16))
+
+
+def model_context_limit(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's own context length (config.json's max_position_embeddings), if it names one."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "get_text_config", lambda: config)()
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def vllm_engine_options(
+    options: Any, policy: Policy, prompts: Iterable[str], tokenizer: Any, trust_remote_code: bool
+) -> dict[str, Any]:
+    """`VLLMGenerator`'s engine keywords from a stage's GenerationOptions: max_model_len as set,
+    else derived from the longest of `prompts` (tokenized as the generator will) + max_new_tokens."""
+    from looper.generation.vllm import derive_max_model_len
+
+    max_model_len = options.max_model_len
+    if max_model_len is None:
+        texts = list(prompts)
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        max_model_len = derive_max_model_len(
+            max(map(len, ids), default=0),
+            options.max_new_tokens,
+            model_context_limit(policy.source.path, trust_remote_code),
+        )
+    return {
+        "adapter_rank": _lora_rank(policy.adapter) if policy.adapter else None,
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+        "enforce_eager": options.enforce_eager,
+        "tensor_parallel_size": options.tensor_parallel_size,
+        "max_lora_rank": options.max_lora_rank,
+        "seed": options.seed,
+        "trust_remote_code": trust_remote_code,
+    }

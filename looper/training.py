@@ -64,13 +64,25 @@ def tensorboard_callback(log_dir: Path):
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
 
 
+def checkpointing_arg() -> str:
+    """TrainingArguments' name for activation checkpointing in the installed transformers:
+    `activation_checkpointing` from 5.23 on (`gradient_checkpointing` is then a deprecated
+    alias), `gradient_checkpointing` before (vLLM 0.33 pins transformers < 5.21)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     """The TrainingArguments every training stage sets the same way from its config."""
     return {
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "optim": optimizer_name(config.optimizer, cuda),
-        "activation_checkpointing": config.gradient_checkpointing,
+        checkpointing_arg(): config.gradient_checkpointing,
         "bf16": cuda,
         # accelerate makes CPU processes one gloo world only with use_cpu; on one process it changes nothing
         "use_cpu": not cuda,

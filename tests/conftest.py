@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+
+
+def _choose_vllm_platform() -> None:
+    """vLLM (GPU-stack venv only) picks its platform once, when first imported - and TRL imports
+    it along with itself - so the choice is made here, before any test module loads: with no
+    CUDA device, vLLM's CPU platform, under which tests/test_vllm_contract.py builds engine configs."""
+    if importlib.util.find_spec("vllm") is None or "VLLM_TARGET_DEVICE" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+
+
+_choose_vllm_platform()
 
 
 @pytest.fixture

@@ -67,7 +67,9 @@ class Completion:
     text: str  # decoded generated text, special tokens skipped, cut before a stop string
     token_ids: list[int]  # generated tokens, the EOS that ended the completion included; no padding
     logprobs: list[float]  # untempered log-prob of each token in token_ids (same length; [] if not asked)
-    finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
+    # "stop" (EOS or stop string) | "length" (hit max_new_tokens); vLLM may also end a request
+    # as "abort" or "error", recorded as such
+    finish_reason: str
     eos: bool = False  # token_ids[-1] is the EOS that ended the completion
 
     @property
@@ -131,9 +133,9 @@ def make_generator(
     model included), or with ``scheduler="continuous"`` ``ContinuousGenerator`` (same contract,
     a finished row's slot refilled at once: `looper.generation.continuous`); `model_path`,
     `adapter_path` and `kwargs` are not used.
-    'vllm': ``VLLMGenerator(model_path, adapter_path, **kwargs)`` (kwargs: max_lora_rank,
-    gpu_memory_utilization, max_model_len, seed, dtype); `model`, `tokenizer`, `batch_size`
-    are not used, vLLM batches by itself. vLLM is imported only here, only when chosen.
+    'vllm': ``VLLMGenerator(model_path, adapter_path, **kwargs)`` (kwargs: adapter_rank and
+    the engine settings of `looper.generation.vllm.engine_kwargs`); `model`, `tokenizer`,
+    `batch_size` are not used, vLLM batches by itself. vLLM is imported only here, only when chosen.
     """
     if backend == "hf":
         if model is None or tokenizer is None:

@@ -359,6 +359,8 @@ def model_rows(
                     require_chat_template=config.format != "lm-eval",
                     scheduler=config.scheduler,
                     dtype=config.dtype,
+                    options=config,
+                    prompts=lambda _tokenizer: prompts,  # vLLM sizes its context for the longest
                 )
                 start = time.perf_counter()
 

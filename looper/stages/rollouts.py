@@ -115,6 +115,24 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
     return scored | rewards.row_rewards(scored, reward_spec(config))
 
 
+def chunk_requests(
+    rows: list[dict], arms: Callable[[dict], list[Arm]], cf_arms: list[Arm], tokenizer
+) -> tuple[list[str], list[tuple]]:
+    """(prompts, slots) of a chunk: every arm of every question, then its s_cf re-asks on a
+    perturbed question. slot: (row index, "arm"|"cf", arm, (perturbation, question) or None)."""
+    prompts, slots = [], []
+    for i, row in enumerate(rows):
+        for arm in arms(row):
+            prompts.append(render_prompt(tokenizer, tutoring_messages(row["question"], arm.instruction)))
+            slots.append((i, "arm", arm, None))
+        for k, arm in enumerate(cf_arms):
+            kind = PERTURBATIONS[k % len(PERTURBATIONS)]  # one perturbation per cf arm, alternating kinds
+            question = perturb(row["question"], kind, key=row["id"])
+            prompts.append(render_prompt(tokenizer, tutoring_messages(question, arm.instruction)))
+            slots.append((i, "cf", arm, (kind, question)))
+    return prompts, slots
+
+
 def rollout_chunk(
     rows: list[dict],
     arms: Callable[[dict], list[Arm]],
@@ -126,16 +144,8 @@ def rollout_chunk(
     on_progress,
 ) -> list[dict]:
     """All arms (`arms(row)`: each sample's arm) and the s_cf re-asks of the chunk's questions, in one call."""
-    prompts, samplings, slots = [], [], []  # slot: (row index, "arm"|"cf", arm, perturbation)
-    for i, row in enumerate(rows):
-        for arm in arms(row):
-            prompts.append(render_prompt(tokenizer, tutoring_messages(row["question"], arm.instruction)))
-            slots.append((i, "arm", arm, None))
-        for k, arm in enumerate(cf_arms):
-            kind = PERTURBATIONS[k % len(PERTURBATIONS)]  # one perturbation per cf arm, alternating kinds
-            question = perturb(row["question"], kind, key=row["id"])
-            prompts.append(render_prompt(tokenizer, tutoring_messages(question, arm.instruction)))
-            slots.append((i, "cf", arm, (kind, question)))
+    prompts, slots = chunk_requests(rows, arms, cf_arms, tokenizer)
+    samplings = []
     for _, _, arm, _ in slots:
         samplings.append(
             Sampling(temperature=arm.temperature, top_p=arm.top_p, max_new_tokens=config.max_new_tokens)
@@ -239,6 +249,11 @@ def run(config: RolloutsConfig) -> StageResult:
             trust_remote_code=config.trust_remote_code,
             scheduler=config.scheduler,
             dtype=config.dtype,
+            options=config,
+            # vLLM sizes its context for the longest prompt of the chunks still to do
+            prompts=lambda tok: [
+                p for j in todo for p in chunk_requests(chunks[j], arms_of, cf_arms, tok)[0]
+            ],
         )
         columns = [
             TextColumn("rollouts"),
