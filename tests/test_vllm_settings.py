@@ -237,7 +237,7 @@ def test_trainer_args_fit_the_installed_transformers(tmp_path):
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert checkpointing_arg() in names
     config = build_config(SftConfig, file_values={"gradient_checkpointing": True}, cli_values={})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **trainer_args(config, cuda=False))
+    args = TrainingArguments(output_dir=str(tmp_path), **trainer_args(config, cuda=False))
     assert args.gradient_checkpointing is True, transformers.__version__
 
 
