@@ -168,7 +168,7 @@ class LoraOptions:
 
 
 @dataclass
-class SftConfig(LoraOptions, ModelOptions, RunOptions):
+class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
     prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
     quant: str = opt(
         "auto",

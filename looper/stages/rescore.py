@@ -68,7 +68,10 @@ def run(
         )
     spec = overlay(source_spec(src.manifest), table, weights)
     stage_identity = src.manifest["identity"] | {"rewards": spec.as_dict()}
-    inputs = {name: Artifact.load(ref["path"]) for name, ref in src.manifest["inputs"].items()}
+    inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
+        name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
+        for name, ref in src.manifest["inputs"].items()
+    }
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, force):
         return StageResult.up_to_date(existing)

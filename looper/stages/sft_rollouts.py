@@ -67,12 +67,17 @@ def run_rejection(config: SftConfig) -> StageResult:
         )
     print(f"sft: {len(pairs)} of {len(rows)} questions have a correct arm; training on the best of each")
     prepare_ref = rollouts.manifest.get("inputs", {}).get("prepare")
-    prepare = Artifact.load(prepare_ref["path"]) if prepare_ref else None
+    # by version in this home (manifest paths are home-relative), else the recorded path
+    prepare = (
+        store.find("prepare", prepare_ref["version"]) or Artifact.load(store.workdir / prepare_ref["path"])
+        if prepare_ref
+        else None
+    )
     dev_rows = read_rows(prepare.path / "dev.parquet")[: config.dev_limit] if prepare else []
 
     job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path = rollouts.manifest.get("policy", {}).get("adapter_path")
+    adapter_path, _ = training.rollouts_adapter(store, rollouts, base, config)  # found in this home
     model, peft_config = training.policy_model(config, base, adapter_path, quant)
     dev = [
         {
@@ -108,5 +113,8 @@ def run_rejection(config: SftConfig) -> StageResult:
             "train_loss": result.training_loss,
             "dev_loss": trainer.evaluate()["eval_loss"] if dev else None,
         },
-        extra={"mode": "rejection-sampling", "continued_adapter": adapter_path},
+        extra={
+            "mode": "rejection-sampling",
+            "continued_adapter": store.relative(adapter_path) if adapter_path else None,
+        },
     )
