@@ -175,3 +175,25 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
 
     assert {stage: ids for stage, ids in seen.items() if ids != expected} == {}
     assert set(seen) == {"rollouts", "eval", "sft", "ppo", "ppo --online", "dpo"}
+
+
+def test_continuous_scheduler_prefills_the_one_bos_ids(r1):
+    """The default hf scheduler (continuous) presents the same prompt ids as every other stage."""
+    from looper.generation import Sampling
+    from looper.generation.continuous import ContinuousGenerator
+
+    path, tokenizer, model, expected = r1
+    seen = []
+    real_forward = model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return real_forward(*args, input_ids=input_ids, **kwargs)
+
+    model.forward = forward
+    try:
+        text = render_prompt(tokenizer, tutoring_messages(QUESTION))
+        ContinuousGenerator(model, tokenizer, batch_size=1).generate([text], Sampling(max_new_tokens=2))
+    finally:
+        del model.forward
+    assert seen[0] == expected

@@ -38,6 +38,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from looper.data.prompts import prompt_token_ids
 from looper.errors import LooperError
 from looper.generation import Completion, Sampling, cut_at_stop, expand_sampling
 from looper.generation.hf import eos_token_ids
@@ -141,7 +142,7 @@ class ContinuousGenerator:
         logprobs: bool = True,
     ) -> list[Completion]:
         samplings = expand_sampling(prompts, sampling)
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]  # one BOS: the template's
         self.device = self.model.device
         queue = deque(sorted(range(len(ids)), key=lambda i: -len(ids[i])))  # stable: ties keep input order
         out: list[Completion] = [None] * len(ids)  # type: ignore[list-item]
