@@ -30,7 +30,7 @@ from looper.policies import Policy, load_generator
 
 STAGE = "eval"  # who reports a cached chunk that does not read back
 CHUNK = 512  # questions per cache file: the unit of resume
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 1  # enters the cache key: bump it when a cached chunk's rows change meaning
 
 ROW_SCHEMA = pa.schema(
     [
@@ -59,6 +59,7 @@ def score(completion: str, gold: str, fmt: str) -> tuple[str | None, bool]:
 
 
 def progress_bar():
+    """One bar per model on stderr (stdout stays the result), with questions done and tok/s."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -73,6 +74,7 @@ def progress_bar():
 
 
 def free_memory() -> None:
+    """Return a dropped model's memory (and CUDA cache) before the next model loads."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
