@@ -219,7 +219,12 @@ class GenerationOptions:
         "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
         choices=("auto", "hf", "vllm"),
     )
-    batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).", ge=1)
+    batch_size: int = opt(
+        64,
+        "Prompts per generation batch (hf backend; vLLM batches by itself). On a CPU a decode step reads "
+        "every weight once whatever the batch, so 64 rows cost ~2-2.5x 16 rows (BENCHMARKS.md).",
+        ge=1,
+    )
     max_new_tokens: int = opt(
         512,
         "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).",
