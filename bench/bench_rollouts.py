@@ -5,8 +5,9 @@ at the same batch size and lengths, and (b) one question and one arm at a time (
         [--scheduler continuous] [--dtype auto] [--looper-batch-size 0] [--also-static] [--compare-hf-cb 16]
 
 The raw baseline is static batches of `--batch-size` (16) grouped by temperature, left padding,
-float32, `generate` alone timed. looper runs at its default `--batch-size` (64) unless
-`--looper-batch-size` says otherwise; the batch is printed next to its figures. The roofline line converts tokens/s into a share of the cores'
+float32, `generate` alone timed. looper runs at its default `--batch-size` (on a CPU: 64 with
+`--scheduler continuous`, 16 with static) unless `--looper-batch-size` says otherwise; the batch is
+printed next to its figures. The roofline line converts tokens/s into a share of the cores'
 measured float32 matmul FLOP/s (FLOPs per token: 2 x matmul weights + attention over the mean
 context). `--also-static` also times the stage with `--scheduler static`; `--compare-hf-cb N`
 times transformers' own continuous batching (`model.generate_batch`, paged attention) against
@@ -116,7 +117,10 @@ def main() -> None:
     parser.add_argument("--arms", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16, help="the raw baseline's batch (stays 16)")
     parser.add_argument(
-        "--looper-batch-size", type=int, default=0, help="looper's --batch-size (0: its default)"
+        "--looper-batch-size",
+        type=int,
+        default=0,
+        help="looper's --batch-size (0: its default for the scheduler)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
@@ -133,11 +137,11 @@ def main() -> None:
 
     from looper.artifacts import read_rows
     from looper.config import RolloutsConfig
+    from looper.generation import default_batch_size
     from looper.models import resolve_model, set_cpu_threads
     from looper.stages import rollouts
 
     threads = set_cpu_threads()  # what looper's stage sets: the baselines get the same threads
-    looper_batch = args.looper_batch_size or RolloutsConfig().batch_size
     workdir = prepared_workdir(Path(tempfile.mkdtemp()))
     path = resolve_model(SMOLLM).path
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -146,6 +150,9 @@ def main() -> None:
 
     raw_tokens, raw_s = raw_generate(model, tokenizer, requests, args.batch_size, args.max_new_tokens)
     raw_load = load_line()
+
+    def looper_batch(scheduler: str) -> int:
+        return args.looper_batch_size or default_batch_size(scheduler, model.device)
 
     def looper_run(scheduler: str) -> tuple[int, float, str]:
         started = time.perf_counter()
@@ -156,7 +163,7 @@ def main() -> None:
                 policy="base",
                 limit=args.questions,
                 arms=args.arms,
-                batch_size=looper_batch,
+                batch_size=looper_batch(scheduler),
                 backend="hf",
                 max_new_tokens=args.max_new_tokens,
                 shard_size=args.questions,
@@ -189,20 +196,20 @@ def main() -> None:
     print(
         f"{len(requests)} completions ({args.questions} questions x {args.arms} arms + 2 s_cf re-asks), "
         f"raw batch {args.batch_size}, max {args.max_new_tokens} new tokens; looper --scheduler {args.scheduler} "
-        f"--dtype {args.dtype} --batch-size {looper_batch}"
+        f"--dtype {args.dtype} --batch-size {looper_batch(args.scheduler)}"
     )
     print(
         f"raw batched generate:      {raw_rate:6.1f} tokens/s  ({raw_tokens} tokens, {raw_s:.1f} s)  [{raw_load}]"
     )
     print(
         f"looper rollouts (whole):   {ours:6.1f} tokens/s  ({looper_tokens} tokens, {looper_s:.1f} s)  "
-        f"ratio vs raw {ours / raw_rate:.2f}x  (looper batch {looper_batch})  [{looper_load}]"
+        f"ratio vs raw {ours / raw_rate:.2f}x  (looper batch {looper_batch(args.scheduler)})  [{looper_load}]"
     )
     if static:
         rate = static[0] / static[1]
         print(
             f"looper rollouts (static):  {rate:6.1f} tokens/s  ({static[0]} tokens, {static[1]:.1f} s)  "
-            f"ratio vs raw {rate / raw_rate:.2f}x  (looper batch {looper_batch})  [{static[2]}]"
+            f"ratio vs raw {rate / raw_rate:.2f}x  (looper batch {looper_batch('static')})  [{static[2]}]"
         )
     print(
         f"one at a time (naive):     {naive:6.1f} tokens/s  ({naive_tokens} tokens, {naive_s:.1f} s)  "

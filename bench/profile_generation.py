@@ -106,7 +106,9 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--runs", default="static:16,continuous:16,continuous:64", help="scheduler:batch,...")
+    parser.add_argument(
+        "--runs", default="static:16,continuous:16,continuous:64", help="scheduler:batch,... ('' for none)"
+    )
     args = parser.parse_args()
     from bench_rollouts import arm_requests
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,6 +129,8 @@ def main() -> None:
                     f"{ms / batch:5.1f} ms/token  [{load_line()}]",
                     flush=True,
                 )
+    if not args.runs:
+        return
     torch.set_num_threads(int(args.threads.split(",")[0]))
     questions = -(-args.prompts // 10)  # 8 arms + 2 s_cf re-asks per question
     requests = arm_requests(prepared_workdir(Path(tempfile.mkdtemp())), questions, 8, tokenizer)[

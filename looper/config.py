@@ -219,10 +219,11 @@ class GenerationOptions:
         "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
         choices=("auto", "hf", "vllm"),
     )
-    batch_size: int = opt(
-        64,
-        "Prompts per generation batch (hf backend; vLLM batches by itself). On a CPU a decode step reads "
-        "every weight once whatever the batch, so 64 rows cost ~2-2.5x 16 rows (BENCHMARKS.md).",
+    batch_size: int | None = opt(
+        None,
+        "Prompts per generation batch (hf backend; vLLM batches by itself). Unset: 64 with --scheduler "
+        "continuous on a CPU (a decode step there reads every weight once whatever the batch, so 64 rows "
+        "cost ~2-2.5x 16 rows: BENCHMARKS.md), else 16.",
         ge=1,
     )
     max_new_tokens: int = opt(

@@ -177,11 +177,22 @@ def test_scheduler_and_dtype_options():
     from looper.config import ConfigError, EvalConfig, RolloutsConfig, build_config
 
     assert RolloutsConfig().scheduler == EvalConfig().scheduler == "continuous"
-    assert RolloutsConfig().batch_size == EvalConfig().batch_size == 64  # a CPU decode step is memory-bound
+    assert RolloutsConfig().batch_size is EvalConfig().batch_size is None  # unset: per scheduler and device
     with pytest.raises(ConfigError, match="--scheduler.*continuous, static"):
         build_config(RolloutsConfig, file_values={}, cli_values={"scheduler": "paged"})
     with pytest.raises(ConfigError, match="--dtype.*auto, float32, bfloat16"):
         build_config(EvalConfig, file_values={}, cli_values={"dtype": "fp8"})
+
+
+def test_unset_batch_is_64_for_continuous_on_cpu_else_16(lm):
+    from looper.generation import default_batch_size
+
+    assert default_batch_size("continuous", torch.device("cpu")) == 64  # a CPU decode step is memory-bound
+    assert default_batch_size("static", "cpu") == default_batch_size("continuous", "cuda") == 16
+    model, tokenizer, _ = lm
+    assert make_generator("hf", model=model, tokenizer=tokenizer, scheduler="continuous").batch_size == 64
+    assert make_generator("hf", model=model, tokenizer=tokenizer, scheduler="static").batch_size == 16
+    assert make_generator("hf", model=model, tokenizer=tokenizer, batch_size=5).batch_size == 5
 
 
 def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
