@@ -217,9 +217,8 @@ class ContinuousGenerator:
                         rng = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + i)
                     newcomers.append(_Row(i, s, rng, position=len(ids[i])))
                 ended = set(self._step(newcomers, logits, want_logprobs, out))
-                staying = [
-                    k for k in range(len(chunk)) if k not in ended
-                ]  # ended on their first token: no slot
+                # A newcomer that ended on its first token never takes a slot.
+                staying = [k for k in range(len(chunk)) if k not in ended]
                 if not staying:
                     continue
                 if cache is None:
