@@ -368,8 +368,8 @@ def main() -> None:
     if not GSM8K.is_dir():
         raise SystemExit(f"no local GSM8K copy at {GSM8K}")
     from looper.artifacts import Store
+    from looper.eval_questions import fewshot_examples
     from looper.models import resolve_model
-    from looper.stages.evaluate import fewshot_examples
 
     out = ROOT / "bench" / "out" / "eval_lmeval" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)

@@ -15,7 +15,7 @@ import json
 
 from looper.artifacts import Store, read_rows
 from looper.data import lm_eval_format
-from looper.stages.evaluate import fewshot_examples
+from looper.eval_questions import fewshot_examples
 
 
 def harness_prompt(sample: dict) -> str:

@@ -1,6 +1,7 @@
 """On the same rollouts: ppo with --reward arm, question and correctness, and dpo, each against sft.
 
     .venv/bin/python bench/rl_compare.py --config pipelines/rl-cpu.toml --workdir runs/rl-cpu [--rollouts V]
+        [--methods arm,question,correctness,dpo] [--learning-rate LR]
 
 Run after `looper loop` (or `looper rollouts`) in that home. Every method trains from the same
 rollouts artifact (default: round 1 of the latest loop, i.e. rolled out by sft; else the latest
@@ -49,6 +50,12 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--rollouts", help="rollouts version (default: round 1 of the latest loop)")
+    parser.add_argument(
+        "--methods",
+        default="arm,question,correctness,dpo",
+        help="which of arm, question, correctness (ppo --reward ...) and dpo to train (default: all)",
+    )
+    parser.add_argument("--learning-rate", type=float, help="override the [ppo] and [dpo] learning rate")
     args = parser.parse_args()
 
     from looper.stages import dpo, evaluate, ppo
@@ -58,11 +65,17 @@ def main() -> None:
     rollouts = args.rollouts or default_rollouts(store)
     sft = str(store.resolve("sft").path)
     adapters, failures = {}, {}
+    chosen = set(args.methods.split(","))
+    if unknown := chosen - {v.get("reward", stage) for stage, v in METHODS}:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from arm, question, correctness, dpo")
+    overrides = {"learning_rate": args.learning_rate} if args.learning_rate else {}
     for stage, values in METHODS:
+        if values.get("reward", stage) not in chosen:
+            continue
         label = stage + "".join(f" --reward {v}" for v in values.values())
         try:
             result = (ppo if stage == "ppo" else dpo).run(
-                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values)
+                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values, **overrides)
             )
             adapters[label] = result.path
         except LooperError as exc:

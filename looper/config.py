@@ -414,6 +414,12 @@ class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, Ru
         "differences smaller than it stay small (a length penalty of a few tokens).",
         ge=0,
     )
+    skip_flat_groups: bool = opt(
+        False,
+        "Train only on question groups whose arms got different rewards (DAPO's dynamic-sampling "
+        "filter): a flat group has zero advantage everywhere, so it costs a forward/backward and "
+        "dilutes the loss's token mean without teaching anything. Not with --reward question.",
+    )
     loss_type: str = opt(
         "dapo", "GRPO loss variant (TRL's default 'dapo'; also grpo, dr_grpo, bnpo, cispo, ...)."
     )

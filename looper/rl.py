@@ -147,3 +147,20 @@ def with_tokens(rows: list[dict]) -> tuple[list[dict], int]:
             "every question of the rollouts has an arm with no stored token: rerun `looper rollouts`"
         )
     return kept, len(rows) - len(kept)
+
+
+def skip_flat(rows: list[dict], flat_ids: set[str], reward: str) -> list[dict]:
+    """--skip-flat-groups: the rows whose arms' rewards differ, or a one-line error when none do."""
+    if reward == "question":
+        raise LooperError(
+            "--skip-flat-groups needs per-arm rewards: with --reward question every group is flat; "
+            "use --reward arm or correctness"
+        )
+    kept = [r for r in rows if r["id"] not in flat_ids]
+    if not kept:
+        raise LooperError(
+            f"--skip-flat-groups: all {len(rows)} question groups have zero reward variance, nothing "
+            "to learn from; roll out more questions or arms, or drop --skip-flat-groups"
+        )
+    print(f"ppo: --skip-flat-groups: training on the {len(kept)} question group(s) with reward variance")
+    return kept

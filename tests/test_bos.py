@@ -80,14 +80,14 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from looper import models
+    from looper import eval_questions, models
     from looper.config import DpoConfig, EvalConfig, PpoConfig, RolloutsConfig, SftConfig
     from looper.generation import Sampling
     from looper.generation.hf import HFGenerator
     from looper.policies import Policy
     from looper.regime_w.arms import Arm
     from looper.rl import AdaptiveKL, step_plan
-    from looper.stages import dpo, evaluate, ppo, ppo_online, rollouts, sft
+    from looper.stages import dpo, ppo, ppo_online, rollouts, sft
 
     path, tokenizer, model, expected = r1
     seen: dict[str, list[int]] = {}
@@ -113,7 +113,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
 
     # eval: the stage's prompts (chat format), generated without log-probs
     generated.clear()
-    prompts = evaluate.build_prompts(
+    prompts = eval_questions.build_prompts(
         Policy("base", models.resolve_model(str(path))),
         [{"prompt": tutoring_messages(QUESTION)}],
         EvalConfig(),

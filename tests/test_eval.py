@@ -197,8 +197,8 @@ def test_scores_and_paired_statistics_with_scripted_models(
     run_cli, workdir, tiny_model_dir, monkeypatch, fmt
 ):
     """base is always wrong (chat) / only flexible-right (lm-eval); sft always right: known statistics."""
+    from looper import eval_completions
     from looper.artifacts import Store, read_rows
-    from looper.stages import evaluate
 
     prepare = Store(workdir).resolve("prepare").path
     golds = {
@@ -211,7 +211,7 @@ def test_scores_and_paired_statistics_with_scripted_models(
         "sft": lambda q, g: f"Step one.\n#### {g}",
     }
     monkeypatch.setattr(
-        evaluate, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None)
+        eval_completions, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None)
     )
     code, out, err = run_cli(
         *eval_args(workdir, tiny_model_dir, "--compare", "base,sft", "--limit", "6", "--format", fmt, *FAST)

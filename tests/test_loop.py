@@ -9,6 +9,8 @@ import pytest
 
 from looper.config import LoopConfig, build_config, read_pipeline_file
 from looper.errors import LooperError
+from looper.loop_report import write_report
+from looper.rounds import final_round, patience_exhausted, read_record, rounds_without_improvement
 from looper.stages import loop as loop_stage
 from tests.conftest import last_json
 
@@ -79,19 +81,33 @@ def loop_config(pipeline: Path, home: Path, **values) -> LoopConfig:
 
 
 def test_rounds_without_improvement_counts_trailing_rounds_not_beating_the_best():
-    assert loop_stage.rounds_without_improvement(0.2, []) == 0
-    assert loop_stage.rounds_without_improvement(0.2, [0.3]) == 0
-    assert loop_stage.rounds_without_improvement(0.2, [0.2]) == 1  # equal is no improvement
-    assert loop_stage.rounds_without_improvement(0.2, [0.3, 0.25, 0.3]) == 2  # best stays 0.3
-    assert loop_stage.rounds_without_improvement(0.2, [0.1, 0.25]) == 0
+    assert rounds_without_improvement(0.2, []) == 0
+    assert rounds_without_improvement(0.2, [0.3]) == 0
+    assert rounds_without_improvement(0.2, [0.2]) == 1  # equal is no improvement
+    assert rounds_without_improvement(0.2, [0.3, 0.25, 0.3]) == 2  # best stays 0.3
+    assert rounds_without_improvement(0.2, [0.1, 0.25]) == 0
 
 
 def test_final_round_best_is_the_earliest_highest_and_last_is_last():
     rounds = [
         {"round": k, "figures": {"dev": {"accuracy": a}}} for k, a in ((1, 0.3), (2, 0.4), (3, 0.4), (4, 0.1))
     ]
-    assert loop_stage.final_round(rounds, "best")["round"] == 2
-    assert loop_stage.final_round(rounds, "last")["round"] == 4
+    assert final_round(rounds, "best")["round"] == 2
+    assert final_round(rounds, "last")["round"] == 4
+
+
+def test_patience_counts_from_sft_and_an_unreadable_record_names_the_fix(tmp_path):
+    def rounds(*accuracies):
+        return [{"figures": {"dev": {"accuracy": a}, "sft_dev": {"accuracy": 0.2}}} for a in accuracies]
+
+    assert not patience_exhausted([], 1)
+    assert patience_exhausted(rounds(0.2), 1)  # sft's 0.2 is round 0: equal is no improvement
+    assert not patience_exhausted(rounds(0.3, 0.25), 2)
+    assert patience_exhausted(rounds(0.3, 0.25, 0.3), 2)
+    record = tmp_path / "rounds.json"
+    record.write_text('{"rounds": [')  # cut off mid-write by hand
+    with pytest.raises(LooperError, match="rounds.json: unreadable .*--force"):
+        read_record(record)
 
 
 @pytest.mark.parametrize(
@@ -300,7 +316,7 @@ def test_report_from_a_hand_written_summary(tmp_path):
         "stop": "rounds",
         "test": test,
     }
-    loop_stage.write_report(tmp_path, summary, "sft")
+    write_report(tmp_path, summary, "sft")
     report = (tmp_path / "report.md").read_text()
     assert "| 1 | r1 | p1 | 25.0% | [20.0%, 30.0%] |" in report
     assert "| 2 | r2 | p2 | 30.0% |" in report and "| - |" in report  # no KL logged: a dash, not a crash

@@ -183,6 +183,7 @@ def test_training_raises_rewarded_completions(run_cli, tiny_model_dir, tmp_path)
         "arms": 4,
         "zero_variance_groups": 0,
         "skipped_empty": 0,
+        "trained_questions": 2,
         "steps": 8,
     }
     assert "2 questions x 4 arms; 0 question group(s) have zero reward variance" in out
@@ -461,6 +462,23 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
             "3",
         )
         assert code == 1 and "not a whole number of --questions-per-minibatch 3" in err, err
+    assert not list((tmp_path / "checkpoints").glob("ppo/*")), "an error must leave no artifact"
+
+
+def test_skip_flat_groups_keeps_only_groups_with_reward_variance(run_cli, tiny_model_dir, tmp_path):
+    from looper.rl import skip_flat
+
+    rows = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    assert skip_flat(rows, {"b"}, "correctness") == [{"id": "a"}, {"id": "c"}]
+    with pytest.raises(LooperError, match="all 3 question groups have zero reward variance"):
+        skip_flat(rows, {"a", "b", "c"}, "arm")
+    with pytest.raises(LooperError, match="--skip-flat-groups needs per-arm rewards"):
+        skip_flat(rows, set(), "question")
+    build_rollouts(tmp_path, tiny_model_dir)
+    code, _, err = run_cli(
+        "ppo", "--model", tiny_model_dir, "--workdir", tmp_path, "--skip-flat-groups", "--reward", "question"
+    )
+    assert code == 1 and "--skip-flat-groups needs per-arm rewards" in err, err
     assert not list((tmp_path / "checkpoints").glob("ppo/*")), "an error must leave no artifact"
 
 

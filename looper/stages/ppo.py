@@ -59,6 +59,7 @@ from looper.rl import (
     behaviour_logprobs_source,
     floored_advantages,
     kl_horizon,
+    skip_flat,
     step_plan,
     total_steps,
     with_tokens,
@@ -313,11 +314,14 @@ def run(config: PpoConfig) -> StageResult:
             "rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more"
         )
     components = row_components(rows, objective, rollouts.manifest, config.reward)
-    flat = sum(len({tuple(c.values()) for c in components[r["id"]]}) <= 1 for r in rows)
+    flat_ids = {r["id"] for r in rows if len({tuple(c.values()) for c in components[r["id"]]}) <= 1}
+    flat = len(flat_ids)
     print(
         f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
         + (" (they teach nothing under --reward arm)" if config.reward == "arm" else "")
     )
+    if config.skip_flat_groups:
+        rows = skip_flat(rows, flat_ids, config.reward)
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
@@ -371,6 +375,7 @@ def run(config: PpoConfig) -> StageResult:
             "questions": len(rows),
             "arms": n_arms,
             "zero_variance_groups": flat,
+            "trained_questions": len(rows),
             "skipped_empty": empty,
             "steps": trainer.state.global_step,
         },
