@@ -2,10 +2,12 @@
 at the same batch size and lengths, and (b) one question and one arm at a time (a naive script).
 
     .venv/bin/python bench/bench_rollouts.py [--questions 8] [--arms 8] [--max-new-tokens 64]
-        [--scheduler continuous] [--dtype auto] [--also-static] [--compare-hf-cb 16]
+        [--scheduler continuous] [--dtype auto] [--looper-batch-size 0] [--also-static] [--compare-hf-cb 16]
 
 The raw baseline is static batches of `--batch-size` (16) grouped by temperature, left padding,
-float32, `generate` alone timed. The roofline line converts tokens/s into a share of the cores'
+float32, `generate` alone timed. looper runs at its default `--batch-size` (on a CPU: 64 with
+`--scheduler continuous`, 16 with static) unless `--looper-batch-size` says otherwise; the batch is
+printed next to its figures. The roofline line converts tokens/s into a share of the cores'
 measured float32 matmul FLOP/s (FLOPs per token: 2 x matmul weights + attention over the mean
 context). `--also-static` also times the stage with `--scheduler static`; `--compare-hf-cb N`
 times transformers' own continuous batching (`model.generate_batch`, paged attention) against
@@ -113,7 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--arms", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="the raw baseline's batch (stays 16)")
+    parser.add_argument(
+        "--looper-batch-size",
+        type=int,
+        default=0,
+        help="looper's --batch-size (0: its default for the scheduler)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
         "--naive-requests", type=int, default=16, help="requests timed one at a time (a rate)"
@@ -129,6 +137,7 @@ def main() -> None:
 
     from looper.artifacts import read_rows
     from looper.config import RolloutsConfig
+    from looper.generation import default_batch_size
     from looper.models import resolve_model, set_cpu_threads
     from looper.stages import rollouts
 
@@ -142,6 +151,9 @@ def main() -> None:
     raw_tokens, raw_s = raw_generate(model, tokenizer, requests, args.batch_size, args.max_new_tokens)
     raw_load = load_line()
 
+    def looper_batch(scheduler: str) -> int:
+        return args.looper_batch_size or default_batch_size(scheduler, model.device)
+
     def looper_run(scheduler: str) -> tuple[int, float, str]:
         started = time.perf_counter()
         result = rollouts.run(
@@ -151,7 +163,7 @@ def main() -> None:
                 policy="base",
                 limit=args.questions,
                 arms=args.arms,
-                batch_size=args.batch_size,
+                batch_size=looper_batch(scheduler),
                 backend="hf",
                 max_new_tokens=args.max_new_tokens,
                 shard_size=args.questions,
@@ -183,21 +195,21 @@ def main() -> None:
     print(f"machine: {machine()}; torch threads {threads}")
     print(
         f"{len(requests)} completions ({args.questions} questions x {args.arms} arms + 2 s_cf re-asks), "
-        f"batch {args.batch_size}, max {args.max_new_tokens} new tokens; looper --scheduler {args.scheduler} "
-        f"--dtype {args.dtype}"
+        f"raw batch {args.batch_size}, max {args.max_new_tokens} new tokens; looper --scheduler {args.scheduler} "
+        f"--dtype {args.dtype} --batch-size {looper_batch(args.scheduler)}"
     )
     print(
         f"raw batched generate:      {raw_rate:6.1f} tokens/s  ({raw_tokens} tokens, {raw_s:.1f} s)  [{raw_load}]"
     )
     print(
         f"looper rollouts (whole):   {ours:6.1f} tokens/s  ({looper_tokens} tokens, {looper_s:.1f} s)  "
-        f"ratio vs raw {ours / raw_rate:.2f}x  [{looper_load}]"
+        f"ratio vs raw {ours / raw_rate:.2f}x  (looper batch {looper_batch(args.scheduler)})  [{looper_load}]"
     )
     if static:
         rate = static[0] / static[1]
         print(
             f"looper rollouts (static):  {rate:6.1f} tokens/s  ({static[0]} tokens, {static[1]:.1f} s)  "
-            f"ratio vs raw {rate / raw_rate:.2f}x  [{static[2]}]"
+            f"ratio vs raw {rate / raw_rate:.2f}x  (looper batch {looper_batch('static')})  [{static[2]}]"
         )
     print(
         f"one at a time (naive):     {naive:6.1f} tokens/s  ({naive_tokens} tokens, {naive_s:.1f} s)  "

@@ -219,7 +219,13 @@ class GenerationOptions:
         "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
         choices=("auto", "hf", "vllm"),
     )
-    batch_size: int = opt(16, "Prompts per generation batch (hf backend; vLLM batches by itself).", ge=1)
+    batch_size: int | None = opt(
+        None,
+        "Prompts per generation batch (hf backend; vLLM batches by itself). Unset: 64 with --scheduler "
+        "continuous on a CPU (a decode step there reads every weight once whatever the batch, so 64 rows "
+        "cost ~2-2.5x 16 rows: BENCHMARKS.md), else 16.",
+        ge=1,
+    )
     max_new_tokens: int = opt(
         512,
         "Most tokens generated per completion (GSM8K solutions need ~150-300; R1 distills think longer).",

@@ -32,6 +32,7 @@ import orjson
 from looper import memory
 from looper.config import DEFAULT_MODEL, STAGE_CONFIGS, field_problem, opt, parse_pipeline_file, stage_fields
 from looper.errors import LooperError
+from looper.generation import default_batch_size
 from looper.memory import GIB, PROMPT_TOKENS, Shapes
 from looper.plan_env import cross_field_problems, disk_check, environment, model_shapes, trl_fused_head
 
@@ -153,8 +154,9 @@ def estimate(name: str, stages: dict[str, Any], shapes: Shapes, fused: bool) -> 
         util = getattr(cfg, "gpu_memory_utilization", None) or 0.85  # VLLMGenerator's default
         return Row(name, sum(parts.values()), parts, f"vllm, max_model_len {max_len}", limit=util)
     seq = prompt + cfg.max_new_tokens
-    parts = memory.hf_generate_peak(shapes, batch=cfg.batch_size, seq=seq)
-    return Row(name, sum(parts.values()), parts, f"hf generate, {cfg.batch_size} x {seq} tokens")
+    batch = cfg.batch_size or default_batch_size(cfg.scheduler, "cuda")  # plans are for a GPU
+    parts = memory.hf_generate_peak(shapes, batch=batch, seq=seq)
+    return Row(name, sum(parts.values()), parts, f"hf generate, {batch} x {seq} tokens")
 
 
 def training_estimate(name: str, stages: dict[str, Any], shapes: Shapes, fused: bool) -> Row:
@@ -241,7 +243,7 @@ def suggest(name: str, stages: dict[str, Any], shapes: Shapes, fused: bool, gpu:
         ]
     else:
         steps = [
-            (name, "batch_size", _halvings(cfg.batch_size, 1)),
+            (name, "batch_size", _halvings(cfg.batch_size or default_batch_size(cfg.scheduler, "cuda"), 1)),
             (name, "max_new_tokens", _halvings(cfg.max_new_tokens, 256)),
         ]
     changed: dict[tuple[str, str], Any] = {}

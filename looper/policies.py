@@ -93,7 +93,7 @@ def load_generator(
     policy: Policy,
     *,
     backend: str,
-    batch_size: int,
+    batch_size: int | None,
     trust_remote_code: bool = False,
     require_chat_template: bool = True,
     scheduler: str = "static",

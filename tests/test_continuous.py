@@ -177,10 +177,22 @@ def test_scheduler_and_dtype_options():
     from looper.config import ConfigError, EvalConfig, RolloutsConfig, build_config
 
     assert RolloutsConfig().scheduler == EvalConfig().scheduler == "continuous"
+    assert RolloutsConfig().batch_size is EvalConfig().batch_size is None  # unset: per scheduler and device
     with pytest.raises(ConfigError, match="--scheduler.*continuous, static"):
         build_config(RolloutsConfig, file_values={}, cli_values={"scheduler": "paged"})
     with pytest.raises(ConfigError, match="--dtype.*auto, float32, bfloat16"):
         build_config(EvalConfig, file_values={}, cli_values={"dtype": "fp8"})
+
+
+def test_unset_batch_is_64_for_continuous_on_cpu_else_16(lm):
+    from looper.generation import default_batch_size
+
+    assert default_batch_size("continuous", torch.device("cpu")) == 64  # a CPU decode step is memory-bound
+    assert default_batch_size("static", "cpu") == default_batch_size("continuous", "cuda") == 16
+    model, tokenizer, _ = lm
+    assert make_generator("hf", model=model, tokenizer=tokenizer, scheduler="continuous").batch_size == 64
+    assert make_generator("hf", model=model, tokenizer=tokenizer, scheduler="static").batch_size == 16
+    assert make_generator("hf", model=model, tokenizer=tokenizer, batch_size=5).batch_size == 5
 
 
 def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
@@ -209,3 +221,44 @@ def test_bfloat16_generates_with_the_same_contract(lm):
     for c in out:
         assert 1 <= len(c.logprobs) == len(c.token_ids) <= 6 and all(lp <= 0 for lp in c.logprobs)
         assert c.finish_reason == ("length" if c.tokens == 6 else "stop")
+
+
+def test_newcomers_prefilled_in_chunks_match_static(lm, monkeypatch):
+    from looper.generation import continuous
+
+    prompts = lm[2]
+    samplings = [Sampling(max_new_tokens=3 + 2 * i) for i in range(len(prompts))]
+    static = gen(lm, "static").generate(prompts, samplings)
+    calls: list[int] = []
+    prefill = continuous.ContinuousGenerator._prefill
+
+    def counted(self, chunk, ids):
+        calls.append(len(chunk))
+        return prefill(self, chunk, ids)
+
+    monkeypatch.setattr(continuous.ContinuousGenerator, "_prefill", counted)
+    same(gen(lm, "continuous", 16).generate(prompts, samplings), static)
+    assert calls == [len(prompts)]  # every slot free at the start: one padded prefill for all
+    calls.clear()
+    # a token budget below two prompts: one prompt per prefill
+    monkeypatch.setattr(continuous, "PREFILL_TOKENS", 1)
+    same(gen(lm, "continuous", 16).generate(prompts, samplings), static)
+    assert calls == [1] * len(prompts)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.3, 0.7)])
+def test_sampler_draws_the_warped_distribution(temperature, top_p):
+    """The batched inverse-CDF sampler against transformers' own temperature and top-p warpers."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from looper.generation.continuous import ContinuousGenerator, _Row
+
+    logits = torch.tensor([[2.0, 1.5, 0.3, -1.0, 0.9, -3.0]])
+    expected = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    expected = expected.softmax(-1)[0]
+    s = Sampling(temperature=temperature, top_p=top_p)
+    rows = [_Row(k, s, torch.Generator().manual_seed(k)) for k in range(4000)]
+    tokens = ContinuousGenerator._sample(logits.expand(len(rows), -1), rows)
+    frequencies = torch.bincount(tokens, minlength=logits.shape[1]).float() / len(rows)
+    assert torch.all(frequencies[expected == 0] == 0)  # top-p's cut tokens are never drawn
+    assert torch.allclose(frequencies, expected, atol=0.025)  # > 3 standard errors at n = 4000

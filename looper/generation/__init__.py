@@ -32,10 +32,23 @@ from typing import Any, Protocol, runtime_checkable
 
 from looper.errors import LooperError
 
-__all__ = ["Sampling", "Completion", "Generator", "make_generator", "expand_sampling", "cut_at_stop"]
+__all__ = [
+    "Sampling",
+    "Completion",
+    "Generator",
+    "make_generator",
+    "default_batch_size",
+    "expand_sampling",
+    "cut_at_stop",
+]
 
 BACKENDS = ("hf", "vllm")
 SCHEDULERS = ("continuous", "static")  # hf backend: refill finished rows at once | whole batches
+# The hf backend's batch when none is set. On a CPU a decode step is memory-bound (every weight and
+# the rows' KV cache read once per step): the continuous scheduler's step at 64 rows costs ~2-2.5x
+# its step at 16 (bench/profile_generation.py); beyond ~64 the KV cache reads dominate. Static
+# batches (a batch waits for its longest row) and GPUs (memory: `looper plan`) keep 16.
+CPU_CONTINUOUS_BATCH, DEFAULT_BATCH = 64, 16
 VLLM_HINT = "the vllm backend needs vLLM: pip install 'looper[vllm]' (GPU only), or use --backend hf"
 
 
@@ -116,6 +129,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
     return text[: min(hits)] if hits else None
 
 
+def default_batch_size(scheduler: str, device: Any) -> int:
+    """The hf backend's batch when none is set (see CPU_CONTINUOUS_BATCH); `device` a torch device or its name."""
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    return CPU_CONTINUOUS_BATCH if scheduler == "continuous" and on_cpu else DEFAULT_BATCH
+
+
 def make_generator(
     backend: str,
     *,
@@ -123,7 +142,7 @@ def make_generator(
     tokenizer: Any = None,
     model_path: str | None = None,
     adapter_path: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     scheduler: str = "static",
     **kwargs: Any,
 ) -> Generator:
@@ -131,8 +150,9 @@ def make_generator(
 
     'hf': ``HFGenerator(model, tokenizer, batch_size)`` on an already loaded model (a PEFT
     model included), or with ``scheduler="continuous"`` ``ContinuousGenerator`` (same contract,
-    a finished row's slot refilled at once: `looper.generation.continuous`); `model_path`,
-    `adapter_path` and `kwargs` are not used.
+    a finished row's slot refilled at once: `looper.generation.continuous`); `batch_size` None
+    is `default_batch_size` for the model's device; `model_path`, `adapter_path` and `kwargs`
+    are not used.
     'vllm': ``VLLMGenerator(model_path, adapter_path, **kwargs)`` (kwargs: adapter_rank and
     the engine settings of `looper.generation.vllm.engine_kwargs`); `model`, `tokenizer`,
     `batch_size` are not used, vLLM batches by itself. vLLM is imported only here, only when chosen.
@@ -142,6 +162,8 @@ def make_generator(
             raise ValueError("the hf backend needs model= and tokenizer=")
         if scheduler not in SCHEDULERS:
             raise LooperError(f"unknown --scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if batch_size is None:
+            batch_size = default_batch_size(scheduler, model.device)
         if scheduler == "continuous":
             from looper.generation.continuous import ContinuousGenerator
 

@@ -4,26 +4,36 @@
 stop string long before `max_new_tokens`, so most of a static batch's later steps compute dead
 rows. Here one decode loop runs over the model's forward with a KV cache: every step feeds each
 live row its last token; a row that ends (EOS, a stop string, `max_new_tokens`) leaves at once and
-the next prompt is prefilled alone (no padding) and put in its slot. Rows may differ in
-`Sampling` (temperature, top-p, stop strings, max tokens), so the arms of a rollout share batches.
-Prompts are taken longest first, so a newcomer seldom widens the cache.
+its slot is refilled from the queue. Newcomers are prefilled together (one left-padded forward for
+all free slots, the last position's logits only) and their keys/values copied into their slots.
+Rows may differ in `Sampling` (temperature, top-p, stop strings, max tokens), so the arms of a
+rollout share batches. Prompts are taken longest first, so a newcomer seldom widens the cache.
+
+Where the time goes (bench/profile_generation.py, SmolLM2-135M, float32, 2-core CPU): a decode
+step reads every weight once whatever the batch, so it is memory-bound and costs little more for
+64 rows than for 16; prefill is compute-bound. Hence: slots are allocated once (no per-newcomer
+re-allocation of the cache), rows are sampled in one batched pass (one uniform per row from its
+own generator, inverse CDF; `torch.multinomial` per row drew 49k exponentials each), and dead
+rows at the tail are dropped only when a quarter of the slots are dead (each drop copies the cache).
 
 The cache keeps left padding (a 2-D attention mask and explicit position ids, as `generate` does
 with left-padded batches) in per-layer buffers with spare columns: a step writes one column
 where transformers' `DynamicLayer` re-copies the whole cache. Leading columns that are padding
-in every row are dropped when rows leave.
+in every live row are dropped when rows leave.
 
 Why not transformers' own `generate_batch` (paged attention): in 5.24 it runs on this CPU and gave
 the same greedy tokens, but takes one generation config for all requests, has no stop strings,
 no per-request seed and no untempered log-probs; see bench/bench_rollouts.py --compare-hf-cb.
 
 Same output contract as `HFGenerator` (see `looper.generation`). Sampling: each request draws
-from its own `torch.Generator` seeded from (call seed, request index), so with the same seed a
-request gets the same random stream whatever batch it lands in or whichever rows finish first;
-its tokens are then the same whenever its logits are, i.e. always for the same call (same prompts,
-samplings, seed, batch size, dtype, machine), and up to float-level differences of batched
-matmuls otherwise. Greedy ignores the seed. Processors from the model's generation config (e.g.
-`suppress_tokens`) are not applied: rows are plain temperature/top-p sampling of the raw logits.
+one uniform number per token from its own `torch.Generator` seeded from (call seed, request
+index) and takes the token where it falls in the cumulative distribution (temperature, then
+top-p as transformers' `TopPLogitsWarper`). So with the same seed a request gets the same random
+stream whatever batch it lands in or whichever rows finish first; its tokens are then the same
+whenever its logits are, i.e. always for the same call (same prompts, samplings, seed, batch
+size, dtype, machine), and up to float-level differences of batched matmuls otherwise. Greedy
+ignores the seed. Processors from the model's generation config (e.g. `suppress_tokens`) are not
+applied: rows are plain temperature/top-p sampling of the raw logits.
 """
 
 from __future__ import annotations
@@ -44,18 +54,18 @@ from looper.generation import Completion, Sampling, cut_at_stop, expand_sampling
 from looper.generation.hf import eos_token_ids
 
 SPARE_COLUMNS = 128  # cache columns allocated ahead: one re-allocation per this many steps
+PREFILL_TOKENS = 8192  # most (padded) prompt tokens prefilled in one forward: bounds its activations
 
 
 class BufferLayer(DynamicLayer):
     """A `DynamicLayer` whose keys/values are views of a [rows, heads, capacity, dim] buffer."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, like: torch.Tensor, rows: int, length: int) -> None:
+        """Zeroed buffers of `rows` slots shaped like `like` (any x heads x any x dim), `length` columns in use."""
         super().__init__()
-        self.device, self.is_initialized = keys.device, True
-        self.length = keys.shape[-2]
-        self.kbuf, self.vbuf = self._alloc(keys, keys.shape[0], self.length + SPARE_COLUMNS)
-        self.kbuf[:, :, : self.length] = keys
-        self.vbuf[:, :, : self.length] = values
+        self.device, self.is_initialized = like.device, True
+        self.length = length
+        self.kbuf, self.vbuf = self._alloc(like, rows, length + SPARE_COLUMNS)
         self._views()
 
     @staticmethod
@@ -66,37 +76,34 @@ class BufferLayer(DynamicLayer):
     def _views(self) -> None:
         self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
 
-    def _resize(self, rows: int, lead: int, spare: int) -> None:
+    def _resize(self, lead: int, spare: int) -> None:
         """New buffers with `lead` zero columns before the current ones and `spare` after them."""
-        kbuf, vbuf = self._alloc(self.kbuf, rows, lead + self.length + spare)
-        kept = min(rows, self.kbuf.shape[0])
-        kbuf[:kept, :, lead : lead + self.length] = self.kbuf[:kept, :, : self.length]
-        vbuf[:kept, :, lead : lead + self.length] = self.vbuf[:kept, :, : self.length]
+        kbuf, vbuf = self._alloc(self.kbuf, self.kbuf.shape[0], lead + self.length + spare)
+        kbuf[:, :, lead : lead + self.length] = self.keys
+        vbuf[:, :, lead : lead + self.length] = self.values
         self.kbuf, self.vbuf, self.length = kbuf, vbuf, self.length + lead
         self._views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         end = self.length + key_states.shape[-2]
         if end > self.kbuf.shape[-2]:
-            self._resize(self.kbuf.shape[0], 0, SPARE_COLUMNS + key_states.shape[-2])
+            self._resize(0, SPARE_COLUMNS + key_states.shape[-2])
         self.kbuf[:, :, self.length : end] = key_states
         self.vbuf[:, :, self.length : end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values
 
-    def put(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Row `slot` := one prefilled row (1 x heads x L x dim), right-aligned, zeros before it."""
-        if slot >= self.kbuf.shape[0]:
-            self._resize(slot + 1, 0, self.kbuf.shape[-2] - self.length)
+    def put(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows `slots` := prefilled rows (k x heads x L x dim, left-padded), right-aligned, zeros before."""
         lead = self.length - keys.shape[-2]
-        self.kbuf[slot, :, :lead] = 0
-        self.vbuf[slot, :, :lead] = 0
-        self.kbuf[slot, :, lead : self.length] = keys[0]
-        self.vbuf[slot, :, lead : self.length] = values[0]
+        self.kbuf[slots, :, :lead] = 0
+        self.vbuf[slots, :, :lead] = 0
+        self.kbuf[slots, :, lead : self.length] = keys
+        self.vbuf[slots, :, lead : self.length] = values
 
     def pad_left(self, columns: int) -> None:
-        self._resize(self.kbuf.shape[0], columns, self.kbuf.shape[-2] - self.length)
+        self._resize(columns, self.kbuf.shape[-2] - self.length)
 
     def keep(self, rows: torch.Tensor | None, drop_columns: int) -> None:
         """Only `rows` (all if None: a view, no copy), without the first `drop_columns` columns."""
@@ -162,57 +169,86 @@ class ContinuousGenerator:
             inputs["logits_to_keep"] = 1
         return self.model(**inputs, use_cache=True).logits[:, -1].float()
 
+    def _prefill(
+        self, chunk: list[int], ids: list[list[int]]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One forward over the `chunk` prompts, left-padded: their cache, last logits and mask."""
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, i in enumerate(chunk):
+            input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
+            mask[r, width - len(ids[i]) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        # Position ids count real tokens only, as `generate` makes them for a left-padded batch.
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self._forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise LooperError(
+                "--scheduler continuous needs a model with a plain (non-sliding) KV cache; use --scheduler static"
+            )
+        return cache, logits, mask
+
+    @staticmethod
+    def _take(queue: deque, ids: list[list[int]], free: int) -> list[int]:
+        """Up to `free` next prompts whose padded prefill stays within PREFILL_TOKENS (at least one)."""
+        chunk = [queue.popleft()]
+        width = len(ids[chunk[0]])  # the queue is longest first: the first sets the padded width
+        while queue and len(chunk) < free and (len(chunk) + 1) * width <= PREFILL_TOKENS:
+            chunk.append(queue.popleft())
+        return chunk
+
     def _run(self, queue, ids, samplings, seed, want_logprobs, out, on_progress) -> None:
-        rows: list[_Row | None] = []  # one per cache slot; None = a dead slot awaiting reuse or removal
+        # One slot per row, allocated once; None = a dead slot awaiting reuse (fed padding meanwhile).
+        rows: list[_Row | None] = [None] * min(self.batch_size, len(queue))
         layers: list[BufferLayer] = []
         cache = mask = None
         reported = 0
-        while queue or any(rows):
-            # Refill every free slot at once: prefill the next prompt alone, then copy its KV in.
-            while queue and (None in rows or len(rows) < self.batch_size):
-                i = queue.popleft()
-                s = samplings[i]
-                rng = None
-                if s.temperature > 0:
-                    rng = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + i)
-                row = _Row(i, s, rng, position=len(ids[i]))
-                prompt_cache = DynamicCache()
-                logits = self._forward(prompt_cache, input_ids=torch.tensor([ids[i]], device=self.device))
-                if self._step([row], logits, want_logprobs, out):
-                    continue  # ended on its first token: never takes a slot
-                if any(type(layer) is not DynamicLayer for layer in prompt_cache.layers):
-                    raise LooperError(
-                        "--scheduler continuous needs a model with a plain (non-sliding) KV cache; "
-                        "use --scheduler static"
-                    )
-                slot = rows.index(None) if None in rows else len(rows)
+        while True:
+            free = [k for k, r in enumerate(rows) if r is None]
+            while queue and free:  # refill every free slot: newcomers prefilled together
+                chunk = self._take(queue, ids, len(free))
+                prompt_cache, logits, chunk_mask = self._prefill(chunk, ids)
+                newcomers = []
+                for i in chunk:
+                    s, rng = samplings[i], None
+                    if s.temperature > 0:
+                        rng = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + i)
+                    newcomers.append(_Row(i, s, rng, position=len(ids[i])))
+                ended = set(self._step(newcomers, logits, want_logprobs, out))
+                # A newcomer that ended on its first token never takes a slot.
+                staying = [k for k in range(len(chunk)) if k not in ended]
+                if not staying:
+                    continue
                 if cache is None:
-                    layers = [BufferLayer(la.keys, la.values) for la in prompt_cache.layers]
+                    like = prompt_cache.layers[0].keys
+                    layers = [BufferLayer(like, len(rows), chunk_mask.shape[1]) for _ in prompt_cache.layers]
                     cache = DynamicCache()
                     cache.layers = layers
-                    mask = torch.ones(1, len(ids[i]), dtype=torch.long, device=self.device)
-                    rows.append(row)
-                    continue
-                width, length = mask.shape[1], len(ids[i])
+                    mask = torch.zeros(len(rows), chunk_mask.shape[1], dtype=torch.long, device=self.device)
+                width, length = mask.shape[1], chunk_mask.shape[1]
                 if length > width:  # wider than the cache: pad every row on the left
                     for layer in layers:
                         layer.pad_left(length - width)
                     mask = torch.cat([mask.new_zeros(mask.shape[0], length - width), mask], 1)
                     width = length
-                if slot == len(rows):
-                    rows.append(row)
-                    mask = torch.cat([mask, mask.new_zeros(1, width)])
-                rows[slot] = row
+                slots, free = free[: len(staying)], free[len(staying) :]
+                picked = torch.tensor(staying, device=self.device)
+                targets = torch.tensor(slots, device=self.device)
                 for layer, prompt_layer in zip(layers, prompt_cache.layers):
-                    layer.put(slot, prompt_layer.keys, prompt_layer.values)
-                mask[slot] = 0
-                mask[slot, width - length :] = 1
+                    layer.put(targets, prompt_layer.keys[picked], prompt_layer.values[picked])
+                mask[targets] = 0
+                mask[targets, width - length :] = chunk_mask[picked]
+                for slot, k in zip(slots, staying):
+                    rows[slot] = newcomers[k]
             if on_progress is not None and self.done > reported:
                 on_progress(self.done, self.new_tokens)
                 reported = self.done
-            if not any(rows):
+            live = [k for k, r in enumerate(rows) if r]
+            if not live:
                 break
-            # One decode step for every slot (a dead one is fed padding until it is reused or removed).
+            # One decode step for every slot (a dead one is fed padding until it is reused or dropped).
             last = [r.token_ids[-1] if r else self.pad_id for r in rows]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
             logits = self._forward(
@@ -223,24 +259,25 @@ class ContinuousGenerator:
                     :, None
                 ],
             )
-            live = [k for k, r in enumerate(rows) if r]
-            for r in rows:
-                if r:
-                    r.position += 1
-            finished = self._step([rows[k] for k in live], logits[live], want_logprobs, out)
+            for k in live:
+                rows[k].position += 1
+            live_logits = logits if len(live) == len(rows) else logits[live]
+            finished = self._step([rows[k] for k in live], live_logits, want_logprobs, out)
             if not finished:
                 continue
             for k in finished:
                 rows[live[k]] = None
-            # Nothing left to refill with: drop dead rows rather than compute them. Either way drop
-            # the leading columns that are padding in every live row (a newcomer is right-aligned).
+            # Nothing left to refill with: drop dead slots rather than compute them, once a quarter
+            # of them are dead (each drop copies the cache). Either way drop the leading columns
+            # that are padding in every live row (a newcomer is right-aligned).
             keep = [k for k, r in enumerate(rows) if r]
             index = None
-            if not queue and len(keep) < len(rows):
+            if not queue and keep and 4 * (len(rows) - len(keep)) >= len(rows):
                 index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                rows, mask = [rows[k] for k in keep], mask[keep]
-            live_mask = mask[[k for k, r in enumerate(rows) if r]]
-            lead = int((live_mask.sum(0) == 0).long().cumprod(0).sum()) if len(live_mask) else 0
+                rows, mask = [rows[k] for k in keep], mask[index]
+                keep = list(range(len(rows)))
+            live_mask = mask[keep]
+            lead = int((live_mask.sum(0) == 0).long().cumprod(0).sum()) if keep else 0
             if lead or index is not None:
                 mask = mask[:, lead:]
                 for layer in layers:
@@ -250,10 +287,14 @@ class ContinuousGenerator:
 
     def _step(self, rows: list[_Row], logits: torch.Tensor, want_logprobs: bool, out: list) -> list[int]:
         """Choose each row's next token from its logits row; the positions (in `rows`) that ended."""
-        tokens = logits.argmax(-1)
-        for k, r in enumerate(rows):
-            if r.rng is not None:
-                tokens[k] = self._sample(logits[k], r.sampling, r.rng)
+        sampled = [k for k, r in enumerate(rows) if r.rng is not None]
+        if not sampled:
+            tokens = logits.argmax(-1)
+        elif len(sampled) == len(rows):  # no argmax over the vocabulary for rows that sample
+            tokens = self._sample(logits, rows)
+        else:
+            tokens = logits.argmax(-1)
+            tokens[sampled] = self._sample(logits[sampled], [rows[k] for k in sampled])
         if want_logprobs:  # untempered: log_softmax of the raw logits, whatever the temperature
             taken = (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)).tolist()
         finished = []
@@ -270,16 +311,26 @@ class ContinuousGenerator:
         return finished
 
     @staticmethod
-    def _sample(logits: torch.Tensor, s: Sampling, rng: torch.Generator) -> torch.Tensor:
-        """Temperature then top-p (as transformers' TopPLogitsWarper: keep the smallest top set
-        holding top_p of the mass, at least one token), drawn with the row's own generator."""
-        scores = logits / s.temperature
-        if s.top_p < 1:
-            ordered, order = scores.sort()
-            drop = ordered.softmax(-1).cumsum(-1) <= 1 - s.top_p
-            drop[-1] = False
-            scores = scores.index_fill(0, order[drop], float("-inf"))
-        return torch.multinomial(scores.softmax(-1), 1, generator=rng)[0]
+    def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """One token per row: temperature, then top-p as transformers' TopPLogitsWarper (keep the
+        smallest top set holding top_p of the mass, at least one token), then the row's own
+        uniform draw placed in the cumulative distribution (float64, so it never lands past the end)."""
+        temperature = torch.tensor([r.sampling.temperature for r in rows], device=logits.device)
+        scores = logits / temperature[:, None].to(logits.dtype)
+        probs = (scores - scores.amax(-1, keepdim=True)).exp_()  # unnormalised: the CDF's end is the total
+        nucleus = [k for k, r in enumerate(rows) if r.sampling.top_p < 1]
+        if nucleus:
+            top_p = torch.tensor([rows[k].sampling.top_p for k in nucleus], device=logits.device)
+            ordered, order = probs[nucleus].sort(-1)
+            ordered = ordered / ordered.sum(-1, keepdim=True)
+            drop = ordered.cumsum(-1) <= (1 - top_p)[:, None].to(ordered.dtype)
+            drop[:, -1] = False
+            kept = ordered.masked_fill(drop, 0)
+            probs[nucleus] = torch.empty_like(kept).scatter_(1, order, kept)  # back in vocabulary order
+        draws = torch.cat([torch.rand(1, generator=r.rng, device=logits.device) for r in rows]).double()
+        cdf = probs.double().cumsum(-1)
+        # side="right": the first token whose cumulative mass exceeds the draw, so never a zero-mass one
+        return torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(1)
 
     def _ended(self, r: _Row, token: int) -> Completion | None:
         """The row's Completion if `token` ended it (EOS, a stop string, max_new_tokens), else None."""
