@@ -320,6 +320,7 @@ def run(config: PpoConfig) -> StageResult:
         f"ppo: {len(rows)} questions x {n_arms} arms; {flat} question group(s) have zero reward variance"
         + (" (they teach nothing under --reward arm)" if config.reward == "arm" else "")
     )
+    rolled_out = len(rows)
     if config.skip_flat_groups:
         rows = skip_flat(rows, flat_ids, config.reward)
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
@@ -372,7 +373,7 @@ def run(config: PpoConfig) -> StageResult:
         inputs={"rollouts": rollouts},
         identity=stage_identity,
         counts={
-            "questions": len(rows),
+            "questions": rolled_out,
             "arms": n_arms,
             "zero_variance_groups": flat,
             "trained_questions": len(rows),
