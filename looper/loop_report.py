@@ -42,7 +42,10 @@ def round_figures(rnd: dict, sft_path: str) -> dict:
         "pass_at_n": m.get("pass_at_n"),
         "maj_at_n": m.get("maj_at_n"),
         "auroc_s_wm": m.get("auroc_s_wm"),
-        "zero_variance_groups": m.get("zero_variance_groups"),
+        # under the reward the round trained with (ppo counts it); dpo has none: the rollouts' arm reward
+        "zero_variance_groups": train.get("counts", {}).get(
+            "zero_variance_groups", m.get("zero_variance_groups")
+        ),
         "arm_allocation": rollouts.get("allocation"),  # shares and posterior of a bandit allocation
         "questions": rollouts.get("counts", {}).get("questions"),
         "kl_mean": sum(kls) / len(kls) if kls else None,
@@ -104,7 +107,8 @@ def markdown(summary: dict) -> str:
         "",
         f"pass@{arms}, maj@{arms}, mean reward, AUROC of s_wm (for the majority answer being right) and "
         "zero-variance groups are those of the round's rollouts, i.e. of the policy the round starts from, on "
-        "that round's train questions. KL is the mean per-token KL to the round's reference over its steps.",
+        "that round's train questions; zero-variance groups are counted under the reward ppo trained with "
+        "(the arm reward for dpo). KL is the mean per-token KL to the round's reference over its steps.",
         "",
         "![per-round figures](loop.png)",
         "",
