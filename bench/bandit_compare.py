@@ -3,7 +3,7 @@
     .venv/bin/python bench/bandit_compare.py --workdir runs/bandit --questions 16 [--strategies thompson,ucb]
         [--policy ADAPTER_DIR]
 
-Prepares synthetic questions (difficulty 2) and rolls out the base SmolLM2-135M-Instruct with
+Prepares synthetic questions (difficulty 2) and rolls out SmolLM2-135M-Instruct (base, or `--policy`) with
 the tutor arms (pipelines/arms-tutor.toml: one prompt at eight temperatures) on the first
 `--questions` train questions with a uniform allocation: the prior round. Then, on the next
 `--questions` (fresh) questions, the same budget of 8 samples per question is spent uniformly
