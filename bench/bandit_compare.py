@@ -59,8 +59,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from looper.artifacts import Store, read_rows
     from looper.stages import prepare
+    from looper.store.artifacts import Store, read_rows
 
     prepare.run(
         PrepareConfig(workdir=args.workdir, source="synthetic", synthetic_train=200, synthetic_test=20)

@@ -58,8 +58,8 @@ from pathlib import Path
 
 from common import SMOLLM, machine
 
-from looper.artifacts import read_rows
 from looper.data import lm_eval_format
+from looper.store.artifacts import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
@@ -367,9 +367,9 @@ def main() -> None:
         )
     if not GSM8K.is_dir():
         raise SystemExit(f"no local GSM8K copy at {GSM8K}")
-    from looper.artifacts import Store
-    from looper.eval_questions import fewshot_examples
-    from looper.models import resolve_model
+    from looper.eval.questions import fewshot_examples
+    from looper.policy.models import resolve_model
+    from looper.store.artifacts import Store
 
     out = ROOT / "bench" / "out" / "eval_lmeval" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)

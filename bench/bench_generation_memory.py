@@ -74,11 +74,11 @@ def child(variant: str, batch: int, max_new_tokens: int) -> dict:
     """Runs in the subprocess: load, warm up, reset the peak, generate once, report."""
     import torch
 
-    from looper import models
     from looper.data.prompts import render_prompt, tutoring_messages
     from looper.data.synthetic import generate as synthetic
     from looper.generation import Sampling
     from looper.generation.hf import HFGenerator
+    from looper.policy import models
 
     sys.path.insert(0, str(Path(__file__).parent))
     from common import SMOLLM

@@ -33,10 +33,10 @@ from common import SMOLLM, flops_per_token, load_line, machine, matmul_flops, pr
 
 def arm_requests(workdir: Path, questions: int, arms: int, tokenizer):
     """The (prompt, temperature) pairs looper generates for these questions, s_cf re-asks included."""
-    from looper.artifacts import Store, read_rows
     from looper.data.prompts import render_prompt, tutoring_messages
     from looper.regime_w.arms import select_arms
     from looper.regime_w.perturb import perturb
+    from looper.store.artifacts import Store, read_rows
 
     rows = read_rows(Store(workdir).resolve("prepare").path / "train.parquet")[:questions]
     chosen = select_arms(arms)
@@ -135,11 +135,11 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from looper.artifacts import read_rows
     from looper.config import RolloutsConfig
     from looper.generation import default_batch_size
-    from looper.models import resolve_model, set_cpu_threads
+    from looper.policy.models import resolve_model, set_cpu_threads
     from looper.stages import rollouts
+    from looper.store.artifacts import read_rows
 
     threads = set_cpu_threads()  # what looper's stage sets: the baselines get the same threads
     workdir = prepared_workdir(Path(tempfile.mkdtemp()))

@@ -53,8 +53,8 @@ def plain_trl_run(workdir: Path, steps: int, tag: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from looper.artifacts import Store, read_rows
-    from looper.models import resolve_model
+    from looper.policy.models import resolve_model
+    from looper.store.artifacts import Store, read_rows
 
     path = resolve_model(SMOLLM).path
     rows = read_rows(Store(workdir).resolve("prepare").path / "train.parquet")[:64]
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--padding-free", action="store_true", help="also time looper with --padding-free")
     args = parser.parse_args()
     workdir = prepared_workdir(Path(tempfile.mkdtemp()))
-    from looper.models import resolve_model
+    from looper.policy.models import resolve_model
 
     resolve_model(SMOLLM)  # convert the GGUF once, outside the timings
     plain, ours, ours_pf = [], [], []

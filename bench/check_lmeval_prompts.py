@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from looper.artifacts import Store, read_rows
 from looper.data import lm_eval_format
-from looper.eval_questions import fewshot_examples
+from looper.eval.questions import fewshot_examples
+from looper.store.artifacts import Store, read_rows
 
 
 def harness_prompt(sample: dict) -> str:

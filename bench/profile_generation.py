@@ -62,7 +62,8 @@ def decode_step_ms(model, batch: int, context: int) -> float:
 
 def split_generate(model, tokenizer, requests, scheduler: str, batch: int, max_new_tokens: int) -> str:
     """One generate call, its wall-clock split into prefill / decode forwards and the rest."""
-    from looper.generation import Sampling, make_generator
+    from looper.generation import Sampling
+    from looper.generation.factory import make_generator
 
     spent = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # calls, seconds, rows
     forward = model.forward
@@ -113,7 +114,7 @@ def main() -> None:
     from bench_rollouts import arm_requests
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from looper.models import resolve_model
+    from looper.policy.models import resolve_model
 
     path = resolve_model(SMOLLM).path
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looper.artifacts import Store  # noqa: E402
 from looper.config import STAGE_CONFIGS, build_config, read_pipeline_file  # noqa: E402
 from looper.errors import LooperError  # noqa: E402
+from looper.store.artifacts import Store  # noqa: E402
 
 METHODS = (
     ("ppo", {"reward": "arm"}),

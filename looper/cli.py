@@ -30,7 +30,7 @@ from looper.config import (
     read_pipeline_file,
 )
 from looper.errors import LooperError
-from looper.plan import PlanConfig
+from looper.plan.checks import PlanConfig
 
 app = typer.Typer(
     name="looper",
@@ -248,11 +248,11 @@ def plan(
     json: Annotated[bool | None, cli_option(PlanConfig, "json", "--json")] = None,
 ) -> None:
     """Check the pipeline file (--config), the environment and each stage's GPU memory, in seconds."""
-    from looper import plan as planner
+    from looper.plan import checks
 
     values = {"gpu_gb": gpu_gb, "model_config": model_config, "workdir": workdir, "json": json}
     config = build_config(PlanConfig, file_values={"pipeline": State.config_file}, cli_values=values)
-    raise typer.Exit(planner.run(config))
+    raise typer.Exit(checks.run(config))
 
 
 @app.command()
@@ -262,7 +262,7 @@ def status(
 ) -> None:
     """Show every artifact: version, inputs, created time, and whether it is stale; flag corrupt,
     unreadable, interrupted (.partial) and dangling-LATEST states."""
-    from looper.status import collect, format_row
+    from looper.store.status import collect, format_row
 
     workdir = workdir or os.environ.get("LOOPER_HOME") or "."
     rows = collect(workdir)
@@ -297,7 +297,7 @@ def show(
     workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Print an artifact's rows (Parquet tables, training logs) as JSONL, CSV or a table."""
-    from looper.show import show as do_show
+    from looper.store.show import show as do_show
 
     do_show(
         stage,
@@ -325,7 +325,7 @@ def export(
     workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Merge an adapter into its base and write a standalone Hugging Face model (safetensors)."""
-    from looper.maintenance import export as do_export
+    from looper.policy.export import export as do_export
 
     target = do_export(
         name=model, out=out, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", base_model=base_model
@@ -357,8 +357,8 @@ def gc(
     workdir: Annotated[str | None, cli_option(RunOptions, "workdir")] = None,
 ) -> None:
     """Remove older artifact versions that no kept artifact depends on, saying what it frees."""
-    from looper.maintenance import gc as do_gc
-    from looper.maintenance import gc_broken
+    from looper.store.maintenance import gc as do_gc
+    from looper.store.maintenance import gc_broken
 
     workdir = workdir or os.environ.get("LOOPER_HOME") or "."
     if broken:
@@ -380,7 +380,7 @@ def verify(
     json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
 ) -> None:
     """Re-hash finished artifacts against their manifests; list corrupt or missing files (exit 1 if any)."""
-    from looper.maintenance import verify as do_verify
+    from looper.store.maintenance import verify as do_verify
 
     workdir = workdir or os.environ.get("LOOPER_HOME") or "."
     rows = do_verify(workdir=workdir, stage=stage, version=version)

@@ -310,7 +310,7 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
     arm_allocation: str = opt(
         "uniform",
         "How each question's samples are shared among the arms: 'uniform' (budget / arms each), "
-        "'thompson' or 'ucb' (learned from the per-arm rewards of --arm-prior; looper.bandit).",
+        "'thompson' or 'ucb' (learned from the per-arm rewards of --arm-prior; looper.regime_w.bandit).",
         choices=("uniform", "thompson", "ucb"),
     )
     arm_budget: int | None = opt(None, "Samples per question (default: one per arm).", ge=2)
@@ -517,7 +517,7 @@ class LoopConfig(RunOptions):
     mode: str = opt(
         "rl",
         "'rl': every round trains with --algorithm; 'hybrid': rejection-sampling SFT rounds "
-        "(best correct arm per question) alternate with --algorithm rounds (looper.stages.hybrid).",
+        "(best correct arm per question) alternate with --algorithm rounds (looper.loop.hybrid).",
         choices=("rl", "hybrid"),
     )
     sft_every: int = opt(2, "Hybrid: rounds from the first SFT round (round 1) to the next.", ge=1)
@@ -539,7 +539,7 @@ class LoopConfig(RunOptions):
 @dataclass
 class RewardsConfig:
     """The `[rewards]` table (read by rollouts, rollouts rescore and ppo): the weight of each reward
-    of `looper.rewards` in the composite, their parameters, post-processors and schedules."""
+    of `looper.rewards.registry` in the composite, their parameters, post-processors and schedules."""
 
     correctness: float = opt(1.0, "Weight of correctness (right: correct_value, wrong: wrong_value).")
     format: float = opt(0.0, "Weight of format (1 for a final '#### n' and a closed think block, else 0).")

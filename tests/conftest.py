@@ -82,6 +82,6 @@ def gsm8k_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from looper.testing import tiny_model
+    from looper.policy.tiny import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -11,7 +11,7 @@ import pytest
 from conftest import last_json
 
 from looper.errors import LooperError
-from looper.models import check_adapter_base, check_adapter_fits, linear_shapes, resolve_model
+from looper.policy.models import check_adapter_base, check_adapter_fits, linear_shapes, resolve_model
 
 
 def bare_adapter(path: Path, model_dir: Path, base_name: str | None = None) -> Path:
@@ -61,7 +61,7 @@ def test_manifest_beside_the_adapter_decides(tmp_path, tiny_model_dir):
 
 
 def test_shapes_that_do_not_fit_are_one_whole_line(tmp_path, tiny_model_dir):
-    from looper.testing import tiny_model
+    from looper.policy.tiny import tiny_model
 
     narrow = tiny_model(tmp_path / "narrow", hidden_size=32)
     adapter = bare_adapter(tmp_path / "a", narrow)

@@ -6,8 +6,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from looper.artifacts import Artifact, Store, atomic_write_bytes, read_rows, write_jsonl, write_parquet
 from looper.errors import LooperError
+from looper.store.artifacts import Artifact, Store, atomic_write_bytes, read_rows, write_jsonl, write_parquet
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.int64())])
 

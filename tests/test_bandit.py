@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from conftest import last_json
 
-from looper.bandit import allocate, arm_reward_stats
 from looper.errors import LooperError
+from looper.regime_w.bandit import allocate, arm_reward_stats
 
 ARMS = ["a", "b", "c", "d"]
 
@@ -58,9 +58,9 @@ def test_allocation_errors():
 def test_thompson_across_rounds_on_the_tiny_model(run_cli, tmp_path, tiny_model_dir):
     from pathlib import Path
 
-    from looper.artifacts import Store, read_rows
     from looper.config import PrepareConfig
     from looper.stages import prepare
+    from looper.store.artifacts import Store, read_rows
 
     prepare.run(
         PrepareConfig(source="synthetic", synthetic_train=20, synthetic_test=4, workdir=str(tmp_path))

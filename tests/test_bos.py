@@ -1,6 +1,6 @@
 """One BOS everywhere: for the same question, every stage presents the model with the same prompt ids.
 
-An R1-shaped tiny model (`looper.testing.r1_tokenizer`: the tokenizer adds BOS to any text, the
+An R1-shaped tiny model (`looper.policy.tiny.r1_tokenizer`: the tokenizer adds BOS to any text, the
 chat template begins with `{{ bos_token }}`, the generation prompt pre-fills `<think>\\n`), and
 the prompt ids each stage really produces: generation's (rollouts and eval, captured at
 `model.generate`), TRL's own dataset preparation in SFTTrainer and DPOTrainer, the ids offline
@@ -21,7 +21,7 @@ from looper.data.prompts import (
     tutoring_messages,
 )
 from looper.errors import LooperError
-from looper.testing import r1_tokenizer, tiny_model, tiny_tokenizer
+from looper.policy.tiny import r1_tokenizer, tiny_model, tiny_tokenizer
 
 QUESTION = "Ann has 5 apples and buys 3 more. How many apples does she have now?"
 
@@ -80,14 +80,17 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from looper import eval_questions, models
     from looper.config import DpoConfig, EvalConfig, PpoConfig, RolloutsConfig, SftConfig
+    from looper.eval import questions
     from looper.generation import Sampling
     from looper.generation.hf import HFGenerator
-    from looper.policies import Policy
+    from looper.policy import models
+    from looper.policy.policies import Policy
     from looper.regime_w.arms import Arm
-    from looper.rl import AdaptiveKL, step_plan
-    from looper.stages import dpo, ppo, ppo_online, rollouts, sft
+    from looper.stages import dpo, ppo, ppo_online, rollouts
+    from looper.train import grpo
+    from looper.train import sft as sft_training
+    from looper.train.grpo_math import AdaptiveKL, step_plan
 
     path, tokenizer, model, expected = r1
     seen: dict[str, list[int]] = {}
@@ -113,7 +116,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
 
     # eval: the stage's prompts (chat format), generated without log-probs
     generated.clear()
-    prompts = eval_questions.build_prompts(
+    prompts = questions.build_prompts(
         Policy("base", models.resolve_model(str(path))),
         [{"prompt": tutoring_messages(QUESTION)}],
         EvalConfig(),
@@ -124,7 +127,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # sft: TRL's SFTTrainer prepares the dataset; the prompt is what the loss leaves out
-    trainer = sft.build_trainer(
+    trainer = sft_training.build_trainer(
         SftConfig(max_length=512),
         tmp_path / "sft",
         model,
@@ -137,14 +140,14 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
 
     # ppo offline: TRL's `_generate` runs the replay rollout_func on the stored arms
     plan = step_plan(1, 1, 1)
-    replay = ppo.ReplayGRPOTrainer(
+    replay = grpo.ReplayGRPOTrainer(
         model=model,
         reward_funcs=[zero_reward],
-        args=ppo.grpo_config(PpoConfig(), tmp_path / "ppo", 2, 4, plan),
+        args=grpo.grpo_config(PpoConfig(), tmp_path / "ppo", 2, 4, plan),
         train_dataset=Dataset.from_list([{"prompt": "q1"}]),
         processing_class=tokenizer,
         peft_config=None,
-        rollout_func=ppo.replay_func(rollout_rows, tokenizer, 2, {"q1": [{}, {}]}),
+        rollout_func=grpo.replay_func(rollout_rows, tokenizer, 2, {"q1": [{}, {}]}),
         kl_controller=AdaptiveKL(0.04, 0.0, 1.0),
     )
     prompt_ids = replay._generate(["q1", "q1"])[0]
@@ -152,10 +155,10 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     seen["ppo"] = list(prompt_ids[0])
 
     # ppo --online: TRL tokenizes the stage's dataset prompts itself
-    online = ppo.RegimeWGRPOTrainer(
+    online = grpo.RegimeWGRPOTrainer(
         model=model,
         reward_funcs=[zero_reward],
-        args=ppo.grpo_config(PpoConfig(), tmp_path / "online", 2, 4, plan),
+        args=grpo.grpo_config(PpoConfig(), tmp_path / "online", 2, 4, plan),
         train_dataset=ppo_online.online_dataset([row], tokenizer),
         processing_class=tokenizer,
         kl_controller=AdaptiveKL(0.04, 0.0, 1.0),

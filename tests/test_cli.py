@@ -46,7 +46,7 @@ def test_looper_home_sets_workdir(run_cli, gsm8k_dir, tmp_path, monkeypatch):
 
 
 def test_status_shows_artifacts_and_staleness(run_cli, gsm8k_dir, tmp_path):
-    from looper.artifacts import Store
+    from looper.store.artifacts import Store
 
     _, out, _ = run_cli("prepare", "--source", gsm8k_dir, "--workdir", tmp_path, "--json")
     store = Store(tmp_path)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from looper.errors import LooperError
-from looper.generation import Sampling, make_generator
+from looper.generation import Sampling
+from looper.generation.factory import make_generator
 
 QUESTIONS = [
     "x",
@@ -196,7 +197,7 @@ def test_unset_batch_is_64_for_continuous_on_cpu_else_16(lm):
 
 
 def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
-    from looper import models, policies
+    from looper.policy import models, policies
 
     monkeypatch.setattr(models, "has_cuda", lambda: False)
     policy = policies.Policy(

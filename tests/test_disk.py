@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import last_json
 
-from looper import disk
-from looper.artifacts import atomic_write_bytes, read_rows, write_parquet
 from looper.errors import LooperError
+from looper.store import disk
+from looper.store.artifacts import atomic_write_bytes, read_rows, write_parquet
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
@@ -79,9 +79,9 @@ def test_sft_on_a_disk_that_fills_up_stops_cleanly_then_resumes(
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from looper import training
     from looper.config import PrepareConfig
     from looper.stages import prepare
+    from looper.train import runner
 
     home = tmp_path / "home"
     mount_tmpfs(home, "64m")
@@ -121,16 +121,16 @@ def test_sft_on_a_disk_that_fills_up_stops_cleanly_then_resumes(
                 if state.global_step == 3:
                     fill(home)
 
-        real_callbacks = training.TrainingRun.callbacks
+        real_callbacks = runner.TrainingRun.callbacks
         monkeypatch.setattr(
-            training.TrainingRun, "callbacks", lambda job: [*real_callbacks(job), FillAfterFirstSave()]
+            runner.TrainingRun, "callbacks", lambda job: [*real_callbacks(job), FillAfterFirstSave()]
         )
         code, out, err = run_cli(*args, "--workdir", home)
         assert code == 1 and err.count("\n") == 1, err
         assert err.startswith("error: no space left on ") and " MB): free some space" in err
         assert "Traceback" not in err and "enforce fail" not in err
 
-        monkeypatch.setattr(training.TrainingRun, "callbacks", real_callbacks)
+        monkeypatch.setattr(runner.TrainingRun, "callbacks", real_callbacks)
         (home / "filler").unlink()  # room again
         code, out, err = run_cli(*args, "--workdir", home)
         assert code == 0, err

@@ -1,4 +1,4 @@
-"""looper.distributed without a launcher: the batch split arithmetic and single-process no-ops.
+"""looper.train.distributed without a launcher: the batch split arithmetic and single-process no-ops.
 
 The two-process runs themselves are in tests/test_multiprocess.py (slow)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from looper import distributed
 from looper.errors import LooperError
+from looper.train import distributed
 
 
 @pytest.mark.parametrize(

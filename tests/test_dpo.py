@@ -7,9 +7,9 @@ import json
 from conftest import last_json
 from test_ppo import build_rollouts, mean_logprob
 
-from looper.artifacts import Store, write_parquet
-from looper.regime_w.summary import ROW_SCHEMA
+from looper.rewards.summary import ROW_SCHEMA
 from looper.stages.dpo import preference_pairs
+from looper.store.artifacts import Store, write_parquet
 
 FAST = ["--batch-size", "2", "--grad-accum", "1", "--no-gradient-checkpointing", "--save-steps", "100"]
 
@@ -27,7 +27,7 @@ def question(qid: str, arms: list[tuple[bool, float]]) -> dict:
 
 
 def write_rollouts(workdir, model_dir, rows, version: str, adapter_path=None) -> None:
-    from looper.models import resolve_model
+    from looper.policy.models import resolve_model
 
     run = Store(workdir).begin("rollouts", version)
     write_parquet(run.path / "shard-00000.parquet", rows, ROW_SCHEMA)
@@ -158,10 +158,10 @@ def test_reference_is_the_rollouts_adapter(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_interrupted_run_resumes(run_cli, tiny_model_dir, tmp_path, monkeypatch):
-    from looper import training
+    from looper.train import runner
 
     sft_rollouts(tmp_path, tiny_model_dir)
-    metrics_callback = training.metrics_callback
+    metrics_callback = runner.metrics_callback
 
     def interrupting(path):  # the metrics file as usual, and a crash right after the step-2 checkpoint
         class Interrupt(type(metrics_callback(path))):
@@ -188,10 +188,10 @@ def test_interrupted_run_resumes(run_cli, tiny_model_dir, tmp_path, monkeypatch)
         "4",
         "--json",
     ]
-    monkeypatch.setattr(training, "metrics_callback", interrupting)
+    monkeypatch.setattr(runner, "metrics_callback", interrupting)
     code, _, err = run_cli(*args)
     assert code == 1 and "power cut" in err
-    monkeypatch.setattr(training, "metrics_callback", metrics_callback)
+    monkeypatch.setattr(runner, "metrics_callback", metrics_callback)
     code, out, err = run_cli(*args)
     assert code == 0, err
     assert "dpo: resuming from checkpoint-2" in out and last_json(out)["counts"]["steps"] == 4
@@ -215,7 +215,7 @@ def test_dpo_errors(run_cli, tiny_model_dir, tmp_path):
     code, _, err = run_cli("dpo", "--model", tiny_model_dir, "--workdir", tmp_path)
     assert code == 1 and "rollouts empty hold no questions" in err
 
-    from looper.testing import tiny_model
+    from looper.policy.tiny import tiny_model
 
     other = tiny_model(tmp_path / "other-model", seed=1)
     code, _, err = run_cli("dpo", "--model", other, "--workdir", tmp_path)

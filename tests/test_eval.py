@@ -197,8 +197,8 @@ def test_scores_and_paired_statistics_with_scripted_models(
     run_cli, workdir, tiny_model_dir, monkeypatch, fmt
 ):
     """base is always wrong (chat) / only flexible-right (lm-eval); sft always right: known statistics."""
-    from looper import eval_completions
-    from looper.artifacts import Store, read_rows
+    from looper.eval import completions
+    from looper.store.artifacts import Store, read_rows
 
     prepare = Store(workdir).resolve("prepare").path
     golds = {
@@ -211,7 +211,7 @@ def test_scores_and_paired_statistics_with_scripted_models(
         "sft": lambda q, g: f"Step one.\n#### {g}",
     }
     monkeypatch.setattr(
-        eval_completions, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None)
+        completions, "load_generator", lambda policy, **kw: (Scripted(golds, script[policy.name]), None)
     )
     code, out, err = run_cli(
         *eval_args(workdir, tiny_model_dir, "--compare", "base,sft", "--limit", "6", "--format", fmt, *FAST)
@@ -236,8 +236,8 @@ def test_scores_and_paired_statistics_with_scripted_models(
 
 def test_eval_errors(run_cli, workdir, tiny_model_dir, tmp_path):
     from looper.config import PrepareConfig
+    from looper.policy.tiny import tiny_model
     from looper.stages import prepare
-    from looper.testing import tiny_model
 
     def error(*args, model=tiny_model_dir, where=workdir):
         code, _, err = run_cli(*eval_args(where, model, "--limit", "2", *args))
@@ -314,7 +314,7 @@ def test_lm_eval_format_through_the_cli(run_cli, gsm8k_dir, tiny_model_dir, tmp_
 
 
 def test_source_file_overlapping_training_warns(run_cli, workdir, tiny_model_dir, tmp_path):
-    from looper.artifacts import Store, read_rows
+    from looper.store.artifacts import Store, read_rows
 
     train = read_rows(Store(workdir).resolve("prepare").path / "train.parquet")
     source = write_gsm8k(
@@ -368,7 +368,7 @@ def test_samples_add_maj_and_pass(run_cli, workdir, tiny_model_dir):
 
 
 def test_summarize_hand_written_rows():
-    from looper.report import compact, markdown, summarize
+    from looper.eval.report import compact, markdown, summarize
 
     def row(model, qid, gold, sample, answer, correct):
         return {

@@ -49,7 +49,7 @@ def test_parse_specs(tmp_path):
 
 
 def test_platinum_shaped_dir_through_eval(run_cli, prepared, tiny_model_dir, tmp_path):
-    from looper.artifacts import Store, read_rows
+    from looper.store.artifacts import Store, read_rows
 
     train = read_rows(Store(prepared).resolve("prepare").path / "train.parquet")
     rows = platinum_rows(4)
@@ -152,7 +152,7 @@ def test_bad_sources_are_one_line_errors(run_cli, prepared, tiny_model_dir, tmp_
 
 
 def test_prepare_extra_eval_split(run_cli, gsm8k_dir, tiny_model_dir, tmp_path):
-    from looper.artifacts import Store, read_rows
+    from looper.store.artifacts import Store, read_rows
 
     rows = platinum_rows(5) + [{"question": "Bad.", "answer": "", "cleaning_status": "revised"}]
     source = platinum_dir(tmp_path / "gsm8k-platinum", rows)
@@ -218,7 +218,7 @@ def test_prepare_from_a_datasets_dir_with_train_and_test(run_cli, tmp_path):
     """The offline fallback for `--source hub`: openai/gsm8k saved with save_to_disk on another box."""
     from datasets import Dataset, DatasetDict
 
-    from looper.artifacts import Store, read_rows
+    from looper.store.artifacts import Store, read_rows
 
     as_ds = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in ("question", "answer")})  # noqa: E731
     saved = tmp_path / "gsm8k"

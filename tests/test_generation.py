@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from looper.errors import LooperError
-from looper.generation import Completion, Generator, Sampling, make_generator
+from looper.generation import Completion, Generator, Sampling
+from looper.generation.factory import make_generator
 
 QUESTIONS = [
     "x",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import last_json
 
-from looper.stages.hybrid import sft_rounds
+from looper.loop.hybrid import sft_rounds
 from looper.stages.sft_rollouts import best_correct_arms
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import last_json
 
-from looper.artifacts import Store, read_rows
 from looper.errors import LooperError
+from looper.store.artifacts import Store, read_rows
 
 PREPARE = ["prepare", "--source", "synthetic", "--synthetic-train", "20", "--synthetic-test", "4", "--json"]
 

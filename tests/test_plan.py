@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import last_json
 
-from looper import memory
 from looper.config import ConfigError, read_pipeline_file
-from looper.memory import GIB, Shapes
+from looper.plan import memory
+from looper.plan.memory import GIB, Shapes
 
 # 2 layers, hidden 4, MLP 8, 2 query heads and 1 KV head of size 2, vocab 10, untied.
 SMALL = Shapes(

@@ -36,8 +36,8 @@ TRAIN = [*TINY, "--max-steps", "1", "--no-gradient-checkpointing", "--learning-r
 def graded_rollouts(home: Path) -> str:
     """The latest rollouts copied with arm 0 of each question right, so dpo has pairs (the tiny
     model never answers right), committed through the Store like any artifact."""
-    from looper.artifacts import Store, read_rows, write_parquet
-    from looper.regime_w.summary import ROW_SCHEMA
+    from looper.rewards.summary import ROW_SCHEMA
+    from looper.store.artifacts import Store, read_rows, write_parquet
 
     store = Store(home)
     source = store.resolve("rollouts")

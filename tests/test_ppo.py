@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import last_json
 
-from looper.artifacts import Store, write_parquet
 from looper.errors import LooperError
-from looper.regime_w.summary import ROW_SCHEMA
-from looper.rl import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
+from looper.rewards.summary import ROW_SCHEMA
 from looper.stages.ppo import replay_func
+from looper.store.artifacts import Store, write_parquet
+from looper.train.grpo_math import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
 FAST = [
@@ -71,7 +71,7 @@ def build_rollouts(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.data.prompts import render_prompt, tutoring_messages
-    from looper.models import resolve_model
+    from looper.policy.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -344,7 +344,7 @@ def test_auto_recomputes_behaviour_logprobs_of_other_weights(run_cli, tiny_model
 
 
 def test_behaviour_logprobs_source():
-    from looper.rl import behaviour_logprobs_source
+    from looper.train.grpo_math import behaviour_logprobs_source
 
     hf_cpu = {"backend": "hf", "quant": "none", "dtype": "float32"}
     assert behaviour_logprobs_source("auto", hf_cpu | {"adapter": "merged"}, hf_cpu)[0] == "stored"
@@ -393,7 +393,7 @@ def test_adaptive_kl_controller_step_rule():
 def test_reward_modes_build_the_advantages_they_claim(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from looper.reward_training import reward_plan, row_components
+    from looper.rewards.trainer_adapter import reward_plan, row_components
 
     rows = build_rollouts(tmp_path, tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -427,7 +427,7 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
     assert code == 1 and "run `looper rollouts` first" in err
     build_rollouts(tmp_path, tiny_model_dir)
     other = tmp_path / "other-model"
-    from looper.testing import tiny_model
+    from looper.policy.tiny import tiny_model
 
     tiny_model(other, seed=1)
     code, _, err = run_cli("ppo", "--model", other, "--workdir", tmp_path)
@@ -466,7 +466,7 @@ def test_ppo_errors(run_cli, tiny_model_dir, tmp_path):
 
 
 def test_skip_flat_groups_keeps_only_groups_with_reward_variance(run_cli, tiny_model_dir, tmp_path):
-    from looper.rl import skip_flat
+    from looper.train.grpo_math import skip_flat
 
     rows = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
     assert skip_flat(rows, {"b"}, "correctness") == [{"id": "a"}, {"id": "c"}]
@@ -483,7 +483,7 @@ def test_skip_flat_groups_keeps_only_groups_with_reward_variance(run_cli, tiny_m
 
 
 def test_step_plan_reports_the_left_out_questions():
-    from looper.rl import step_plan
+    from looper.train.grpo_math import step_plan
 
     assert step_plan(10, 4, 2) == StepPlan(micro_batches=2, steps_per_epoch=2, left_out=2)
     assert step_plan(8, 8, 8) == StepPlan(micro_batches=1, steps_per_epoch=1, left_out=0)
@@ -515,8 +515,8 @@ def test_online_grpo_generates_and_trains(run_cli, tiny_model_dir, tmp_path):
 
 
 def online_total(texts, gold, completion_ids, table=None, scoring=None, eos_ids=()):
-    from looper import rewards
-    from looper.reward_training import online_reward_funcs, reward_plan
+    from looper.rewards import registry
+    from looper.rewards.trainer_adapter import online_reward_funcs, reward_plan
 
     plan = reward_plan(table, None, "arm", scoring or {})
     group = [f"g{i // 2}" for i in range(len(texts))]
@@ -524,7 +524,7 @@ def online_total(texts, gold, completion_ids, table=None, scoring=None, eos_ids=
         fn.__name__: fn(texts, gold_answer=gold, completion_ids=completion_ids, group=group)
         for fn in online_reward_funcs(plan, eos_ids)
     }
-    return rewards.combine(parts, plan.spec.weights)
+    return registry.combine(parts, plan.spec.weights)
 
 
 def test_online_group_reward_on_hand_written_group():

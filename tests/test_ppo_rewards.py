@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from looper import rewards
-from looper.reward_training import reward_plan, row_components
+from looper.rewards import registry
+from looper.rewards.trainer_adapter import reward_plan, row_components
 from looper.stages.ppo import replay_func
 
 
@@ -31,8 +31,8 @@ def test_reward_modes(tiny_model_dir):
     names, arm = replayed("arm", tiny_model_dir)
     assert names == ["correctness", "coherence", "length"]  # the reference recipe's nonzero weights
     assert arm["correctness"] == [1.0, -0.5, 1.0] and arm["length"] == [0.0, -0.1, 0.0]
-    total = rewards.combine(arm, rewards.REFERENCE_WEIGHTS)
-    assert total == rewards.row_rewards(row(), rewards.resolve(None, None))["arm_rewards"]
+    total = registry.combine(arm, registry.REFERENCE_WEIGHTS)
+    assert total == registry.row_rewards(row(), registry.resolve(None, None))["arm_rewards"]
     _, question = replayed("question", tiny_model_dir)  # shared by the arms
     assert question["correctness"] == [1.0] * 3 and question["coherence"] == [0.58] * 3
     names, right_wrong = replayed("correctness", tiny_model_dir)  # right / wrong only

@@ -12,7 +12,7 @@ import torch
 from conftest import last_json
 from safetensors.torch import load_file, save_file
 
-from looper import checkpoints, training
+from looper.train import checkpoints, runner
 
 SFT_FAST = ["--batch-size", "4", "--grad-accum", "1", "--dev-limit", "4", "--eval-steps", "100"]
 SFT_FAST += ["--no-gradient-checkpointing", "--learning-rate", "1e-2"]
@@ -48,7 +48,7 @@ def test_incomplete_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys,
     fake_checkpoint(tmp_path, 3)
     newest = fake_checkpoint(tmp_path, 6)
     damage(newest)
-    assert training.last_checkpoint(tmp_path, "sft") == str(tmp_path / "checkpoint-3")
+    assert runner.last_checkpoint(tmp_path, "sft") == str(tmp_path / "checkpoint-3")
     out = capsys.readouterr().out
     assert out.startswith(f"sft: skipping incomplete checkpoint-6 ({reason}")
     assert not newest.exists()  # removed: the trainer's rotation must not keep or pick it later
@@ -57,7 +57,7 @@ def test_incomplete_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys,
 
 def test_no_complete_checkpoint_starts_over(tmp_path, capsys):
     (fake_checkpoint(tmp_path, 2) / "optimizer.pt").unlink()
-    assert training.last_checkpoint(tmp_path, "ppo") is None
+    assert runner.last_checkpoint(tmp_path, "ppo") is None
     assert "ppo: skipping incomplete checkpoint-2 (optimizer.pt missing)" in capsys.readouterr().out
 
 
@@ -187,7 +187,7 @@ def test_metrics_line_cut_off_by_a_kill_does_not_block_resume(tmp_path):
     fake_checkpoint(tmp_path / "trainer", 2)
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    assert training.resume_point(tmp_path / "trainer", metrics, "sft") == str(
+    assert runner.resume_point(tmp_path / "trainer", metrics, "sft") == str(
         tmp_path / "trainer" / "checkpoint-2"
     )
     assert metrics.read_bytes() == b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

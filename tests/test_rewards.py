@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import last_json
 
-from looper import rewards, schedules
 from looper.errors import LooperError
 from looper.regime_w import reward, scoring
+from looper.rewards import registry as rewards
+from looper.rewards import schedules
 
 REFERENCE = rewards.RewardSpec(rewards.REFERENCE_WEIGHTS, rewards.RewardParams())
 
@@ -205,7 +206,7 @@ def workdir(tmp_path):
 def rows_of(path):
     from pathlib import Path
 
-    from looper.artifacts import read_rows
+    from looper.store.artifacts import read_rows
 
     return [r for f in sorted(Path(path).glob("shard-*.parquet")) for r in read_rows(f)]
 
@@ -234,7 +235,7 @@ def test_rollouts_store_components_and_rescore_equals_regenerating(
     assert code == 0, err
     rescored = last_json(out)
     assert not rescored["skipped"] and rescored["version"] != first["version"]
-    from looper.artifacts import Store
+    from looper.store.artifacts import Store
 
     manifest = Store(workdir).resolve("rollouts", rescored["version"]).manifest
     assert (

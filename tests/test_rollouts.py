@@ -7,11 +7,11 @@ import math
 import pytest
 from conftest import last_json
 
-from looper.artifacts import Store, read_rows
 from looper.errors import LooperError
 from looper.regime_w import reward, scoring
 from looper.regime_w.arms import DEFAULT_ARMS, load_arm_file, select_arms
 from looper.regime_w.perturb import perturb
+from looper.store.artifacts import Store, read_rows
 
 FAST = ["--policy", "base", "--arms", "2", "--max-new-tokens", "6", "--batch-size", "8"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import make_rows, write_gsm8k
 
-from looper.artifacts import Store, read_rows
+from looper.store.artifacts import Store, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def home(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def expected_rows(home: Path, stage: str) -> list[dict]:
-    """The artifact's rows read independently of looper.show."""
+    """The artifact's rows read independently of looper.store.show."""
     kind = "checkpoints" if stage == "sft" else "data"
     art = Store(home).resolve(stage)
     assert art.path.parent.parent.name == kind
@@ -158,7 +158,7 @@ def test_piped_into_head(home):
 
 def test_loop_shows_its_rounds(run_cli, tmp_path):
     """A loop artifact's rows are the rounds of its rounds.json record."""
-    from looper.artifacts import atomic_write_bytes, dumps_json
+    from looper.store.artifacts import atomic_write_bytes, dumps_json
 
     rounds = [
         {"round": 1, "dev": {"accuracy": 0.25}, "kl": 0.01},

@@ -104,7 +104,7 @@ def explain(stage: str, key: str, got: list[float], want: list[float]) -> str:
     else:
         cause = (
             "same library versions as when pinned: Looper's own training glue changed "
-            f"(looper/training.py, looper/stages/{stage}.py, looper/rl.py, the data it is fed); "
+            f"(looper/train/, looper/stages/{stage}.py, the data it is fed); "
             "if that was intended, re-pin"
         )
     return f"{stage} {key} moved beyond rel {REL}/abs {ABS}: {cause}.\n  got  {got}\n  want {want}"

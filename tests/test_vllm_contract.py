@@ -36,7 +36,6 @@ vllm = pytest.importorskip(
 
 from conftest import make_rows  # noqa: E402
 
-from looper import models, policies  # noqa: E402
 from looper.config import EvalConfig, RolloutsConfig, build_config, read_pipeline_file  # noqa: E402
 from looper.data.prompts import render_prompt, tutoring_messages  # noqa: E402
 from looper.generation import Sampling  # noqa: E402
@@ -48,6 +47,7 @@ from looper.generation.vllm import (  # noqa: E402
     model_eos_ids,
     sampling_params,
 )
+from looper.policy import models, policies  # noqa: E402
 from looper.regime_w.arms import select_arms  # noqa: E402
 from looper.stages.rollouts import chunk_requests  # noqa: E402
 

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from looper import models, policies
 from looper.config import ConfigError, EvalConfig, RolloutsConfig, build_config, read_pipeline_file
 from looper.errors import LooperError
 from looper.generation.vllm import (
@@ -21,6 +20,7 @@ from looper.generation.vllm import (
     engine_kwargs,
     supported_lora_rank,
 )
+from looper.policy import models, policies
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -232,7 +232,7 @@ def test_trainer_args_fit_the_installed_transformers(tmp_path):
     from transformers import TrainingArguments
 
     from looper.config import SftConfig
-    from looper.training import checkpointing_arg, trainer_args
+    from looper.train.runner import checkpointing_arg, trainer_args
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert checkpointing_arg() in names

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looper.artifacts import short_hash
 from looper.data import gsm8k
 from looper.errors import LooperError
+from looper.hashing import short_hash
 
 HUB = "hub:"
 

@@ -28,11 +28,12 @@ are not reused), and TRL appends EOS to every completion, truncated ones include
 
 from __future__ import annotations
 
-from looper import distributed, models, training
-from looper.artifacts import Store
 from looper.config import DpoConfig, identity
 from looper.errors import LooperError
+from looper.policy import models
 from looper.stages import StageResult
+from looper.store.artifacts import Store
+from looper.train import distributed, runner
 
 STAGE = "dpo"
 MAX_LENGTH_CAP = 4096  # tokens of prompt + completion; rollouts are bounded by their max_new_tokens anyway
@@ -96,7 +97,7 @@ def dpo_config(config: DpoConfig, output_dir, length: int):
     # --batch-size x --grad-accum is the global batch, split over the processes of a torchrun launch
     per_device, accumulation = distributed.split_batch(config.batch_size, config.grad_accum)
     return DPOConfig(
-        **training.trainer_args(config, cuda),
+        **runner.trainer_args(config, cuda),
         output_dir=str(output_dir),
         beta=config.beta,
         loss_type=["sigmoid"],  # the original DPO loss
@@ -118,13 +119,13 @@ def run(config: DpoConfig) -> StageResult:
     if config.pairs_per_question < 1:
         raise LooperError(f"--pairs-per-question {config.pairs_per_question}: must be 1 or more")
     store = Store(config.workdir, wait=config.wait)
-    rollouts, base, quant = training.rollouts_input(store, config)
+    rollouts, base, quant = runner.rollouts_input(store, config)
     stage_identity = identity(config) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    rows = training.rollout_rows(rollouts)
+    rows = runner.rollout_rows(rollouts)
     pairs = preference_pairs(rows, config.pairs_per_question)
     without = len(rows) - len({p["id"] for p in pairs})
     if not pairs:
@@ -141,10 +142,10 @@ def run(config: DpoConfig) -> StageResult:
     from trl import DPOTrainer
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
-    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
-    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
+    adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    model, peft_config = training.policy_model(config, base, adapter_path, quant)
+    model, peft_config = runner.policy_model(config, base, adapter_path, quant)
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(config, job.trainer_dir, max_length(pairs, tokenizer)),

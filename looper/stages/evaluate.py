@@ -8,10 +8,10 @@
     looper eval --samples 8 --temperature 0.7 --compare sft # adds maj@8 and pass@8
 
 What it does, in order:
-1. turns each `--compare` name into a policy (`looper.policies`): `base` is --model, `sft`,
+1. turns each `--compare` name into a policy (`looper.policy.policies`): `base` is --model, `sft`,
    `ppo`, `dpo` the latest adapter of that stage (it must have been trained on --model),
    anything else a hub id, model directory or adapter path;
-2. takes the questions (`looper.eval_questions`): the prepare artifact's test split (never
+2. takes the questions (`looper.eval.questions`): the prepare artifact's test split (never
    trained on), its dev split, an extra evaluation split it holds (`looper prepare
    --extra-eval`), or any GSM8K-shaped `--source` (`looper.data.sources`:
    hub:<dataset>[:<config>][@<split>], a `datasets` directory, .jsonl or .parquet; bad rows
@@ -22,11 +22,11 @@ What it does, in order:
    harness's 5-shot plain-text prompt (`looper.data.lm_eval_format`);
 4. generates, batched (hf on CPU, vLLM on GPU), one model at a time, freeing each before the
    next is loaded; scores with `looper.answers` (chat) or the harness's filters (lm-eval)
-   (`looper.eval_completions`);
+   (`looper.eval.completions`);
 5. writes `data/eval/<version>/`: completions.parquet, report.json, report.md, accuracy.png,
-   lengths.png (`looper.report`). A rerun with the same settings and inputs is skipped.
+   lengths.png (`looper.eval.report`). A rerun with the same settings and inputs is skipped.
 
-Resume and reuse (`looper.eval_completions`): completions are cached per model in chunks of
+Resume and reuse (`looper.eval.completions`): completions are cached per model in chunks of
 CHUNK questions, `data/eval/cache/<key>/chunk-NNNNN.parquet`, each written atomically as it
 finishes. The key hashes the policy identity, the exact prompts with their ids and gold
 answers, the decoding settings, --samples, --format, --seed and the backend (and
@@ -44,16 +44,17 @@ from pathlib import Path
 
 import orjson
 
-from looper import models, report
-from looper.artifacts import Artifact, Store, write_parquet
 from looper.config import EvalConfig, identity
 from looper.data import lm_eval_format
 from looper.errors import LooperError
-from looper.eval_completions import CHUNK, ROW_SCHEMA, model_rows, progress_bar
-from looper.eval_questions import build_prompts, fewshot_examples, load_questions
+from looper.eval import report
+from looper.eval.completions import CHUNK, ROW_SCHEMA, model_rows, progress_bar
+from looper.eval.questions import build_prompts, fewshot_examples, load_questions
 from looper.generation import Sampling
-from looper.policies import ADAPTER_STAGES, Policy, choose_backend, resolve_policy
+from looper.policy import models
+from looper.policy.policies import ADAPTER_STAGES, Policy, choose_backend, resolve_policy
 from looper.stages import StageResult
+from looper.store.artifacts import Artifact, Store, write_parquet
 
 STAGE = "eval"
 FORMATS = ("chat", "lm-eval")

@@ -4,7 +4,7 @@ The questions, starting policy and reference are those of the rollouts artifact 
 offline). Each step TRL generates `--online-generations` completions per question from the
 current policy in one prompt style at `--online-temperature` (moving to `--online-temperature-end`
 over the run when set; vLLM on GPU when TRL is set up for it, transformers otherwise) and
-scores them with the same registry functions as offline (`looper.rewards`, weighted by the
+scores them with the same registry functions as offline (`looper.rewards.registry`, weighted by the
 `[rewards]` table and `--weights`), group-level terms computed over each question's group,
 s_wm with the weights the rollouts were scored with. There is no s_cf online (it would need
 extra generations per step): it counts as 0, which only shifts a whole group's rewards and so
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from looper import models, schedules, training
-from looper.artifacts import Store
 from looper.config import PpoConfig
 from looper.data.prompts import render_prompt, trl_prompt, tutoring_messages
 from looper.generation.hf import eos_token_ids
-from looper.reward_training import online_reward_funcs, plot_weights, ppo_identity, reward_plan
-from looper.rl import AdaptiveKL, kl_horizon, step_plan, total_steps
+from looper.policy import models
+from looper.rewards import schedules
+from looper.rewards.trainer_adapter import online_reward_funcs, plot_weights, ppo_identity, reward_plan
 from looper.stages import StageResult
-from looper.stages.ppo import RegimeWGRPOTrainer, announce_plan, grpo_config
+from looper.store.artifacts import Store
+from looper.train import runner
+from looper.train.grpo import RegimeWGRPOTrainer, announce_plan, grpo_config
+from looper.train.grpo_math import AdaptiveKL, kl_horizon, step_plan, total_steps
 
 STAGE = "ppo"
 
@@ -64,7 +66,7 @@ def online_dataset(rows: list[dict], tokenizer):
 
 def run_online(config: PpoConfig) -> StageResult:
     store = Store(config.workdir, wait=config.wait)
-    rollouts, base, quant = training.rollouts_input(store, config)
+    rollouts, base, quant = runner.rollouts_input(store, config)
     objective = reward_plan(
         config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
     )
@@ -72,15 +74,15 @@ def run_online(config: PpoConfig) -> StageResult:
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
-    rows = training.rollout_rows(rollouts)
+    rows = runner.rollout_rows(rollouts)
     plan = step_plan(len(rows), config.questions_per_step, config.questions_per_minibatch)
     announce_plan(plan, len(rows), config.questions_per_step)
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
-    adapter_path, base_mismatch = training.rollouts_adapter(store, rollouts, base, config)
-    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
+    adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    model, peft_config = training.policy_model(config, base, adapter_path, quant)
+    model, peft_config = runner.policy_model(config, base, adapter_path, quant)
     group = config.online_generations
     dataset = online_dataset(rows, tokenizer)
     controller = AdaptiveKL(

@@ -31,12 +31,13 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
-from looper.artifacts import Store, short_hash, write_parquet
 from looper.config import PrepareConfig, identity
 from looper.data import gsm8k, sources
 from looper.data.prompts import tutoring_messages
 from looper.errors import LooperError
+from looper.hashing import short_hash
 from looper.stages import StageResult
+from looper.store.artifacts import Store, write_parquet
 
 STAGE = "prepare"
 SPLITS = ("train", "dev", "test")

@@ -3,7 +3,7 @@
     looper rollouts rescore                               # the latest rollouts, [rewards] of --config
     looper rollouts rescore 3f2a9c --weights correctness=2.0,length=0
 
-Every reward of `looper.rewards` is a pure function of what rollouts store (completions,
+Every reward of `looper.rewards.registry` is a pure function of what rollouts store (completions,
 answers, lengths, the question's Regime W scores), so new weights or parameters are a pass
 over the stored rows: seconds, not a GPU-hour. The reward settings are those of the source
 artifact, overridden by the pipeline file's `[rewards]` keys and then by `--weights`. The new
@@ -17,42 +17,42 @@ from __future__ import annotations
 
 import dataclasses
 
-from looper import rewards
-from looper.artifacts import Artifact, Store, read_rows, write_parquet
 from looper.errors import LooperError
-from looper.regime_w.summary import ROW_SCHEMA, summarize
+from looper.rewards import registry
+from looper.rewards.summary import ROW_SCHEMA, summarize
 from looper.stages import StageResult
+from looper.store.artifacts import Artifact, Store, read_rows, write_parquet
 
 STAGE = "rollouts"
 
 
-def source_spec(manifest: dict) -> rewards.RewardSpec:
+def source_spec(manifest: dict) -> registry.RewardSpec:
     """The reward settings an artifact was scored with (schema 2: the reference recipe, its blend and s_wm weights)."""
     if "rewards" in manifest:
-        return rewards.RewardSpec.from_dict(manifest["rewards"])
+        return registry.RewardSpec.from_dict(manifest["rewards"])
     config = manifest.get("config", {})
     scoring = {k: config[k] for k in ("coherence_blend", "w_end", "w_path", "w_cf") if k in config}
     return (
-        rewards.resolve({}, None)
+        registry.resolve({}, None)
         if not scoring
-        else rewards.RewardSpec(
-            rewards.resolve({}, None).weights, dataclasses.replace(rewards.RewardParams(), **scoring)
+        else registry.RewardSpec(
+            registry.resolve({}, None).weights, dataclasses.replace(registry.RewardParams(), **scoring)
         )
     )
 
 
-def overlay(spec: rewards.RewardSpec, table: dict | None, weights: str | None) -> rewards.RewardSpec:
+def overlay(spec: registry.RewardSpec, table: dict | None, weights: str | None) -> registry.RewardSpec:
     """`spec` with the keys `table` names, then `--weights`, replacing its own."""
     table = dict(table or {})
-    rewards.settings(table)  # checks names and ranges
-    param_names = {f.name for f in dataclasses.fields(rewards.RewardParams)}
+    registry.settings(table)  # checks names and ranges
+    param_names = {f.name for f in dataclasses.fields(registry.RewardParams)}
     new_weights = (
         dict(spec.weights)
-        | {k: float(v) for k, v in table.items() if k in rewards.NAMES}
-        | rewards.parse_weights(weights)
+        | {k: float(v) for k, v in table.items() if k in registry.NAMES}
+        | registry.parse_weights(weights)
     )
     params = dataclasses.replace(spec.params, **{k: v for k, v in table.items() if k in param_names})
-    return rewards.RewardSpec(new_weights, params)
+    return registry.RewardSpec(new_weights, params)
 
 
 def run(
@@ -79,7 +79,7 @@ def run(
     run_ = store.begin(STAGE, version)
     all_rows = []
     for shard in sorted(src.path.glob("shard-*.parquet")):
-        rows = [row | rewards.row_rewards(row, spec) for row in read_rows(shard)]
+        rows = [row | registry.row_rewards(row, spec) for row in read_rows(shard)]
         write_parquet(run_.path / shard.name, rows, ROW_SCHEMA)
         all_rows += rows
     first = src.manifest

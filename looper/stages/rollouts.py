@@ -27,20 +27,21 @@ from collections.abc import Callable
 
 import orjson
 
-from looper import bandit, models, policies, rewards
 from looper.answers import extract_answer, is_correct
-from looper.artifacts import Store, read_rows, write_parquet
 from looper.config import RolloutsConfig, identity
 from looper.data.prompts import render_prompt, tutoring_messages
 from looper.errors import LooperError
 from looper.generation import Sampling
-from looper.integrity import table_reads_back
-from looper.regime_w import scoring
+from looper.policy import models, policies
+from looper.regime_w import bandit, scoring
 from looper.regime_w.arms import Arm, select_arms
 from looper.regime_w.perturb import PERTURBATIONS, perturb
-from looper.regime_w.summary import ROW_SCHEMA, summarize
+from looper.rewards import registry
+from looper.rewards.summary import ROW_SCHEMA, summarize
 from looper.stages import StageResult
 from looper.stats import majority_vote
+from looper.store.artifacts import Store, read_rows, write_parquet
+from looper.store.integrity import table_reads_back
 
 STAGE = "rollouts"
 
@@ -79,9 +80,9 @@ def output_record(arm: Arm, prompt: str, completion, gold: str) -> dict:
     }
 
 
-def reward_spec(config: RolloutsConfig) -> rewards.RewardSpec:
+def reward_spec(config: RolloutsConfig) -> registry.RewardSpec:
     """The rewards these rollouts store: defaults < [rewards] table < --weights; s_wm as scored here."""
-    return rewards.resolve(config.rewards, config.weights, (config.w_end, config.w_path, config.w_cf))
+    return registry.resolve(config.rewards, config.weights, (config.w_end, config.w_path, config.w_cf))
 
 
 def rollouts_identity(config: RolloutsConfig) -> dict:
@@ -112,7 +113,7 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
         "cf_outputs": cf_outputs,
         **scores,
     }
-    return scored | rewards.row_rewards(scored, reward_spec(config))
+    return scored | registry.row_rewards(scored, reward_spec(config))
 
 
 def chunk_requests(
@@ -333,7 +334,7 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
     """One version from the artifacts of `--shard 1/n` ... `n/n`: the version an unsharded run would get."""
     import shutil
 
-    from looper.artifacts import Artifact
+    from looper.store.artifacts import Artifact
 
     store = Store(workdir)
     artifacts = [store.resolve(STAGE, p) for p in parts]

@@ -14,12 +14,13 @@ the prepare artifact the rollouts were made from.
 
 from __future__ import annotations
 
-from looper import models, training
-from looper.artifacts import Artifact, Store, read_rows
 from looper.config import SftConfig, identity
 from looper.data.prompts import render_prompt, sft_completion
 from looper.errors import LooperError
+from looper.policy import models
 from looper.stages import StageResult
+from looper.store.artifacts import Artifact, Store, read_rows
+from looper.train import runner
 
 STAGE = "sft"
 
@@ -43,7 +44,7 @@ def run_rejection(config: SftConfig) -> StageResult:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from looper.stages.sft import trl_config
+    from looper.train.sft import trl_config
 
     store = Store(config.workdir, wait=config.wait)
     rollouts = store.resolve("rollouts", config.rollouts)
@@ -75,10 +76,10 @@ def run_rejection(config: SftConfig) -> StageResult:
     )
     dev_rows = read_rows(prepare.path / "dev.parquet")[: config.dev_limit] if prepare else []
 
-    job = training.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
-    adapter_path, _ = training.rollouts_adapter(store, rollouts, base, config)  # found in this home
-    model, peft_config = training.policy_model(config, base, adapter_path, quant)
+    adapter_path, _ = runner.rollouts_adapter(store, rollouts, base, config)  # found in this home
+    model, peft_config = runner.policy_model(config, base, adapter_path, quant)
     dev = [
         {
             "prompt": (p := render_prompt(tokenizer, r["prompt"])),

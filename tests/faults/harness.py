@@ -4,7 +4,7 @@ rerun's artifact with the uninterrupted one (rows for data stages, weights for t
 
 The reference home is built once per session by uninterrupted runs of every stage with
 tests/faults/faults.toml; a scenario copies it, removes the stage under test, and reruns that
-stage with `LOOPER_FAULT=<point>:<n>` (looper/faults.py) and then without.
+stage with `LOOPER_FAULT=<point>:<n>` (looper/store/faults.py) and then without.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def row_key(stage: str, row: dict) -> tuple:
 
 
 def table_rows(path: Path) -> list[dict]:
-    from looper.artifacts import read_rows
+    from looper.store.artifacts import read_rows
 
     return [r for f in sorted(path.glob("*.parquet")) for r in read_rows(f)]
 
@@ -162,8 +162,8 @@ def grade_rollouts(home: Path) -> str:
     version GRADED, with the same inputs, base and policy (see GRADED)."""
     import json
 
-    from looper.artifacts import Artifact, Store, read_rows, write_parquet
-    from looper.regime_w.summary import ROW_SCHEMA
+    from looper.rewards.summary import ROW_SCHEMA
+    from looper.store.artifacts import Artifact, Store, read_rows, write_parquet
 
     store = Store(home)
     source = store.resolve("rollouts")

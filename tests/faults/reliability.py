@@ -30,7 +30,7 @@ HEADER = """# Reliability
 
 What the fault-injection suite (`tests/faults/`, issue 12) measured: every stage (prepare, sft,
 rollouts, ppo, dpo, eval) on the random tiny model, SIGKILLed at points drawn by a seeded
-schedule (`LOOPER_FAULT=<point>:<n>`, looper/faults.py: mid-step, mid-save, mid-shard,
+schedule (`LOOPER_FAULT=<point>:<n>`, looper/store/faults.py: mid-step, mid-save, mid-shard,
 mid-commit) and rerun, then compared with the uninterrupted run (rows for data stages,
 bit-identical adapter weights for training stages, and the content hash); two and three
 concurrent runs; a read-only and a full home (tmpfs); corrupted manifest, shard and checkpoint

@@ -35,8 +35,8 @@ def adapter(path: Path, model_dir: Path, base_name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from looper.models import resolve_model
-    from looper.testing import tiny_model
+    from looper.policy.models import resolve_model
+    from looper.policy.tiny import tiny_model
 
     d = tmp_path_factory.mktemp("bad-inputs")
     tiny = Path(resolve_model("looper:tiny").path)

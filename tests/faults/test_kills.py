@@ -1,6 +1,6 @@
 """SIGKILL every stage at points drawn by a seeded schedule, rerun, compare with the uninterrupted run.
 
-For each stage and each kill point it passes (looper/faults.py: step, save, shard, commit), the
+For each stage and each kill point it passes (looper/store/faults.py: step, save, shard, commit), the
 schedule draws which pass dies (`LOOPER_FAULT=<point>:<n>`, n from a generator seeded by
 LOOPER_FAULT_SEED, default 12, and the stage and point). The killed run must have died there
 (exit -9); the plain rerun must finish and publish the same version with the same rows (data
