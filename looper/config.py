@@ -170,7 +170,20 @@ class LoraOptions:
 
 
 @dataclass
-class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
+class TrainDtypeOptions:
+    """The compute dtype of training; shared by sft, ppo and dpo."""
+
+    dtype: str = opt(
+        "auto",
+        "Training compute: 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', or 'bfloat16' "
+        "(autocast; on CPU only with AVX-512 BF16 or AMX, where it is faster; losses move by ~1e-3).",
+        choices=("auto", "float32", "bfloat16"),
+        identity="if_set",
+    )
+
+
+@dataclass
+class SftConfig(AdapterCheckOptions, TrainDtypeOptions, LoraOptions, ModelOptions, RunOptions):
     prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
     quant: str = opt(
         "auto",
@@ -200,6 +213,12 @@ class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
         None,
         "Rejection sampling: train on the best correct arm of each question of this rollouts "
         "artifact ('latest' or a version), continuing its policy's adapter, instead of the gold solutions.",
+    )
+    continue_from: str | None = opt(
+        None,
+        "Continue this sft adapter ('latest' or a version) on the gold solutions instead of a fresh "
+        "LoRA (the gold-SFT control of expert iteration: more SFT on the same kind of data).",
+        identity="if_set",
     )
     per_question: int = opt(
         1,
@@ -404,7 +423,7 @@ class TrainOptions:
 
 
 @dataclass
-class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class PpoConfig(AdapterCheckOptions, TrainDtypeOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     reward: str = opt(
         "arm",
         "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
@@ -478,7 +497,7 @@ class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, Ru
 
 
 @dataclass
-class DpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class DpoConfig(AdapterCheckOptions, TrainDtypeOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     pairs_per_question: int = opt(
         1, "Preference pairs per question: best correct arms against worst incorrect arms.", ge=1
     )
