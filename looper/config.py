@@ -27,6 +27,10 @@ from typing import Any
 
 from looper.errors import LooperError
 
+# Regime W's s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf: the default weights, for every
+# module that mixes them (looper.regime_w.scoring, the rewards registry, the rollouts options)
+S_WM_WEIGHTS = (0.4, 0.3, 0.3)
+
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 
 
@@ -348,9 +352,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
         "With thompson/ucb: rollouts artifact whose per-arm rewards the allocation learns from "
         "('latest' or a version; the loop sets the previous round's). None: no data, uniform.",
     )
-    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.", ge=0)
-    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.", ge=0)
-    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
+    w_end: float = opt(S_WM_WEIGHTS[0], "Weight of s_end (answer agreement) in s_wm.", ge=0)
+    w_path: float = opt(S_WM_WEIGHTS[1], "Weight of s_path (path-length consistency) in s_wm.", ge=0)
+    w_cf: float = opt(S_WM_WEIGHTS[2], "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
     shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
     weights: str | None = opt(
