@@ -155,7 +155,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     seen["ppo"] = list(prompt_ids[0])
 
     # ppo --online: TRL tokenizes the stage's dataset prompts itself
-    online = grpo.RegimeWGRPOTrainer(
+    online = grpo.AdaptiveKLGRPOTrainer(
         model=model,
         reward_funcs=[zero_reward],
         args=grpo.grpo_config(PpoConfig(), tmp_path / "online", 2, 4, plan),

@@ -17,21 +17,21 @@ from looper.regime_w import bandit
 from looper.store.artifacts import Artifact, atomic_write_bytes, dumps_json
 
 
-def round_figures(rnd: dict, sft_path: str) -> dict:
+def round_figures(round_record: dict, sft_path: str) -> dict:
     """The numbers the loop report shows for one round, read from its stages' artifacts."""
-    rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+    rollouts = Artifact.load(Path(round_record["rollouts"]["path"])).manifest
     m, arms = rollouts.get("metrics", {}), rollouts.get("counts", {}).get("arms")
-    report = orjson.loads((Path(rnd["eval"]["path"]) / "report.json").read_bytes())
-    policy, sft = report["models"][rnd["train"]["path"]], report["models"][sft_path]
-    pair = report["pairs"].get(f"{sft_path} vs {rnd['train']['path']}", {})
-    log = Path(rnd["train"]["path"]) / "metrics.jsonl"
+    report = orjson.loads((Path(round_record["eval"]["path"]) / "report.json").read_bytes())
+    policy, sft = report["models"][round_record["train"]["path"]], report["models"][sft_path]
+    pair = report["pairs"].get(f"{sft_path} vs {round_record['train']['path']}", {})
+    log = Path(round_record["train"]["path"]) / "metrics.jsonl"
     logs = (
         [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
         if log.is_file()
         else []
     )
     kls = [row["kl"] for row in logs if "kl" in row]
-    train = Artifact.load(Path(rnd["train"]["path"])).manifest
+    train = Artifact.load(Path(round_record["train"]["path"])).manifest
     return {
         "dev": {k: policy[k] for k in ("accuracy", "ci95", "correct", "n")},
         "sft_dev": {k: sft[k] for k in ("accuracy", "ci95", "correct", "n")},

@@ -53,11 +53,11 @@ def reward_plan(table: dict | None, weights: str | None, mode: str, scoring: dic
     the s_wm weights are those the rollouts were scored with (`scoring`: their config)."""
     settings = rewards.settings(table)
     defaults = DEFAULT_WEIGHTS
-    triple = tuple(
+    s_wm_weights = tuple(
         float(scoring.get(k, d))
         for k, d in zip(("w_end", "w_path", "w_cf"), (defaults.end, defaults.path, defaults.cf))
     )
-    spec = rewards.resolve(table, weights, triple)
+    spec = rewards.resolve(table, weights, s_wm_weights)
     if mode == "correctness":
         spec = rewards.RewardSpec(
             {"correctness": 1.0}, dataclasses.replace(spec.params, correct_value=1.0, wrong_value=0.0)
