@@ -201,6 +201,11 @@ class Run:
             raise LooperError(
                 f"{self.path} vanished before commit (removed by hand or by gc?): rerun the stage"
             )
+        if gone := [f"{a.stage} {a.version}" for a in inputs.values() if not (a.path / MANIFEST).is_file()]:
+            raise LooperError(  # removed by hand while this run read it: it would name what is not there
+                f"{self.path}: input {', '.join(gone)} was removed while this run used it, not published: "
+                "rebuild that input, then rerun"
+            )
         files = integrity.file_records(self.path)
         listed = {f["path"] for f in files}
         if not files or (absent := [name for name in required if name not in listed]):
@@ -253,6 +258,8 @@ class Store:
         self.workdir = Path(workdir).expanduser().resolve()
         self.wait = wait  # --wait: queue behind a run of the same version instead of stopping
         self.locks: dict[tuple[str, str], RunLock] = {}
+        # what each version this process computed reads: its lock file names them for `looper gc`
+        self.reads: dict[tuple[str, str], list[str]] = {}
 
     def lock(self, stage: str, version: str, *, to_write: bool = True) -> RunLock | None:
         """Hold this version's run lock (kept until commit or process exit); None on ranks > 0, and
@@ -267,6 +274,7 @@ class Store:
                     stage=stage,
                     target=root / f"{version}{PARTIAL}",
                     wait=self.wait,
+                    inputs=self.reads.get((stage, version), []),
                 )
             except ReadOnlyHome:
                 if to_write:
@@ -292,9 +300,13 @@ class Store:
         `inputs` maps names to `Artifact`s or to content-hash strings (e.g. a source file).
         """
         input_hashes = {k: (v.hash if isinstance(v, Artifact) else v) for k, v in inputs.items()}
-        return short_hash(
+        version = short_hash(
             {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "identity": identity, "inputs": input_hashes}
         )
+        self.reads[stage, version] = [
+            f"{a.stage}/{a.version}" for a in inputs.values() if isinstance(a, Artifact)
+        ]
+        return version
 
     def find(self, stage: str, version: str) -> Artifact | None:
         path = self.stage_root(stage) / version
@@ -315,8 +327,10 @@ class Store:
         if damaged := integrity.problems(existing.path, existing.manifest, rehash=False):
             print(f"{stage} {version}: the finished copy is damaged ({'; '.join(damaged)}): rebuilding it")
             return None  # commit replaces it once the new copy is whole
+        self.set_latest(
+            stage, version
+        )  # under the lock: a LATEST temp file outside one is stray (gc --broken)
         self.unlock(stage, version)
-        self.set_latest(stage, version)
         return existing
 
     def latest(self, stage: str) -> str | None:

@@ -1,0 +1,162 @@
+"""Issue 22 ("nothing lost, nothing stuck — take 2"): each reproduced defect, as a test.
+
+Fast ones here (prepare on synthetic data, hand-made homes, real trainer checkpoint layouts);
+the tiny-model runs are in tests/test_take2_stages.py (slow); the kill-point suite in
+tests/faults/test_killpoints.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import last_json
+
+from looper.store.artifacts import Store
+
+PREPARE = ["prepare", "--source", "synthetic", "--synthetic-train", "20", "--synthetic-test", "4", "--json"]
+
+
+def prepare(run_cli, workdir, *extra):
+    code, out, err = run_cli(*PREPARE, "--workdir", workdir, *extra)
+    assert code == 0, err
+    return last_json(out)
+
+
+# --------------------------------------------------------------------------- 3: manifest shapes
+
+BAD_SHAPES = {
+    "files holds ints": lambda m: m | {"files": [1, 2]},
+    "a file without bytes": lambda m: (
+        m | {"files": [{k: v for k, v in m["files"][0].items() if k != "bytes"}]}
+    ),
+    "inputs a list": lambda m: m | {"inputs": ["prepare"]},
+    "schema_version a string": lambda m: m | {"schema_version": "1"},
+    "stage null": lambda m: m | {"stage": None},
+    "counts a list": lambda m: m | {"counts": [1]},
+    "a file path outside": lambda m: m | {"files": [m["files"][0] | {"path": "../../../etc/passwd"}]},
+}
+
+
+@pytest.mark.parametrize("shape", list(BAD_SHAPES))
+def test_a_badly_shaped_manifest_is_broken_and_the_rest_of_the_home_works(run_cli, tmp_path, shape):
+    old = prepare(run_cli, tmp_path, "--seed", "1")
+    new = prepare(run_cli, tmp_path, "--seed", "2")
+    path = tmp_path / "data" / "prepare" / old["version"] / "manifest.json"
+    path.write_text(json.dumps(BAD_SHAPES[shape](json.loads(path.read_text()))))
+
+    code, out, err = run_cli("status", "--workdir", tmp_path)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"UNREADABLE MANIFEST  {path}: badly shaped manifest" in out
+    assert f"{new['version']}  20" in out  # the good version is still listed
+    code, out, err = run_cli("verify", "--workdir", tmp_path)
+    assert code == 1 and "Traceback" not in err, err
+    assert f"ok      prepare   {new['version']}" in out and "badly shaped manifest" in out
+    code, out, err = run_cli("gc", "--broken", "--workdir", tmp_path)
+    assert code == 0, err
+    assert f"broken {path.parent}: manifest.json unreadable (badly shaped manifest" in out
+    assert not path.parent.exists() and (tmp_path / "data" / "prepare" / new["version"]).is_dir()
+
+
+def test_a_stage_reading_a_badly_shaped_input_names_the_file(run_cli, tmp_path):
+    done = prepare(run_cli, tmp_path)
+    path = tmp_path / "data" / "prepare" / done["version"] / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"hash": 7}))
+    code, _, err = run_cli("sft", "--model", "looper:tiny", "--workdir", tmp_path, "--max-steps", "1")
+    assert code == 1 and err.startswith(f"error: {path}: unreadable manifest (badly shaped manifest: hash")
+    assert len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 6: a .partial with a manifest
+
+
+def test_a_partial_holding_a_manifest_is_not_finished(run_cli, tmp_path):
+    done = prepare(run_cli, tmp_path)
+    root = tmp_path / "data" / "prepare"
+    partial = root / "0123456789ab.partial"  # killed between writing its manifest and the rename
+    shutil.copytree(root / done["version"], partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps(manifest | {"version": "0123456789ab"}))
+
+    code, out, _ = run_cli("status", "--workdir", tmp_path, "--json")
+    states = [(row["version"], row["state"]) for row in last_json(out)["artifacts"]]
+    assert states == [(done["version"], "ok"), ("0123456789ab", "interrupted")]
+    code, out, _ = run_cli("verify", "--workdir", tmp_path)
+    assert code == 0 and ".partial" not in out and "verified 1 artifact(s)" in out
+    prepare(run_cli, tmp_path, "--seed", "5")  # a newer version: --keep 1 would drop the first
+    code, out, err = run_cli("gc", "--keep", "1", "--workdir", tmp_path)
+    assert code == 0, err
+    assert partial.is_dir() and ".partial" not in out  # only --partials removes it, under its lock
+    code, out, err = run_cli("gc", "--keep", "1", "--partials", "--workdir", tmp_path)
+    assert code == 0 and not partial.exists()
+
+
+def test_status_does_not_call_an_empty_partial_resumable(run_cli, tmp_path):
+    prepare(run_cli, tmp_path)
+    store = Store(tmp_path)
+    run = store.begin("prepare", "feedbeef0000")
+    store.unlock("prepare", "feedbeef0000")  # as if a model load had failed and the run ended
+    code, out, _ = run_cli("status", "--workdir", tmp_path)
+    assert f"INTERRUPTED  {run.path}: nothing saved yet" in out and "resumable" not in out
+
+
+# --------------------------------------------------------------------------- 7: gc and a live run's inputs
+
+
+def test_gc_keeps_what_a_running_stage_reads(run_cli, tmp_path):
+    read = prepare(run_cli, tmp_path, "--seed", "1")
+    prepare(run_cli, tmp_path, "--seed", "2")
+    prepare(run_cli, tmp_path, "--seed", "3")  # --keep 1 keeps this one only
+    store = Store(tmp_path)
+    old = store.resolve("prepare", read["version"])
+    version = store.version_for("sft", {"any": 1}, {"prepare": old})
+    assert store.reuse("sft", version, force=False) is None  # a run of sft begins: it holds its lock
+    code, out, err = run_cli("gc", "--keep", "1", "--workdir", tmp_path)
+    assert code == 0, err
+    assert old.path.is_dir(), "gc removed the input of a running stage"
+    assert str(old.path) not in out
+    store.unlock("sft", version)  # that run ended: its input is an old version like any other
+    code, out, err = run_cli("gc", "--keep", "1", "--workdir", tmp_path)
+    assert code == 0 and not old.path.exists()
+
+
+def test_a_run_whose_input_vanished_does_not_publish(run_cli, tmp_path):
+    from looper.errors import LooperError
+
+    done = prepare(run_cli, tmp_path)
+    store = Store(tmp_path)
+    source = store.resolve("prepare", done["version"])
+    run = store.begin("sft", "0123456789ab")
+    (run.path / "adapter.bin").write_bytes(b"x")
+    shutil.rmtree(source.path)
+    with pytest.raises(LooperError, match="input prepare .* was removed while this run used it"):
+        run.commit(config={}, inputs={"prepare": source}, identity={})
+    assert not (store.stage_root("sft") / "0123456789ab").exists()
+
+
+# --------------------------------------------------------------------------- 9: stray temp files
+
+
+def test_gc_broken_and_partials_remove_temp_files_of_killed_writes(run_cli, tmp_path):
+    prepare(run_cli, tmp_path)
+    strays = [
+        tmp_path / "data" / "prepare" / ".LATEST.k3j2h1.tmp",
+        tmp_path / "data" / "eval" / "cache" / "0a1b2c" / ".chunk-00000.parquet.x9y8.tmp",
+        tmp_path / "checkpoints" / ".sft_lora.tmp-999999999",  # no such pid
+    ]
+    for path in strays:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    live = tmp_path / "checkpoints" / f".ppo_regime_w.tmp-{os.getpid()}"  # a live process' link
+    live.write_bytes(b"")
+    store = Store(tmp_path)
+    store.begin("eval", "feedbeef0000")  # a running eval: its cache temp files are being written
+    code, out, err = run_cli("gc", "--broken", "--workdir", tmp_path)
+    assert code == 0, err
+    assert not strays[0].exists() and not strays[2].exists() and strays[1].exists() and live.exists()
+    store.unlock("eval", "feedbeef0000")
+    code, out, err = run_cli("gc", "--partials", "--workdir", tmp_path)
+    assert code == 0 and not strays[1].exists() and f"stray {strays[1]}" in out
+    code, out, _ = run_cli("gc", "--broken", "--dry-run", "--workdir", tmp_path)
+    assert "stray" not in out
