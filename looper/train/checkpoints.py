@@ -6,7 +6,9 @@ would pick it anyway and every rerun would fail on it; `last_complete` instead s
 removes) it with a message and resumes from the newest complete one. transformers writes
 `trainer_state.json` last, after the weights, optimizer, scheduler and RNG state, so a
 readable trainer state plus structurally intact weights and optimizer files means the
-checkpoint is whole.
+checkpoint is whole. The scheduler and RNG state count too: a checkpoint without them would
+resume on another learning rate or other random draws and publish another adapter under the
+same version.
 
 transformers' `train_loss` covers only the steps since the resume, and TRL's token count
 restarts at 0. `totals_callback` writes `looper_totals.json` (loss summed over steps, tokens)
@@ -26,6 +28,8 @@ from looper.store.locking import is_main_rank
 
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG_STATE = "rng_state.pth"
 TRAINER_STATE = "trainer_state.json"
 TOTALS = "looper_totals.json"
 
@@ -75,9 +79,17 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         safetensors_problem(weights) if weights.suffix == ".safetensors" else torch_file_problem(weights)
     ):
         return problem
-    if not (checkpoint / OPTIMIZER).is_file():
-        return f"{OPTIMIZER} missing"
-    return torch_file_problem(checkpoint / OPTIMIZER)
+    for name in (OPTIMIZER, SCHEDULER):
+        if not (checkpoint / name).is_file():
+            return f"{name} missing"
+        if problem := torch_file_problem(checkpoint / name):
+            return problem
+    # one process writes rng_state.pth, each of several rng_state_<rank>.pth: without it the
+    # resumed run would draw other dropout masks and data order than an uninterrupted one
+    rng = sorted(checkpoint.glob("rng_state*.pth"))
+    if not rng:
+        return f"{RNG_STATE} missing"
+    return next((p for p in map(torch_file_problem, rng) if p), None)
 
 
 def last_complete(trainer_dir: Path, stage: str) -> str | None:
