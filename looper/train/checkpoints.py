@@ -108,6 +108,15 @@ def last_complete(trainer_dir: Path, stage: str) -> str | None:
     return None
 
 
+def training_done(checkpoint: str) -> bool:
+    """Whether `checkpoint` is the run's last step (its trainer state's global_step reached max_steps)."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
 def load_totals(checkpoint: str | None) -> dict[str, Any] | None:
     """The run totals saved with `checkpoint` ({'loss_sum', 'tokens'} up to its step), or None."""
     if checkpoint is None:

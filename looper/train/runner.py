@@ -319,8 +319,25 @@ class TrainingRun:
         from looper.store import faults
 
         faults.arm_trainer(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
+        if self.checkpoint and checkpoints.training_done(self.checkpoint):
+            return self.restore_finished(trainer)
         with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
             return trainer.train(resume_from_checkpoint=self.checkpoint)
+
+    def restore_finished(self, trainer: Any) -> Any:
+        """The run was killed after its last step's checkpoint, before publishing: nothing is left
+        to train. transformers would still run one more step when resumed there (issue 22: `steps: 5`
+        of --max-steps 4, another adapter under the same version), so the checkpoint's weights and
+        trainer state are loaded instead, as they stood when the uninterrupted run finished training."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        from looper.train import checkpoints
+
+        print(f"{self.stage}: {Path(self.checkpoint).name} is the last step: training is done, restoring it")
+        trainer._load_from_checkpoint(self.checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(self.checkpoint) / checkpoints.TRAINER_STATE))
+        return TrainOutput(trainer.state.global_step, 0.0, {})
 
     def train_loss(self, result: Any, trainer: Any) -> float:
         """Mean training loss per step over the whole run, a resumed one included."""
@@ -331,7 +348,7 @@ class TrainingRun:
 
     def train_tokens(self, trainer: Any) -> int:
         """Tokens trained on over the whole run (TRL's count restarts at a resume)."""
-        return int(trainer._total_train_tokens) + (self.before or {}).get("tokens", 0)
+        return int(getattr(trainer, "_total_train_tokens", 0)) + (self.before or {}).get("tokens", 0)
 
     def finish(
         self,
