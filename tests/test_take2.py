@@ -160,3 +160,48 @@ def test_gc_broken_and_partials_remove_temp_files_of_killed_writes(run_cli, tmp_
     assert code == 0 and not strays[1].exists() and f"stray {strays[1]}" in out
     code, out, _ = run_cli("gc", "--broken", "--dry-run", "--workdir", tmp_path)
     assert "stray" not in out
+
+
+# --------------------------------------------------------------------------- 4 and 8: failed loads
+
+
+def broken_model(tiny_model_dir, dest, how: str):
+    shutil.copytree(tiny_model_dir, dest)
+    if how == "config only":
+        for path in dest.iterdir():
+            if path.name != "config.json":
+                path.unlink()
+    else:  # weights cut short
+        weights = dest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return dest
+
+
+def nothing_interrupted(run_cli, home) -> None:
+    assert not list(home.rglob("*.partial")), "a failed load left a .partial"
+    code, out, _ = run_cli("status", "--workdir", home)
+    assert code == 0 and "INTERRUPTED" not in out
+
+
+@pytest.mark.parametrize("how", ["config only", "weights cut short"])
+@pytest.mark.parametrize("stage", ["sft", "rollouts"])
+def test_a_model_that_fails_to_load_leaves_no_partial(run_cli, tmp_path, tiny_model_dir, stage, how):
+    prepare(run_cli, tmp_path)
+    model = broken_model(tiny_model_dir, tmp_path / "model", how)
+    args = ["--max-steps", "1"] if stage == "sft" else ["--policy", "base", "--limit", "2", "--arms", "2"]
+    code, _, err = run_cli(stage, "--model", model, "--workdir", tmp_path, *args)
+    assert code != 0 and "Traceback" not in err, err
+    nothing_interrupted(run_cli, tmp_path)
+
+
+def test_an_adapter_without_its_weights_is_named_and_nothing_is_left(run_cli, tmp_path, tiny_model_dir):
+    prepare(run_cli, tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    code, _, err = run_cli(
+        "rollouts", "--model", tiny_model_dir, "--policy", adapter, "--workdir", tmp_path, "--limit", "2"
+    )
+    assert code == 1 and err.startswith(f"error: adapter {adapter} has no weights"), err
+    assert "Repo id" not in err and len(err.strip().splitlines()) == 1
+    nothing_interrupted(run_cli, tmp_path)

@@ -63,7 +63,6 @@ def run(config: SftConfig) -> StageResult:
             "across examples with the CPU's attention); leave it off on this machine"
         )
 
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     model = models.load_model(
         source,
@@ -71,6 +70,8 @@ def run(config: SftConfig) -> StageResult:
         trust_remote_code=config.trust_remote_code,
         attn_implementation="flash_attention_2" if config.padding_free else None,
     )
+    # only once the model has loaded: a failed load leaves no .partial behind
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     trainer = build_trainer(config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks())
     if dev_rows and not job.checkpoint:
         trainer.evaluate()  # the dev loss before training, logged at step 0

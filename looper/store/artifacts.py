@@ -370,6 +370,10 @@ class Store:
             raise LooperError(f"no {stage} version '{ref}' under {self.stage_root(stage)}")
         return Artifact.load(candidate)
 
+    def partial_path(self, stage: str, version: str) -> Path:
+        """Where a run of `version` writes before it publishes (it may not exist yet)."""
+        return self.stage_root(stage) / f"{version}{PARTIAL}"
+
     def begin(self, stage: str, version: str, *, resume: bool = False) -> Run:
         """Start writing `version`; with resume, keep what an interrupted run left."""
         lock = self.lock(stage, version)
