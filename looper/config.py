@@ -75,6 +75,8 @@ def field_problem(f: dataclasses.Field, value: Any) -> str | None:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         return f"{value!r} is not {allowed(f)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return f"{value} is too large (an integer option holds at most 2**63 - 1)"
     bounds = f.metadata.get("bounds", {})
     if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):

@@ -14,16 +14,18 @@ from typing import Any
 import orjson
 
 from looper.regime_w import bandit
-from looper.store.artifacts import Artifact, atomic_write_bytes, dumps_json
+from looper.store.artifacts import Artifact, atomic_write_bytes, dumps_json, write_figure
 
 
-def round_figures(rnd: dict, sft_path: str) -> dict:
-    """The numbers the loop report shows for one round, read from its stages' artifacts."""
+def round_figures(rnd: dict, sft_name: str) -> dict:
+    """The numbers the loop report shows for one round, read from its stages' artifacts; the eval
+    names the policies `<stage>:<version>` (looper.loop.rounds.policy_name)."""
     rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
     m, arms = rollouts.get("metrics", {}), rollouts.get("counts", {}).get("arms")
     report = orjson.loads((Path(rnd["eval"]["path"]) / "report.json").read_bytes())
-    policy, sft = report["models"][rnd["train"]["path"]], report["models"][sft_path]
-    pair = report["pairs"].get(f"{sft_path} vs {rnd['train']['path']}", {})
+    name = f"{rnd['train']['stage']}:{rnd['train']['version']}"
+    policy, sft = report["models"][name], report["models"][sft_name]
+    pair = report["pairs"].get(f"{sft_name} vs {name}", {})
     log = Path(rnd["train"]["path"]) / "metrics.jsonl"
     logs = (
         [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
@@ -54,14 +56,14 @@ def round_figures(rnd: dict, sft_path: str) -> dict:
     }
 
 
-def final_figures(eval_dir: Path, sft_path: str, final_path: str) -> dict:
+def final_figures(eval_dir: Path, sft_name: str, final_name: str) -> dict:
     report = orjson.loads((eval_dir / "report.json").read_bytes())
-    pair = report["pairs"][f"{sft_path} vs {final_path}"]
+    pair = report["pairs"][f"{sft_name} vs {final_name}"]
     pick = lambda e: {k: e[k] for k in ("accuracy", "ci95", "correct", "n")}  # noqa: E731
     return {
         "split": report["settings"]["questions_from"],
-        "sft": pick(report["models"][sft_path]),
-        "final": pick(report["models"][final_path]),
+        "sft": pick(report["models"][sft_name]),
+        "final": pick(report["models"][final_name]),
         "diff": pair["diff"],
         "ci95": pair["ci95"],
         "mcnemar_p": pair["mcnemar_p"],
@@ -181,10 +183,10 @@ def plot(summary: dict, path: Path) -> None:
             ax.set_xlabel("round")
             ax.set_xticks([0] + xs if ax is axes[0][0] else xs)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    write_figure(path, fig)
 
 
-def write_report(out_dir: Path, summary: dict, sft_path: str) -> None:
+def write_report(out_dir: Path, summary: dict, sft_name: str) -> None:
     atomic_write_bytes(out_dir / "report.md", markdown(summary).encode())
     plot(summary, out_dir / "loop.png")
     atomic_write_bytes(out_dir / "summary.json", dumps_json(summary))

@@ -48,7 +48,7 @@ import orjson
 from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
 from looper.errors import LooperError
 from looper.loop.report import final_figures, fmt, round_figures, write_report
-from looper.loop.rounds import final_round, patience_exhausted, read_record
+from looper.loop.rounds import anchored, final_round, patience_exhausted, policy_name, portable, read_record
 from looper.stages import StageResult
 from looper.store.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
 
@@ -88,8 +88,8 @@ class Loop:
         say(f"{label} {stage} {result.version}: {state}")
         return result
 
-    def save(self) -> None:
-        atomic_write_bytes(self.record_path, dumps_json(self.record))
+    def save(self) -> None:  # paths relative to the home: a moved home resumes
+        atomic_write_bytes(self.record_path, dumps_json(portable(self.record, self.store.workdir)))
 
 
 # --------------------------------------------------------------------------- one round
@@ -111,7 +111,7 @@ def rollouts_step(loop: Loop, rnd: dict) -> None:
     result = loop.run_stage(
         "rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset, **prior
     )
-    rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
+    rnd["rollouts"] = {"stage": "rollouts", "version": result.version, "path": result.path, "offset": offset}
 
 
 def train_step(loop: Loop, rnd: dict) -> None:
@@ -123,15 +123,14 @@ def train_step(loop: Loop, rnd: dict) -> None:
 
 def eval_step(loop: Loop, rnd: dict) -> None:
     """sft against the new policy on the dev split (sft's completions come from eval's cache after round 1)."""
-    policy = rnd["train"]["path"]
     result = loop.run_stage(
         "eval",
         f"round {rnd['round']}",
         split="dev",
         limit=loop.config.dev_limit,
-        compare=f"{loop.sft.path},{policy}",
+        compare=f"{policy_name(loop.sft.manifest)},{policy_name(rnd['train'])}",
     )
-    rnd["eval"] = {"version": result.version, "path": result.path}
+    rnd["eval"] = {"stage": "eval", "version": result.version, "path": result.path}
 
 
 ROUND_STEPS: tuple[tuple[str, Callable[[Loop, dict], None]], ...] = (
@@ -191,15 +190,15 @@ def run(config: LoopConfig) -> StageResult:
     run_ = store.begin(STAGE, version, resume=not config.force)
     loop.record_path = run_.path / RECORD
     if loop.record_path.is_file():
-        loop.record = read_record(loop.record_path)
+        loop.record = anchored(read_record(loop.record_path), store.workdir)
         if loop.record["rounds"]:
             say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
     rounds = loop.record["rounds"]
-    sft_path = str(loop.sft.path)
+    sft_name = policy_name(loop.sft.manifest)  # sft:<version>
 
     while len(rounds) < config.rounds and not patience_exhausted(rounds, config.patience):
         k = len(rounds) + 1
-        policy_in = rounds[-1]["train"]["path"] if rounds else sft_path
+        policy_in = policy_name(rounds[-1]["train"]) if rounds else sft_name
         rnd = loop.record["current"] or {}
         if rnd.get("round") != k:
             rnd = {"round": k, "policy_in": policy_in}
@@ -209,7 +208,7 @@ def run(config: LoopConfig) -> StageResult:
             step(loop, rnd)
             rnd["wall_s"] = time.time() - started
             loop.save()
-        rnd["figures"] = round_figures(rnd, sft_path)
+        rnd["figures"] = round_figures(rnd, sft_name)
         rounds.append(rnd)
         loop.record["current"] = None
         loop.save()
@@ -229,8 +228,8 @@ def run(config: LoopConfig) -> StageResult:
     final = final_round(rounds, config.final)
     test = None
     if config.test_eval:
-        result = loop.run_stage("eval", "final", compare=f"{sft_path},{final['train']['path']}")
-        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {
+        result = loop.run_stage("eval", "final", compare=f"{sft_name},{policy_name(final['train'])}")
+        test = final_figures(Path(result.path), sft_name, policy_name(final["train"])) | {
             "version": result.version
         }
         loop.record["test"] = test
@@ -246,7 +245,8 @@ def run(config: LoopConfig) -> StageResult:
         "test": test,
         "sft": loop.sft.ref(),
     }
-    write_report(run_.path, summary, sft_path)
+    summary = portable(summary, store.workdir)  # the artifact's content: the same in any home
+    write_report(run_.path, summary, sft_name)
     train_manifest = Artifact.load(Path(final["train"]["path"])).manifest
     artifact = run_.commit(
         config=orjson.loads(orjson.dumps(vars(config))),
@@ -269,10 +269,13 @@ def run(config: LoopConfig) -> StageResult:
             "base_model": train_manifest.get("base_model"),
             "stop": stop_reason,
             "final": summary["final"],
-            "rounds": [
-                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
-                for r in rounds
-            ],
+            "rounds": portable(
+                [
+                    {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
+                    for r in rounds
+                ],
+                store.workdir,
+            ),
         },
     )
     return StageResult.from_artifact(artifact)

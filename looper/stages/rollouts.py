@@ -91,7 +91,9 @@ def rollouts_identity(config: RolloutsConfig) -> dict:
     return raw | {"rewards": reward_spec(config).as_dict()}
 
 
-def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
+def score_row(
+    row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig, policy: str
+) -> dict:
     answers = [o["answer"] for o in outputs]
     tokens = [o["tokens"] for o in outputs]
     by_arm = {o["arm"]: o["answer"] for o in outputs}
@@ -108,7 +110,7 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
         "id": row["id"],
         "question": row["question"],
         "gold_answer": row["gold_answer"],
-        "policy": config.policy,
+        "policy": policy,  # <stage>:<version> or base: never a path (rows must not depend on the home)
         "arm_outputs": outputs,
         "cf_outputs": cf_outputs,
         **scores,
@@ -143,6 +145,7 @@ def rollout_chunk(
     config: RolloutsConfig,
     seed: int,
     on_progress,
+    policy: str | None = None,
 ) -> list[dict]:
     """All arms (`arms(row)`: each sample's arm) and the s_cf re-asks of the chunk's questions, in one call."""
     prompts, slots = chunk_requests(rows, arms, cf_arms, tokenizer)
@@ -169,7 +172,8 @@ def rollout_chunk(
                     "tokens": completion.tokens,
                 }
             )
-    return [score_row(row, outputs[i], cf_outputs[i], config) for i, row in enumerate(rows)]
+    policy = config.policy if policy is None else policy
+    return [score_row(row, outputs[i], cf_outputs[i], config, policy) for i, row in enumerate(rows)]
 
 
 def run(config: RolloutsConfig) -> StageResult:
@@ -294,6 +298,7 @@ def run(config: RolloutsConfig) -> StageResult:
                     config,
                     seed=config.seed * 100_003 + j,
                     on_progress=on_progress,
+                    policy=policy.ref,
                 )
                 write_parquet(run_.path / f"shard-{j:05d}.parquet", scored, ROW_SCHEMA)
                 progress.advance(task, len(chunks[j]))

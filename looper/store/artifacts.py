@@ -84,6 +84,16 @@ def atomic_write_bytes(path: Path, data: bytes, *, make_parents: bool = True) ->
             raise
 
 
+def write_figure(path: Path, fig: Any, **savefig: Any) -> None:
+    """A matplotlib figure as PNG, rendered in memory and written like any file (atomically, with
+    the disk-space check's one-line message when the disk is full)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def dumps_json(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
@@ -123,7 +133,12 @@ def read_rows(path: Path) -> list[dict]:
 
         try:
             return pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
+        except (
+            pa.ArrowException,
+            OSError,
+            OverflowError,
+            ValueError,
+        ) as exc:  # a flipped byte may decode wrong
             raise LooperError(
                 f"{path}: unreadable table ({str(exc).splitlines()[0]}): `looper verify` lists damaged "
                 "artifacts, `looper gc --broken` removes them; then rerun the stage that wrote it"
