@@ -11,8 +11,8 @@ from conftest import last_json
 
 from looper.errors import LooperError
 from looper.rewards.summary import ROW_SCHEMA
-from looper.stages.ppo import replay_func
 from looper.store.artifacts import Store, write_parquet
+from looper.train.grpo import replay_func
 from looper.train.grpo_math import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
@@ -557,7 +557,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     does (adapter, KL controller), and metrics.jsonl holds each step once."""
     from safetensors.torch import load_file
 
-    from looper.stages.ppo import ReplayGRPOTrainer
+    from looper.train.grpo import ReplayGRPOTrainer
 
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
@@ -618,7 +618,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
-    from looper.stages.ppo import RegimeWGRPOTrainer
+    from looper.train.grpo import RegimeWGRPOTrainer
 
     args = [
         "--online",
