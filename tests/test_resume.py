@@ -26,6 +26,7 @@ def fake_checkpoint(trainer_dir: Path, step: int) -> Path:
     torch.save({"state": {0: torch.zeros(4, 4)}}, folder / "optimizer.pt")
     torch.save({"last_epoch": step}, folder / "scheduler.pt")
     torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "looper_totals.json").write_text(json.dumps({"step": step, "loss_sum": 1.0, "tokens": 10}))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return folder
 
@@ -49,6 +50,9 @@ def cut(path: Path) -> None:
         (lambda c: cut(c / "scheduler.pt"), "scheduler.pt unreadable"),
         (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth missing"),
         (lambda c: cut(c / "rng_state.pth"), "rng_state.pth unreadable"),
+        # killed before the run totals were written: the manifest would count tokens since the resume only
+        (lambda c: (c / "looper_totals.json").unlink(), "looper_totals.json missing"),
+        (lambda c: cut(c / "looper_totals.json"), "looper_totals.json missing or unreadable"),
     ],
 )
 def test_incomplete_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, damage, reason):

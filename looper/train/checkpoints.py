@@ -89,7 +89,13 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     rng = sorted(checkpoint.glob("rng_state*.pth"))
     if not rng:
         return f"{RNG_STATE} missing"
-    return next((p for p in map(torch_file_problem, rng) if p), None)
+    if problem := next((p for p in map(torch_file_problem, rng) if p), None):
+        return problem
+    # written last (on_save, after the trainer's rotation): without it a resumed run's manifest
+    # would count only the tokens and loss since the resume
+    if load_totals(str(checkpoint)) is None:
+        return f"{TOTALS} missing or unreadable"
+    return None
 
 
 def last_complete(trainer_dir: Path, stage: str) -> str | None:
@@ -148,6 +154,8 @@ def totals_callback(trainer: Any, before: dict[str, Any]):
                 + (float(pending.item()) if pending is not None else 0.0),
                 "tokens": before["tokens"] + int(getattr(trainer, "_total_train_tokens", 0)),
             }
-            (folder / TOTALS).write_text(json.dumps(totals))
+            from looper.store.artifacts import atomic_write_bytes
+
+            atomic_write_bytes(folder / TOTALS, json.dumps(totals).encode())  # whole or absent
 
     return RunTotals()
