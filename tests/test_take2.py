@@ -302,3 +302,11 @@ def test_a_bit_flipped_table_is_a_one_line_error(tmp_path):
         except LooperError:
             failures += 1
     assert failures > 0
+
+
+def test_a_rerun_removes_the_temp_files_its_killed_predecessor_left(run_cli, tmp_path):
+    done = prepare(run_cli, tmp_path)
+    stray = tmp_path / "data" / "prepare" / ".LATEST.k3j2h1.tmp"  # killed between its write and rename
+    stray.write_bytes(done["version"].encode())
+    assert prepare(run_cli, tmp_path)["skipped"]
+    assert not stray.exists()

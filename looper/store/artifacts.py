@@ -39,7 +39,7 @@ from looper.hashing import short_hash
 from looper.store import faults, integrity
 from looper.store.disk import space_for
 from looper.store.integrity import hash_tree
-from looper.store.locking import LOCK, ReadOnlyHome, RunLock, is_main_rank
+from looper.store.locking import LOCK, ReadOnlyHome, RunLock, is_locked, is_main_rank, pid_alive
 from looper.store.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
@@ -364,6 +364,26 @@ class Store:
             tmp.unlink(missing_ok=True)
             os.symlink(Path(stage) / version, tmp)
             os.replace(tmp, link)
+        for stray in self.stray_temp_files([stage]):  # a killed earlier run's: the rerun leaves none
+            stray.unlink(missing_ok=True)
+
+    def stray_temp_files(self, stages: Iterable[str]) -> list[Path]:
+        """Temp files killed writes left outside any .partial: `.LATEST.*.tmp` and eval's cache
+        `.chunk-*.tmp` (written only under a run lock of their stage: stray when no other run of the
+        stage holds one now), and `.<alias>.tmp-<pid>` of a pid that is gone."""
+        found = []
+        mine = {held.path for held in self.locks.values()}
+        for stage in stages:
+            root = self.stage_root(stage)
+            if root.is_dir() and not any(is_locked(p) for p in root.glob(f"*{LOCK}") if p not in mine):
+                found += [p for p in root.glob(".*.tmp") if p.is_file()]
+                found += [p for p in root.glob("cache/*/.*.tmp") if p.is_file()]
+            alias = ALIASES.get(stage)
+            for tmp in root.parent.glob(f".{alias}.tmp-*") if alias else []:
+                pid = tmp.name.rsplit("-", 1)[1]
+                if not (pid.isdigit() and pid_alive(int(pid))):
+                    found.append(tmp)
+        return sorted(found)
 
     def resolve(self, stage: str, ref: str | None = None) -> Artifact:
         """`None`/'latest' -> the latest version; a version id; or a path to an artifact dir."""

@@ -164,3 +164,13 @@ def held_inputs(path: Path) -> list[str] | None:
     except OSError:
         return []
     return [line.split(" ", 1)[1] for line in lines if line.startswith("input ")]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,24 +8,13 @@ looper verify rollouts                                # every byte of every roll
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from looper.errors import LooperError
 from looper.store import integrity
 from looper.store.artifacts import ALIASES, MANIFEST, PARTIAL, SCHEMA_VERSIONS, Artifact, Store
-from looper.store.locking import LOCK, RunLock, held_inputs, is_locked
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from looper.store.locking import LOCK, RunLock, held_inputs, pid_alive
 
 
 def _size(path: Path) -> int:
@@ -82,27 +71,8 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
     return doomed, freed
 
 
-def stray_temp_files(store: Store) -> list[Path]:
-    """Temp files a killed write left outside any .partial: `.LATEST.*.tmp` and eval's cache
-    `.chunk-*.tmp` (written only under a run lock of their stage: stray when no run of the stage
-    holds one), and `.<alias>.tmp-<pid>` of a dead pid."""
-    found = []
-    for stage in SCHEMA_VERSIONS:
-        root = store.stage_root(stage)
-        if not root.is_dir() or any(is_locked(lock) for lock in root.glob(f"*{LOCK}")):
-            continue
-        found += [p for p in root.glob(".*.tmp") if p.is_file()]
-        found += [p for p in root.glob("cache/*/.*.tmp") if p.is_file()]
-    for top in (store.workdir / "data", store.workdir / "checkpoints"):
-        for tmp in sorted(top.glob(".*.tmp-*")) if top.is_dir() else []:
-            pid = tmp.name.rsplit("-", 1)[1]
-            if not (pid.isdigit() and pid_alive(int(pid))):
-                found.append(tmp)
-    return sorted(found)
-
-
 def remove_stray_temp_files(store: Store, dry_run: bool) -> tuple[list[Path], int]:
-    found = stray_temp_files(store)
+    found = store.stray_temp_files(SCHEMA_VERSIONS)
     freed = sum(p.lstat().st_size for p in found)
     for path in found:
         print(f"stray {path}: a temp file of a killed write")
