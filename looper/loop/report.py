@@ -92,8 +92,8 @@ def markdown(summary: dict) -> str:
         "## Rounds",
         "",
         f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
-        f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups | wall |",
-        "|" + "---|" * 13,
+        f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups |",
+        "|" + "---|" * 12,
     ]
     for r in rounds:
         f = r["figures"]
@@ -102,8 +102,7 @@ def markdown(summary: dict) -> str:
             f"| [{fmt(f['dev']['ci95'][0], True)}, {fmt(f['dev']['ci95'][1], True)}] | "
             f"{fmt(f['vs_sft']['diff'] and 100 * f['vs_sft']['diff'])} pts (p {fmt(f['vs_sft']['mcnemar_p'])}) | "
             f"{fmt(f['mean_reward'])} | {fmt(f['kl_mean'])} | {fmt(f['pass_at_n'], True)} | "
-            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} | "
-            f"{r.get('wall_s', 0) / 60:.1f} min |"
+            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} |"
         )
     lines += [
         "",

@@ -238,6 +238,10 @@ def run(config: LoopConfig) -> StageResult:
     for item in Path(final["train"]["path"]).iterdir():  # the final adapter, as a policy of its own
         if item.name not in NOT_ADAPTER:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_.path / item.name)
+    # wall times differ from run to run: kept out of the artifact's content (rounds.json, summary,
+    # report) so the same loop has the same content hash anywhere; the manifest records them
+    wall_s = [r.pop("wall_s", None) for r in rounds]
+    loop.save()
     summary = {
         "rounds": rounds,
         "final": {"round": final["round"], **final["train"]},
@@ -256,6 +260,7 @@ def run(config: LoopConfig) -> StageResult:
         metrics={
             "dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
             "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"],
+            "round_wall_s": wall_s,
         }
         | (
             {
