@@ -294,7 +294,9 @@ class GenerationOptions:
 @dataclass
 class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     policy: str = opt(
-        "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
+        "sft",
+        "Policy that generates: 'sft' (latest adapter), 'base', '<stage>:<version>' (e.g. ppo:1a2b3c4d5e6f), "
+        "or an adapter/model path.",
     )
     prepare: str = opt(
         "latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path."
@@ -337,7 +339,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
 @dataclass
 class EvalConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     compare: str = opt(
-        "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
+        "base,sft,ppo",
+        "Comma-separated models: base, sft, ppo, dpo (latest), <stage>:<version> (e.g. ppo:1a2b3c4d5e6f), "
+        "or a hub id / directory / adapter path.",
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt(
