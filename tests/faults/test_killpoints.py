@@ -119,14 +119,14 @@ def test_kill_before_every_mutation(reference, uninterrupted, ledger, tmp_path, 
             }
             problems.append(f"artifacts differ: {diff}")
             ledger["killpoints_diverged"] += 1
-        if got["paths"] != want["paths"]:
-            stray = sorted(set(got["paths"]) - set(want["paths"]))
-            lost = sorted(set(want["paths"]) - set(got["paths"]))
+        stray = sorted(set(got["paths"]) - set(want["paths"]))
+        lost = sorted(set(want["paths"]) - set(got["paths"]))
+        if stray or lost:
             problems.append(f"files differ: stray {stray[:8]}, missing {lost[:8]}")
-            ledger["killpoints_stray_files"] += 1
         if broken.code != 0 or "would remove" in broken.out:
             problems.append(f"gc --broken finds: {broken.out.strip()} {broken.err.strip()}")
-            ledger["killpoints_stray_files"] += 0 if got["paths"] != want["paths"] else 1
+        if stray or lost or broken.code != 0 or "would remove" in broken.out:
+            ledger["killpoints_stray_files"] += 1
         if problems:
             failures.append(f"point {n} ({log[n - 1]}): " + "; ".join(problems))
         else:
