@@ -313,8 +313,9 @@ class TrainingRun:
             print(
                 f"{self.stage}: {self.checkpoint} has no run totals: train_loss will cover the steps from there"
             )
-        trainer.add_callback(
-            checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
+        # first of the on_save callbacks: a checkpoint is complete only with its totals (checkpoints.py)
+        trainer.callback_handler.callbacks.insert(
+            0, checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
         )
         from looper.store import faults
 
