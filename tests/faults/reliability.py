@@ -38,6 +38,9 @@ ROWS = [
     ("bad inputs: one-line error, nothing left behind", "bad_inputs_one_line_clean"),
 ]
 
+# The first row of each group of tests: absent from the counts, the group did not run.
+GROUP_STARTS = {"kills_injected", "killpoints_tried", "races", "corruptions_tried", "bad_inputs_tried"}
+
 HEADER = """# Reliability
 
 What the fault-injection suite (`tests/faults/`, issue 12) measured: every stage (prepare, sft,
@@ -69,7 +72,11 @@ def render(summary: dict) -> str:
         "| what | count |",
         "|---|---|",
     ]
-    lines += [f"| {label} | {counts.get(key, 0)} |" for label, key in ROWS]
+    group_ran = False
+    for label, key in ROWS:
+        if key in GROUP_STARTS:  # the first row of a group: whether this session ran that group at all
+            group_ran = key in counts
+        lines.append(f"| {label} | {counts.get(key, 0) if group_ran else 'not run this time'} |")
     if per_stage := summary.get("kill_points_per_stage"):
         lines += [
             "",
