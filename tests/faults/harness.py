@@ -61,11 +61,22 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "looper", "--config", str(PIPELINE), *map(str, args)]
 
 
+def wait_while_paused() -> None:
+    """With LOOPER_FAULTS_PAUSE=<path>, start no run while that path exists (a shared box's
+    quiet-period marker: the hours-long kill-point set then waits instead of disturbing a benchmark)."""
+    import time
+
+    pause = os.environ.get("LOOPER_FAULTS_PAUSE")
+    while pause and os.path.exists(pause):
+        time.sleep(30)
+
+
 def looper(
     home: Path, *args: str, fault: str | None = None, timeout: int = TIMEOUT, env: dict | None = None
 ) -> Result:
     """Run `looper --config faults.toml ARGS` against `home`; returns code (-9 when killed), stdout, stderr.
     `env`: more variables (LOOPER_KILL_AT, LOOPER_KILL_LOG: looper/store/faults.py)."""
+    wait_while_paused()
     proc = subprocess.run(
         command(*args), env=env_for(home, fault, env), capture_output=True, text=True, timeout=timeout
     )
