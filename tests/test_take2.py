@@ -184,8 +184,18 @@ def nothing_interrupted(run_cli, home) -> None:
     assert code == 0 and "INTERRUPTED" not in out
 
 
-@pytest.mark.parametrize("how", ["config only", "weights cut short"])
-@pytest.mark.parametrize("stage", ["sft", "rollouts"])
+# one case in the fast tier, the other three in the slow one (each loads a model)
+FAILED_LOADS = [("sft", "config only")] + [
+    pytest.param(stage, how, marks=pytest.mark.slow)
+    for stage, how in (
+        ("sft", "weights cut short"),
+        ("rollouts", "config only"),
+        ("rollouts", "weights cut short"),
+    )
+]
+
+
+@pytest.mark.parametrize(("stage", "how"), FAILED_LOADS)
 def test_a_model_that_fails_to_load_leaves_no_partial(run_cli, tmp_path, tiny_model_dir, stage, how):
     prepare(run_cli, tmp_path)
     model = broken_model(tiny_model_dir, tmp_path / "model", how)
