@@ -159,8 +159,9 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
     def command(ctx: typer.Context, **values: Any) -> None:
         if ctx.invoked_subcommand is not None:
             return
-        stage = importlib.import_module(STAGE_MODULES.get(name, f"looper.stages.{name}"))
-        run_stage(name, stage.run, values)
+        # the stage module (torch, TRL) is imported only once the options are checked: a bad one fails fast
+        module = STAGE_MODULES.get(name, f"looper.stages.{name}")
+        run_stage(name, lambda config: importlib.import_module(module).run(config), values)
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context, *params])  # typer reads the options from here

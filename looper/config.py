@@ -81,6 +81,8 @@ def field_problem(f: dataclasses.Field, value: Any) -> str | None:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         return f"{value!r} is not {allowed(f)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return f"{value} is too large (an integer option holds at most 2**63 - 1)"
     bounds = f.metadata.get("bounds", {})
     if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
@@ -324,7 +326,9 @@ class GenerationOptions:
 @dataclass
 class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     policy: str = opt(
-        "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
+        "sft",
+        "Policy that generates: 'sft' (latest adapter), 'base', '<stage>:<version>' (e.g. ppo:1a2b3c4d5e6f), "
+        "or an adapter/model path.",
     )
     prepare: str = opt(
         "latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path."
@@ -367,7 +371,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
 @dataclass
 class EvalConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     compare: str = opt(
-        "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
+        "base,sft,ppo",
+        "Comma-separated models: base, sft, ppo, dpo (latest), <stage>:<version> (e.g. ppo:1a2b3c4d5e6f), "
+        "or a hub id / directory / adapter path.",
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt(

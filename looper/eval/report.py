@@ -26,7 +26,7 @@ from typing import Any
 from looper import stats
 from looper.answers import answers_agree
 from looper.data import lm_eval_format
-from looper.store.artifacts import atomic_write_bytes, dumps_json
+from looper.store.artifacts import atomic_write_bytes, dumps_json, write_figure
 
 MAX_DISAGREEMENTS = 50  # rows of the "models disagree" table in report.md
 
@@ -262,7 +262,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     title = f"{dataset} accuracy, {report['questions']} questions"
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Title": title})  # also a PNG text chunk, for readers
+    write_figure(path, fig, metadata={"Title": title})  # also a PNG text chunk, for readers
 
 
 def plot_lengths(
@@ -282,7 +282,7 @@ def plot_lengths(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Title": title})
+    write_figure(path, fig, metadata={"Title": title})
 
 
 def write(out_dir: Path, report: dict[str, Any], rows: list[dict]) -> None:

@@ -48,7 +48,7 @@ import orjson
 from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
 from looper.errors import LooperError
 from looper.loop.report import final_figures, fmt, round_figures, write_report
-from looper.loop.rounds import final_round, patience_exhausted, read_record
+from looper.loop.rounds import anchored, final_round, patience_exhausted, policy_name, portable, read_record
 from looper.stages import StageResult
 from looper.store.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
 
@@ -90,8 +90,8 @@ class LoopContext:
         say(f"{label} {stage} {result.version}: {state}")
         return result
 
-    def save(self) -> None:
-        atomic_write_bytes(self.record_path, dumps_json(self.record))
+    def save(self) -> None:  # paths relative to the home: a moved home resumes
+        atomic_write_bytes(self.record_path, dumps_json(portable(self.record, self.store.workdir)))
 
 
 # --------------------------------------------------------------------------- one round
@@ -115,7 +115,12 @@ def rollouts_step(loop: LoopContext, round_record: dict) -> None:
     result = loop.run_stage(
         "rollouts", f"round {round_record['round']}", policy=round_record["policy_in"], offset=offset, **prior
     )
-    round_record["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
+    round_record["rollouts"] = {
+        "stage": "rollouts",
+        "version": result.version,
+        "path": result.path,
+        "offset": offset,
+    }
 
 
 def train_step(loop: LoopContext, round_record: dict) -> None:
@@ -129,15 +134,14 @@ def train_step(loop: LoopContext, round_record: dict) -> None:
 
 def eval_step(loop: LoopContext, round_record: dict) -> None:
     """sft against the new policy on the dev split (sft's completions come from eval's cache after round 1)."""
-    policy = round_record["train"]["path"]
     result = loop.run_stage(
         "eval",
         f"round {round_record['round']}",
         split="dev",
         limit=loop.config.dev_limit,
-        compare=f"{loop.sft.path},{policy}",
+        compare=f"{policy_name(loop.sft.manifest)},{policy_name(round_record['train'])}",
     )
-    round_record["eval"] = {"version": result.version, "path": result.path}
+    round_record["eval"] = {"stage": "eval", "version": result.version, "path": result.path}
 
 
 ROUND_STEPS: tuple[tuple[str, Callable[[LoopContext, dict], None]], ...] = (
@@ -218,15 +222,15 @@ def run(config: LoopConfig) -> StageResult:
     loop_run = store.begin(STAGE, version, resume=not config.force)
     loop.record_path = loop_run.path / RECORD
     if loop.record_path.is_file():
-        loop.record = read_record(loop.record_path)
+        loop.record = anchored(read_record(loop.record_path), store.workdir)
         if loop.record["rounds"]:
             say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
     rounds = loop.record["rounds"]
-    sft_path = str(loop.sft.path)
+    sft_name = policy_name(loop.sft.manifest)  # sft:<version>
 
     while len(rounds) < config.rounds and not patience_exhausted(rounds, config.patience):
         k = len(rounds) + 1
-        policy_in = rounds[-1]["train"]["path"] if rounds else sft_path
+        policy_in = policy_name(rounds[-1]["train"]) if rounds else sft_name
         round_record = loop.record["current"] or {}
         if round_record.get("round") != k:
             round_record = {"round": k, "policy_in": policy_in}
@@ -236,7 +240,7 @@ def run(config: LoopConfig) -> StageResult:
             step(loop, round_record)
             round_record["wall_s"] = time.time() - started
             loop.save()
-        round_record["figures"] = round_figures(round_record, sft_path)
+        round_record["figures"] = round_figures(round_record, sft_name)
         rounds.append(round_record)
         loop.record["current"] = None
         loop.save()
@@ -256,8 +260,8 @@ def run(config: LoopConfig) -> StageResult:
     final = final_round(rounds, config.final)
     test = None
     if config.test_eval:
-        result = loop.run_stage("eval", "final", compare=f"{sft_path},{final['train']['path']}")
-        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {
+        result = loop.run_stage("eval", "final", compare=f"{sft_name},{policy_name(final['train'])}")
+        test = final_figures(Path(result.path), sft_name, policy_name(final["train"])) | {
             "version": result.version
         }
         loop.record["test"] = test
@@ -266,6 +270,10 @@ def run(config: LoopConfig) -> StageResult:
     for item in Path(final["train"]["path"]).iterdir():  # the final adapter, as a policy of its own
         if item.name not in NOT_ADAPTER:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, loop_run.path / item.name)
+    # wall times differ from run to run: kept out of the artifact's content (rounds.json, summary,
+    # report) so the same loop has the same content hash anywhere; the manifest records them
+    wall_s = [r.pop("wall_s", None) for r in rounds]
+    loop.save()
     summary = {
         "rounds": rounds,
         "final": {"round": final["round"], **final["train"]},
@@ -273,7 +281,8 @@ def run(config: LoopConfig) -> StageResult:
         "test": test,
         "sft": loop.sft.ref(),
     }
-    write_report(loop_run.path, summary, sft_path)
+    summary = portable(summary, store.workdir)  # the artifact's content: the same in any home
+    write_report(loop_run.path, summary, sft_name)
     train_manifest = Artifact.load(Path(final["train"]["path"])).manifest
     artifact = loop_run.commit(
         config=orjson.loads(orjson.dumps(vars(config))),
@@ -283,6 +292,7 @@ def run(config: LoopConfig) -> StageResult:
         metrics={
             "dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
             "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"],
+            "round_wall_s": wall_s,
         }
         | (
             {
@@ -296,10 +306,13 @@ def run(config: LoopConfig) -> StageResult:
             "base_model": train_manifest.get("base_model"),
             "stop": stop_reason,
             "final": summary["final"],
-            "rounds": [
-                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
-                for r in rounds
-            ],
+            "rounds": portable(
+                [
+                    {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
+                    for r in rounds
+                ],
+                store.workdir,
+            ),
         },
     )
     return StageResult.from_artifact(artifact)

@@ -80,9 +80,9 @@ def run_online(config: PpoConfig) -> StageResult:
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
     adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     model, peft_config = runner.policy_model(config, base, adapter_path, quant)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)  # once loaded
     group = config.online_generations
     dataset = online_dataset(rows, tokenizer)
     trainer = build_trainer(

@@ -124,10 +124,13 @@ def run(config: RolloutsConfig) -> StageResult:
     chunks = [rows[i : i + config.shard_size] for i in range(0, len(rows), config.shard_size)]
     mine = [j for j in range(len(chunks)) if j % shard_count == shard_index - 1]
 
-    run_ = store.begin(STAGE, version, resume=not config.force)
-    todo = [j for j in mine if not table_reads_back(run_.path / f"shard-{j:05d}.parquet", STAGE)]
+    partial = store.partial_path(STAGE, version)  # made by store.begin once the model has loaded
+    todo = [
+        j for j in mine if config.force or not table_reads_back(partial / f"shard-{j:05d}.parquet", STAGE)
+    ]
     if len(todo) < len(mine):
-        print(f"rollouts: resuming {run_.path}: {len(mine) - len(todo)} of {len(mine)} chunks already done")
+        print(f"rollouts: resuming {partial}: {len(mine) - len(todo)} of {len(mine)} chunks already done")
+    generator = tokenizer = None
     if todo:
         generator, tokenizer = policies.load_generator(
             policy,
@@ -142,6 +145,8 @@ def run(config: RolloutsConfig) -> StageResult:
                 p for j in todo for p in chunk_requests(chunks[j], arms_of, cf_arms, tok)[0]
             ],
         )
+    run_ = store.begin(STAGE, version, resume=not config.force)
+    if todo:
         columns = [
             TextColumn("rollouts"),
             BarColumn(),
@@ -175,6 +180,7 @@ def run(config: RolloutsConfig) -> StageResult:
                     config,
                     seed=config.seed * 100_003 + j,
                     on_progress=on_progress,
+                    policy=policy.ref,
                 )
                 write_parquet(run_.path / f"shard-{j:05d}.parquet", scored, ROW_SCHEMA)
                 progress.advance(task, len(chunks[j]))

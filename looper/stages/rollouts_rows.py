@@ -62,7 +62,9 @@ def cf_skip(cf_names: list[str], spec: registry.RewardSpec) -> list[str]:
     return []
 
 
-def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
+def score_row(
+    row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig, policy: str
+) -> dict:
     answers = [o["answer"] for o in outputs]
     tokens = [o["tokens"] for o in outputs]
     by_arm = {o["arm"]: o["answer"] for o in outputs}
@@ -79,7 +81,7 @@ def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: Ro
         "id": row["id"],
         "question": row["question"],
         "gold_answer": row["gold_answer"],
-        "policy": config.policy,
+        "policy": policy,  # <stage>:<version> or base: never a path (rows must not depend on the home)
         "arm_outputs": outputs,
         "cf_outputs": cf_outputs,
         **scores,
@@ -114,6 +116,7 @@ def rollout_chunk(
     config: RolloutsConfig,
     seed: int,
     on_progress,
+    policy: str | None = None,
 ) -> list[dict]:
     """All arms (`arms(row)`: each sample's arm) and the s_cf re-asks of the chunk's questions, in one call."""
     prompts, slots = chunk_requests(rows, arms, cf_arms, tokenizer)
@@ -140,4 +143,5 @@ def rollout_chunk(
                     "tokens": completion.tokens,
                 }
             )
-    return [score_row(row, outputs[i], cf_outputs[i], config) for i, row in enumerate(rows)]
+    policy = config.policy if policy is None else policy
+    return [score_row(row, outputs[i], cf_outputs[i], config, policy) for i, row in enumerate(rows)]

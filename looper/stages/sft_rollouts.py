@@ -82,10 +82,10 @@ def run_rejection(config: SftConfig) -> StageResult:
     prepare = store.input("prepare", prepare_ref) if prepare_ref else None
     dev_rows = read_rows(prepare.path / "dev.parquet")[: config.dev_limit] if prepare else []
 
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     adapter_path, _ = runner.rollouts_adapter(store, rollouts, base, config)  # found in this home
     model, peft_config = runner.policy_model(config, base, adapter_path, quant)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)  # once loaded
     trainer = build_trainer(
         config, job.trainer_dir, model, tokenizer, [], dev_rows, job.callbacks(),
         train_pairs=pairs, peft_config=peft_config,
