@@ -136,3 +136,57 @@ def test_online_trainer_scores_at_the_temperature_it_samples_with(tiny_model_dir
         plain = trainer._logits_chunk(trainer.model, two, torch.ones_like(two), 3, temps, True, False)
     assert torch.allclose(fused[0], plain[0], atol=1e-5) and torch.allclose(fused[1], plain[1], atol=1e-4)
     assert not torch.allclose(fused[0][0], fused[0][1], atol=1e-2)  # each row at its own temperature
+
+
+@pytest.mark.slow
+def test_offline_step_matches_trl_grpo_on_the_same_completions(tiny_model_dir, tmp_path):
+    """Looper's replay trainer (stored tempered log-probs, per-row temperatures through the scaled
+    fused head, floored std) and TRL's own GRPOTrainer fed the same completions at the same
+    temperature (its fused head built at 0.3, scale_rewards none) take the same first step: loss and
+    gradient norm to 1e-5. The floor (1.0) is above every group's std, so both centre rewards only."""
+    from datasets import Dataset
+    from test_ppo import build_rollouts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from looper.config import PpoConfig
+    from looper.train.grpo import ReplayGRPOTrainer, arm_temperatures, grpo_config, replay_func
+    from looper.train.grpo_math import AdaptiveKL, step_plan
+
+    rows = build_rollouts(tmp_path / "home", tiny_model_dir)  # 2 questions x 4 arms at T = 0.3
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    components = {
+        r["id"]: [{"correctness": 1.0 if a["correct"] else 0.0} for a in r["arm_outputs"]] for r in rows
+    }
+
+    def stored_correctness(completions, reward_correctness=None, **_):
+        return reward_correctness
+
+    config = PpoConfig(max_steps=1, questions_per_step=2, questions_per_minibatch=2, kl_coef=0.04, seed=0)
+    logged = {}
+    for name in ("looper", "trl"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        args = grpo_config(config, tmp_path / name, 4, 12, step_plan(2, 2, 2), temperature=0.3)
+        common = dict(
+            model=model,
+            reward_funcs=[stored_correctness],
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
+            processing_class=tokenizer,
+            peft_config=None,
+            rollout_func=replay_func(rows, tokenizer, 4, components),
+        )
+        if name == "looper":
+            trainer = ReplayGRPOTrainer(
+                **common,
+                temperatures=arm_temperatures(rows),
+                kl_controller=AdaptiveKL(0.04, 0.0, 1.0),
+                std_floor=1.0,
+            )
+        else:
+            trainer = GRPOTrainer(**common)
+        trainer.train()
+        logged[name] = next(h for h in trainer.state.log_history if "loss" in h)
+    for key in ("loss", "grad_norm"):
+        assert logged["looper"][key] == pytest.approx(logged["trl"][key], abs=1e-5), (key, logged)
