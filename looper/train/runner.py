@@ -76,6 +76,13 @@ def checkpointing_arg() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
+def training_dtype(config: Any) -> str:
+    """The compute dtype a training stage runs in: --dtype resolved on this machine."""
+    from looper.policy import models
+
+    return models.resolve_dtype(getattr(config, "dtype", "auto"))
+
+
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     """The TrainingArguments every training stage sets the same way from its config."""
     return {
@@ -83,7 +90,8 @@ def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "optim": optimizer_name(config.optimizer, cuda),
         checkpointing_arg(): config.gradient_checkpointing,
-        "bf16": cuda,
+        # bf16 autocast: on CUDA by default; on a CPU with AVX-512 BF16/AMX when asked (--dtype bfloat16)
+        "bf16": training_dtype(config) == "bfloat16",
         # accelerate makes CPU processes one gloo world only with use_cpu; on one process it changes nothing
         "use_cpu": not cuda,
         "save_strategy": "steps",
@@ -316,9 +324,7 @@ class TrainingRun:
         trainer.add_callback(
             checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
         )
-        from looper.store import faults
-
-        faults.arm_trainer(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
+        arm_faults(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
         with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
             return trainer.train(resume_from_checkpoint=self.checkpoint)
 
@@ -331,7 +337,9 @@ class TrainingRun:
 
     def train_tokens(self, trainer: Any) -> int:
         """Tokens trained on over the whole run (TRL's count restarts at a resume)."""
-        return int(trainer._total_train_tokens) + (self.before or {}).get("tokens", 0)
+        from looper.train.trl_internals import total_train_tokens
+
+        return total_train_tokens(trainer) + (self.before or {}).get("tokens", 0)
 
     def finish(
         self,
@@ -375,3 +383,22 @@ class TrainingRun:
             | (extra or {}),
         )
         return str(artifact.path)
+
+
+def arm_faults(trainer: Any) -> None:
+    """With LOOPER_FAULT set, put the 'step' and 'save' kill points into a transformers Trainer:
+    'save' falls after the weights and before the optimizer and trainer state are written."""
+    from looper.store import faults
+
+    if faults.armed() is None:
+        return
+    from transformers import TrainerCallback
+
+    from looper.train.trl_internals import wrap_optimizer_save
+
+    class StepFault(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            faults.point("step")
+
+    trainer.add_callback(StepFault())
+    wrap_optimizer_save(trainer, lambda: faults.point("save"))
