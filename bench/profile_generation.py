@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from common import SMOLLM, decode_step_bytes, load_line, machine, memory_bandwidth, prepared_workdir
+
+# isort: split
+import torch  # after common: the thread policy is in the environment when torch loads
 
 
 def decode_step_ms(model, batch: int, context: int) -> float:
