@@ -106,8 +106,9 @@ def load_generator(
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
     weights first: generation then costs what the base model costs; `scheduler` and `dtype`
     are the hf backend's (`GenerationOptions`; `sampling`: rollouts, whose 'auto' dtype is bf16 on
-    a CPU with native bf16), and on a CPU torch gets one thread per core this process may use. Plain-text prompting (eval's lm-eval format) passes
-    require_chat_template=False to allow base models.
+    a CPU with native bf16), and on a CPU torch gets one thread per core this process may use.
+    Plain-text prompting (eval's lm-eval format) passes require_chat_template=False to allow base
+    models.
 
     vLLM takes its engine settings from `options` (the stage's `GenerationOptions`); unless
     `options.max_model_len` is set, the engine's context is derived from `prompts(tokenizer)`,
