@@ -1,8 +1,9 @@
 # Looper — see README.md.  `make test` and `make demo` work on a fresh machine.
 #
 #   make test                       install, lint, then the fast tests (not marked slow)
-#   make test-all                   install, lint, then every test (slow ones included)
-#   make test-faults                the fault-injection suite (tests/faults/, ~15 min), then RELIABILITY.md
+#   make test-all                   install, lint, then every test (slow ones included; 6 kill points a stage)
+#   make test-faults                the fault-injection suite (tests/faults/), a kill before every filesystem
+#                                   mutation of every stage included (hours on 2 CPU cores), then RELIABILITY.md
 #   make lint                       ruff format --check and ruff check
 #   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
@@ -85,9 +86,10 @@ test-gpu-stack: $(GPU_STAMP)
 	@# log-probs, online KL control
 	$(GPU_PYTEST) -m slow tests/test_training_pinned.py tests/test_ppo.py
 
-# kills, races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
+# kills (at scheduled points, and before every filesystem mutation: tests/faults/test_killpoints.py),
+# races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
 test-faults: install
-	$(BIN)/python -m pytest -q tests/faults; status=$$?; \
+	LOOPER_KILL_POINTS=all $(BIN)/python -m pytest -q tests/faults; status=$$?; \
 	$(BIN)/python tests/faults/reliability.py faults-summary.json RELIABILITY.md; exit $$status
 
 demo:

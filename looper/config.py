@@ -27,6 +27,10 @@ from typing import Any
 
 from looper.errors import LooperError
 
+# Regime W's s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf: the default weights, for every
+# module that mixes them (looper.regime_w.scoring, the rewards registry, the rollouts options)
+S_WM_WEIGHTS = (0.4, 0.3, 0.3)
+
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 
 
@@ -77,6 +81,8 @@ def field_problem(f: dataclasses.Field, value: Any) -> str | None:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         return f"{value!r} is not {allowed(f)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return f"{value} is too large (an integer option holds at most 2**63 - 1)"
     bounds = f.metadata.get("bounds", {})
     if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
@@ -321,7 +327,9 @@ class GenerationOptions:
 @dataclass
 class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     policy: str = opt(
-        "sft", "Policy that generates: 'sft' (latest adapter), 'base', or an adapter/model path."
+        "sft",
+        "Policy that generates: 'sft' (latest adapter), 'base', '<stage>:<version>' (e.g. ppo:1a2b3c4d5e6f), "
+        "or an adapter/model path.",
     )
     prepare: str = opt(
         "latest", "Prepare artifact whose questions are rolled out: 'latest', a version id, or a path."
@@ -349,9 +357,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
         "With thompson/ucb: rollouts artifact whose per-arm rewards the allocation learns from "
         "('latest' or a version; the loop sets the previous round's). None: no data, uniform.",
     )
-    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.", ge=0)
-    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.", ge=0)
-    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
+    w_end: float = opt(S_WM_WEIGHTS[0], "Weight of s_end (answer agreement) in s_wm.", ge=0)
+    w_path: float = opt(S_WM_WEIGHTS[1], "Weight of s_path (path-length consistency) in s_wm.", ge=0)
+    w_cf: float = opt(S_WM_WEIGHTS[2], "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
     shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
     weights: str | None = opt(
@@ -364,7 +372,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
 @dataclass
 class EvalConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOptions):
     compare: str = opt(
-        "base,sft,ppo", "Comma-separated models: base, sft, ppo, dpo, or a hub id / directory / adapter path."
+        "base,sft,ppo",
+        "Comma-separated models: base, sft, ppo, dpo (latest), <stage>:<version> (e.g. ppo:1a2b3c4d5e6f), "
+        "or a hub id / directory / adapter path.",
     )
     prepare: str = opt("latest", "Prepare artifact to evaluate on: 'latest', a version id, or a path.")
     split: str = opt(

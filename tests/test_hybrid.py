@@ -92,8 +92,8 @@ def test_hybrid_loop_two_rounds_on_tiny_test_with_exports(run_cli, tmp_path):
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:  # SFT rounds both; the random tiny model's rollouts may hold no correct arm: then ppo
         assert r["train"]["stage"] in ("sft", "ppo")
-        assert (Path(r["export"]) / "config.json").is_file()  # merged, standalone
-    assert rounds[1]["policy_in"] == rounds[0]["train"]["path"]
+        assert (home / r["export"] / "config.json").is_file()  # merged, standalone (home-relative)
+    assert rounds[1]["policy_in"] == f"{rounds[0]['train']['stage']}:{rounds[0]['train']['version']}"
     code, out, _ = run_cli(*args)
     assert code == 0 and last_json(out)["skipped"]
 

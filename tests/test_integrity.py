@@ -110,6 +110,7 @@ def test_status_shows_interrupted_running_and_dangling(run_cli, tmp_path):
     run = store.begin("prepare", "feedbeef0000")  # a live run in this process: its lock is held
     code, out, _ = run_cli("status", "--workdir", tmp_path)
     assert "RUNNING" in out and f"{run.path}: running (pid " in out
+    (run.path / "shard-00000.parquet").write_bytes(b"done")  # it had saved something
     store.unlock("prepare", "feedbeef0000")  # as if that run had died
     code, out, _ = run_cli("status", "--workdir", tmp_path)
     assert f"INTERRUPTED  {run.path}: resumable: rerun the same command" in out

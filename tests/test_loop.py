@@ -11,7 +11,13 @@ from looper.config import LoopConfig, build_config, read_pipeline_file
 from looper.errors import LooperError
 from looper.loop import run as loop_stage
 from looper.loop.report import write_report
-from looper.loop.rounds import final_round, patience_exhausted, read_record, rounds_without_improvement
+from looper.loop.rounds import (
+    anchored,
+    final_round,
+    patience_exhausted,
+    read_record,
+    rounds_without_improvement,
+)
 from tests.conftest import last_json
 
 # The smallest pipeline that still runs every stage of a round on the random tiny model.
@@ -215,7 +221,9 @@ def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path,
 
     out = Path(result.path)
     m = manifest(out)
-    r1, r2 = m["rounds"]
+    r1, r2 = anchored(m["rounds"], home)  # the manifest's paths are home-relative (issue 22)
+    assert not Path(m["rounds"][0]["train"]["path"]).is_absolute()
+    assert r2["policy_in"] == f"ppo:{r1['train']['version']}"  # a policy by version, never a path
     # lineage: round 1 rolls out sft, round 2 rolls out round 1's ppo adapter
     sft_version = m["inputs"]["sft"]["version"]
     assert manifest(r1["rollouts"]["path"])["inputs"]["sft"]["version"] == sft_version

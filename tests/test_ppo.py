@@ -626,7 +626,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
-    from looper.train.grpo import RegimeWGRPOTrainer
+    from looper.train.grpo import AdaptiveKLGRPOTrainer
 
     args = [
         "--online",
@@ -650,7 +650,7 @@ def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_p
     assert code == 0, err
     reference = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]
 
-    original, calls = RegimeWGRPOTrainer.training_step, {"n": 0}
+    original, calls = AdaptiveKLGRPOTrainer.training_step, {"n": 0}
 
     def dies_in_step_three(self, *a, **k):
         calls["n"] += 1
@@ -658,12 +658,12 @@ def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_p
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", dies_in_step_three)
+    monkeypatch.setattr(AdaptiveKLGRPOTrainer, "training_step", dies_in_step_three)
     code, _, _ = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 130
     partial = next((broken / "checkpoints" / "ppo").glob("*.partial"))
     assert json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())["steps"] == 2
-    monkeypatch.setattr(RegimeWGRPOTrainer, "training_step", original)
+    monkeypatch.setattr(AdaptiveKLGRPOTrainer, "training_step", original)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 0 and "resuming from checkpoint-2" in out, err
     resumed = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())["metrics"]["final_kl_coef"]

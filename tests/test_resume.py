@@ -24,6 +24,9 @@ def fake_checkpoint(trainer_dir: Path, step: int) -> Path:
     folder.mkdir(parents=True)
     save_file({"lora_A": torch.ones(4, 4)}, folder / "adapter_model.safetensors")
     torch.save({"state": {0: torch.zeros(4, 4)}}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    (folder / "looper_totals.json").write_text(json.dumps({"step": step, "loss_sum": 1.0, "tokens": 10}))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return folder
 
@@ -42,6 +45,14 @@ def cut(path: Path) -> None:
         (lambda c: cut(c / "optimizer.pt"), "optimizer.pt unreadable"),
         (lambda c: (c / "adapter_model.safetensors").unlink(), "no weights"),
         (lambda c: cut(c / "adapter_model.safetensors"), "adapter_model.safetensors"),
+        # issue 22 item 5: resumed silently before, publishing another adapter under the same version
+        (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt missing"),
+        (lambda c: cut(c / "scheduler.pt"), "scheduler.pt unreadable"),
+        (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth missing"),
+        (lambda c: cut(c / "rng_state.pth"), "rng_state.pth unreadable"),
+        # killed before the run totals were written: the manifest would count tokens since the resume only
+        (lambda c: (c / "looper_totals.json").unlink(), "looper_totals.json missing"),
+        (lambda c: cut(c / "looper_totals.json"), "looper_totals.json missing or unreadable"),
     ],
 )
 def test_incomplete_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys, damage, reason):

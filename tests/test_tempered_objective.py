@@ -106,13 +106,13 @@ def test_online_trainer_scores_at_the_temperature_it_samples_with(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.config import PpoConfig
-    from looper.train.grpo import RegimeWGRPOTrainer, grpo_config
+    from looper.train.grpo import AdaptiveKLGRPOTrainer, grpo_config
     from looper.train.grpo_math import AdaptiveKL, step_plan
     from looper.train.trl_internals import fused_head_is_exact
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trainer = RegimeWGRPOTrainer(
+    trainer = AdaptiveKLGRPOTrainer(
         model=model,
         reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
         args=grpo_config(PpoConfig(), tmp_path, 2, 4, step_plan(1, 1, 1), temperature=1.0),

@@ -43,18 +43,22 @@ def sft_rounds(rounds: int, sft_every: int, growth: int) -> list[int]:
 def hybrid_train_step(train_step: Callable) -> Callable:
     """The round's training: SFT on its best correct arms in an SFT round, else `train_step` (ppo|dpo)."""
 
-    def step(loop, rnd: dict) -> None:
+    def step(loop, round_record: dict) -> None:
         config = loop.config
-        if rnd["round"] not in sft_rounds(rnd["round"], config.sft_every, config.sft_growth):
-            return train_step(loop, rnd)
-        rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+        if round_record["round"] not in sft_rounds(
+            round_record["round"], config.sft_every, config.sft_growth
+        ):
+            return train_step(loop, round_record)
+        rollouts = Artifact.load(Path(round_record["rollouts"]["path"])).manifest
         if not rollouts.get("metrics", {}).get("pass_at_n"):  # nothing right to imitate: RL this round
             print(
-                f"loop: round {rnd['round']}: no correct arm in the rollouts, so {config.algorithm} instead of sft"
+                f"loop: round {round_record['round']}: no correct arm in the rollouts, so {config.algorithm} instead of sft"
             )
-            return train_step(loop, rnd)
-        result = loop.run_stage("sft", f"round {rnd['round']}", rollouts=rnd["rollouts"]["version"])
-        rnd["train"] = {"stage": "sft", "version": result.version, "path": result.path}
+            return train_step(loop, round_record)
+        result = loop.run_stage(
+            "sft", f"round {round_record['round']}", rollouts=round_record["rollouts"]["version"]
+        )
+        round_record["train"] = {"stage": "sft", "version": result.version, "path": result.path}
 
     return step
 
@@ -63,37 +67,37 @@ def expert_train_step(train_step: Callable) -> Callable:
     """The round's training in expert iteration: SFT on its distinct correct completions (ppo|dpo
     only when the rollouts hold no correct arm at all)."""
 
-    def step(loop, rnd: dict) -> None:
-        rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+    def step(loop, round_record: dict) -> None:
+        rollouts = Artifact.load(Path(round_record["rollouts"]["path"])).manifest
         if not rollouts.get("metrics", {}).get("pass_at_n"):
             print(
-                f"loop: round {rnd['round']}: no correct arm in the rollouts, so {loop.config.algorithm} instead"
+                f"loop: round {round_record['round']}: no correct arm in the rollouts, so {loop.config.algorithm} instead"
             )
-            return train_step(loop, rnd)
+            return train_step(loop, round_record)
         result = loop.run_stage(
             "sft",
-            f"round {rnd['round']}",
+            f"round {round_record['round']}",
             unset=("max_steps",),
-            rollouts=rnd["rollouts"]["version"],
+            rollouts=round_record["rollouts"]["version"],
             per_question=loop.config.per_question,
             epochs=loop.config.expert_epochs,
         )
-        rnd["train"] = {"stage": "sft", "version": result.version, "path": result.path}
+        round_record["train"] = {"stage": "sft", "version": result.version, "path": result.path}
 
     return step
 
 
-def export_step(loop, rnd: dict) -> None:
+def export_step(loop, round_record: dict) -> None:
     """The round's adapter merged into its base, every `--export-every` rounds."""
     every = loop.config.export_every
-    if not every or rnd["round"] % every:
+    if not every or round_record["round"] % every:
         return
     from looper.policy.export import export
 
-    target = Path(loop.store.workdir) / "exports" / f"loop-{loop.version}" / f"round-{rnd['round']}"
+    target = Path(loop.store.workdir) / "exports" / f"loop-{loop.version}" / f"round-{round_record['round']}"
     if not target.exists():
-        export(name=rnd["train"]["path"], out=str(target), workdir=str(loop.store.workdir))
-    rnd["export"] = str(target)
+        export(name=round_record["train"]["path"], out=str(target), workdir=str(loop.store.workdir))
+    round_record["export"] = str(target)
 
 
 def round_steps(config, steps: tuple) -> tuple:

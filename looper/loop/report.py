@@ -14,24 +14,26 @@ from typing import Any
 import orjson
 
 from looper.regime_w import bandit
-from looper.store.artifacts import Artifact, atomic_write_bytes, dumps_json
+from looper.store.artifacts import Artifact, atomic_write_bytes, dumps_json, write_figure
 
 
-def round_figures(rnd: dict, sft_path: str) -> dict:
-    """The numbers the loop report shows for one round, read from its stages' artifacts."""
-    rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+def round_figures(round_record: dict, sft_name: str) -> dict:
+    """The numbers the loop report shows for one round, read from its stages' artifacts; the eval
+    names the policies `<stage>:<version>` (looper.loop.rounds.policy_name)."""
+    rollouts = Artifact.load(Path(round_record["rollouts"]["path"])).manifest
     m, arms = rollouts.get("metrics", {}), rollouts.get("counts", {}).get("arms")
-    report = orjson.loads((Path(rnd["eval"]["path"]) / "report.json").read_bytes())
-    policy, sft = report["models"][rnd["train"]["path"]], report["models"][sft_path]
-    pair = report["pairs"].get(f"{sft_path} vs {rnd['train']['path']}", {})
-    log = Path(rnd["train"]["path"]) / "metrics.jsonl"
+    report = orjson.loads((Path(round_record["eval"]["path"]) / "report.json").read_bytes())
+    name = f"{round_record['train']['stage']}:{round_record['train']['version']}"
+    policy, sft = report["models"][name], report["models"][sft_name]
+    pair = report["pairs"].get(f"{sft_name} vs {name}", {})
+    log = Path(round_record["train"]["path"]) / "metrics.jsonl"
     logs = (
         [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
         if log.is_file()
         else []
     )
     kls = [row["kl"] for row in logs if "kl" in row]
-    train = Artifact.load(Path(rnd["train"]["path"])).manifest
+    train = Artifact.load(Path(round_record["train"]["path"])).manifest
     return {
         "dev": {k: policy[k] for k in ("accuracy", "ci95", "correct", "n")},
         "sft_dev": {k: sft[k] for k in ("accuracy", "ci95", "correct", "n")},
@@ -54,14 +56,14 @@ def round_figures(rnd: dict, sft_path: str) -> dict:
     }
 
 
-def final_figures(eval_dir: Path, sft_path: str, final_path: str) -> dict:
+def final_figures(eval_dir: Path, sft_name: str, final_name: str) -> dict:
     report = orjson.loads((eval_dir / "report.json").read_bytes())
-    pair = report["pairs"][f"{sft_path} vs {final_path}"]
+    pair = report["pairs"][f"{sft_name} vs {final_name}"]
     pick = lambda e: {k: e[k] for k in ("accuracy", "ci95", "correct", "n")}  # noqa: E731
     return {
         "split": report["settings"]["questions_from"],
-        "sft": pick(report["models"][sft_path]),
-        "final": pick(report["models"][final_path]),
+        "sft": pick(report["models"][sft_name]),
+        "final": pick(report["models"][final_name]),
         "diff": pair["diff"],
         "ci95": pair["ci95"],
         "mcnemar_p": pair["mcnemar_p"],
@@ -90,8 +92,8 @@ def markdown(summary: dict) -> str:
         "## Rounds",
         "",
         f"| round | rollouts | {summary['final']['stage']} | dev accuracy | 95% CI | vs sft (McNemar p) | "
-        f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups | wall |",
-        "|" + "---|" * 13,
+        f"mean arm reward | KL (mean/step) | pass@{arms} | maj@{arms} | AUROC s_wm | zero-var groups |",
+        "|" + "---|" * 12,
     ]
     for r in rounds:
         f = r["figures"]
@@ -100,8 +102,7 @@ def markdown(summary: dict) -> str:
             f"| [{fmt(f['dev']['ci95'][0], True)}, {fmt(f['dev']['ci95'][1], True)}] | "
             f"{fmt(f['vs_sft']['diff'] and 100 * f['vs_sft']['diff'])} pts (p {fmt(f['vs_sft']['mcnemar_p'])}) | "
             f"{fmt(f['mean_reward'])} | {fmt(f['kl_mean'])} | {fmt(f['pass_at_n'], True)} | "
-            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} | "
-            f"{r.get('wall_s', 0) / 60:.1f} min |"
+            f"{fmt(f['maj_at_n'], True)} | {fmt(f['auroc_s_wm'])} | {f['zero_variance_groups']}/{f['questions']} |"
         )
     lines += [
         "",
@@ -181,10 +182,10 @@ def plot(summary: dict, path: Path) -> None:
             ax.set_xlabel("round")
             ax.set_xticks([0] + xs if ax is axes[0][0] else xs)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    write_figure(path, fig)
 
 
-def write_report(out_dir: Path, summary: dict, sft_path: str) -> None:
+def write_report(out_dir: Path, summary: dict, sft_name: str) -> None:
     atomic_write_bytes(out_dir / "report.md", markdown(summary).encode())
     plot(summary, out_dir / "loop.png")
     atomic_write_bytes(out_dir / "summary.json", dumps_json(summary))

@@ -48,7 +48,7 @@ import orjson
 from looper.config import STAGE_CONFIGS, LoopConfig, build_config, identity, read_pipeline_file
 from looper.errors import LooperError
 from looper.loop.report import final_figures, fmt, round_figures, write_report
-from looper.loop.rounds import final_round, patience_exhausted, read_record
+from looper.loop.rounds import anchored, final_round, patience_exhausted, policy_name, portable, read_record
 from looper.stages import StageResult
 from looper.store.artifacts import Artifact, Store, atomic_write_bytes, dumps_json, read_rows
 
@@ -56,14 +56,14 @@ STAGE = "loop"
 STAGE_MODULES = {"eval": "evaluate"}
 RECORD = "rounds.json"
 # Files of a training artifact that are not the adapter (the loop artifact copies the rest).
-NOT_ADAPTER = {"manifest.json", "metrics.jsonl", "trainer", "kl_coef.json"}
+NOT_ADAPTER = {"manifest.json", "metrics.jsonl", "trainer"}
 
 
 def say(text: str) -> None:
     print(f"loop: {text}", flush=True)
 
 
-class Loop:
+class LoopContext:
     """What every step needs: the store, the pipeline file's stage tables, sft, the record."""
 
     def __init__(self, config: LoopConfig, tables: dict[str, dict[str, Any]], store: Store):
@@ -90,14 +90,14 @@ class Loop:
         say(f"{label} {stage} {result.version}: {state}")
         return result
 
-    def save(self) -> None:
-        atomic_write_bytes(self.record_path, dumps_json(self.record))
+    def save(self) -> None:  # paths relative to the home: a moved home resumes
+        atomic_write_bytes(self.record_path, dumps_json(portable(self.record, self.store.workdir)))
 
 
 # --------------------------------------------------------------------------- one round
 
 
-def rollouts_step(loop: Loop, rnd: dict) -> None:
+def rollouts_step(loop: LoopContext, round_record: dict) -> None:
     """Sample the arms from the round's starting policy (an adapter path: exact lineage)."""
     table = loop.tables.get("rollouts", {})
     offset = table.get("offset", 0)
@@ -106,37 +106,45 @@ def rollouts_step(loop: Loop, rnd: dict) -> None:
         n_train = loop.prepare.manifest.get("counts", {}).get("train") or len(
             read_rows(loop.prepare.path / "train.parquet")
         )
-        offset = (offset + (rnd["round"] - 1) * limit) % max(n_train, 1)
+        offset = (offset + (round_record["round"] - 1) * limit) % max(n_train, 1)
     # a learned arm allocation (thompson, ucb) learns from the previous round's rollouts
-    before = [r["rollouts"]["version"] for r in loop.record["rounds"] if r["round"] == rnd["round"] - 1]
+    before = [
+        r["rollouts"]["version"] for r in loop.record["rounds"] if r["round"] == round_record["round"] - 1
+    ]
     prior = {"arm_prior": before[0]} if before and table.get("arm_allocation", "uniform") != "uniform" else {}
     result = loop.run_stage(
-        "rollouts", f"round {rnd['round']}", policy=rnd["policy_in"], offset=offset, **prior
+        "rollouts", f"round {round_record['round']}", policy=round_record["policy_in"], offset=offset, **prior
     )
-    rnd["rollouts"] = {"version": result.version, "path": result.path, "offset": offset}
+    round_record["rollouts"] = {
+        "stage": "rollouts",
+        "version": result.version,
+        "path": result.path,
+        "offset": offset,
+    }
 
 
-def train_step(loop: Loop, rnd: dict) -> None:
+def train_step(loop: LoopContext, round_record: dict) -> None:
     """ppo or dpo on the round's rollouts; continues their adapter (the reference is that adapter)."""
     stage = loop.config.algorithm
-    result = loop.run_stage(stage, f"round {rnd['round']}", rollouts=rnd["rollouts"]["version"])
-    rnd["train"] = {"stage": stage, "version": result.version, "path": result.path}
+    result = loop.run_stage(
+        stage, f"round {round_record['round']}", rollouts=round_record["rollouts"]["version"]
+    )
+    round_record["train"] = {"stage": stage, "version": result.version, "path": result.path}
 
 
-def eval_step(loop: Loop, rnd: dict) -> None:
+def eval_step(loop: LoopContext, round_record: dict) -> None:
     """sft against the new policy on the dev split (sft's completions come from eval's cache after round 1)."""
-    policy = rnd["train"]["path"]
     result = loop.run_stage(
         "eval",
-        f"round {rnd['round']}",
+        f"round {round_record['round']}",
         split="dev",
         limit=loop.config.dev_limit,
-        compare=f"{loop.sft.path},{policy}",
+        compare=f"{policy_name(loop.sft.manifest)},{policy_name(round_record['train'])}",
     )
-    rnd["eval"] = {"version": result.version, "path": result.path}
+    round_record["eval"] = {"stage": "eval", "version": result.version, "path": result.path}
 
 
-ROUND_STEPS: tuple[tuple[str, Callable[[Loop, dict], None]], ...] = (
+ROUND_STEPS: tuple[tuple[str, Callable[[LoopContext, dict], None]], ...] = (
     ("rollouts", rollouts_step),
     ("train", train_step),
     ("eval", eval_step),
@@ -146,7 +154,7 @@ ROUND_STEPS: tuple[tuple[str, Callable[[Loop, dict], None]], ...] = (
 # --------------------------------------------------------------------------- the loop
 
 
-def ensure_inputs(loop: Loop) -> None:
+def ensure_inputs(loop: LoopContext) -> None:
     """prepare and sft: the latest ones, or made now from their tables when the home has none."""
     for stage in ("prepare", "sft"):
         if loop.store.latest(stage) is None:
@@ -179,7 +187,7 @@ def gold_sft(store: Store) -> Artifact:
     return max(gold, key=lambda a: a.manifest.get("created", ""))
 
 
-def loop_version(loop: Loop) -> tuple[str, dict]:
+def loop_version(loop: LoopContext) -> tuple[str, dict]:
     """The loop's identity: its options, the identity of every stage config a round uses, prepare and sft."""
     stages = ("rollouts", loop.config.algorithm, "eval") + (("sft",) if loop.config.mode != "rl" else ())
     steps = {stage: identity(loop.stage_config(stage)) for stage in stages}
@@ -201,7 +209,7 @@ def run(config: LoopConfig) -> StageResult:
             "(its stage tables configure every round)"
         )
     store = Store(config.workdir, wait=config.wait)
-    loop = Loop(config, read_pipeline_file(config.pipeline), store)
+    loop = LoopContext(config, read_pipeline_file(config.pipeline), store)
     ensure_inputs(loop)
     version, stage_identity = loop_version(loop)
     loop.version = version
@@ -211,32 +219,32 @@ def run(config: LoopConfig) -> StageResult:
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
-    run_ = store.begin(STAGE, version, resume=not config.force)
-    loop.record_path = run_.path / RECORD
+    loop_run = store.begin(STAGE, version, resume=not config.force)
+    loop.record_path = loop_run.path / RECORD
     if loop.record_path.is_file():
-        loop.record = read_record(loop.record_path)
+        loop.record = anchored(read_record(loop.record_path), store.workdir)
         if loop.record["rounds"]:
             say(f"resuming: {len(loop.record['rounds'])} round(s) already finished")
     rounds = loop.record["rounds"]
-    sft_path = str(loop.sft.path)
+    sft_name = policy_name(loop.sft.manifest)  # sft:<version>
 
     while len(rounds) < config.rounds and not patience_exhausted(rounds, config.patience):
         k = len(rounds) + 1
-        policy_in = rounds[-1]["train"]["path"] if rounds else sft_path
-        rnd = loop.record["current"] or {}
-        if rnd.get("round") != k:
-            rnd = {"round": k, "policy_in": policy_in}
-        loop.record["current"] = rnd
-        started = time.time() - rnd.get("wall_s", 0.0)
+        policy_in = policy_name(rounds[-1]["train"]) if rounds else sft_name
+        round_record = loop.record["current"] or {}
+        if round_record.get("round") != k:
+            round_record = {"round": k, "policy_in": policy_in}
+        loop.record["current"] = round_record
+        started = time.time() - round_record.get("wall_s", 0.0)
         for _name, step in steps:
-            step(loop, rnd)
-            rnd["wall_s"] = time.time() - started
+            step(loop, round_record)
+            round_record["wall_s"] = time.time() - started
             loop.save()
-        rnd["figures"] = round_figures(rnd, sft_path)
-        rounds.append(rnd)
+        round_record["figures"] = round_figures(round_record, sft_name)
+        rounds.append(round_record)
         loop.record["current"] = None
         loop.save()
-        f = rnd["figures"]
+        f = round_record["figures"]
         say(
             f"round {k}: dev accuracy {100 * f['dev']['accuracy']:.1f}% (sft {100 * f['sft_dev']['accuracy']:.1f}%), "
             f"mean reward {fmt(f['mean_reward'])}, kl {fmt(f['kl_mean'])}"
@@ -252,8 +260,8 @@ def run(config: LoopConfig) -> StageResult:
     final = final_round(rounds, config.final)
     test = None
     if config.test_eval:
-        result = loop.run_stage("eval", "final", compare=f"{sft_path},{final['train']['path']}")
-        test = final_figures(Path(result.path), sft_path, final["train"]["path"]) | {
+        result = loop.run_stage("eval", "final", compare=f"{sft_name},{policy_name(final['train'])}")
+        test = final_figures(Path(result.path), sft_name, policy_name(final["train"])) | {
             "version": result.version
         }
         loop.record["test"] = test
@@ -261,7 +269,11 @@ def run(config: LoopConfig) -> StageResult:
 
     for item in Path(final["train"]["path"]).iterdir():  # the final adapter, as a policy of its own
         if item.name not in NOT_ADAPTER:
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, run_.path / item.name)
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, loop_run.path / item.name)
+    # wall times differ from run to run: kept out of the artifact's content (rounds.json, summary,
+    # report) so the same loop has the same content hash anywhere; the manifest records them
+    wall_s = [r.pop("wall_s", None) for r in rounds]
+    loop.save()
     summary = {
         "rounds": rounds,
         "final": {"round": final["round"], **final["train"]},
@@ -269,9 +281,10 @@ def run(config: LoopConfig) -> StageResult:
         "test": test,
         "sft": loop.sft.ref(),
     }
-    write_report(run_.path, summary, sft_path)
+    summary = portable(summary, store.workdir)  # the artifact's content: the same in any home
+    write_report(loop_run.path, summary, sft_name)
     train_manifest = Artifact.load(Path(final["train"]["path"])).manifest
-    artifact = run_.commit(
+    artifact = loop_run.commit(
         config=orjson.loads(orjson.dumps(vars(config))),
         inputs={"prepare": loop.prepare, "sft": loop.sft},
         identity=stage_identity,
@@ -279,6 +292,7 @@ def run(config: LoopConfig) -> StageResult:
         metrics={
             "dev_accuracy": [r["figures"]["dev"]["accuracy"] for r in rounds],
             "sft_dev_accuracy": rounds[0]["figures"]["sft_dev"]["accuracy"],
+            "round_wall_s": wall_s,
         }
         | (
             {
@@ -292,10 +306,13 @@ def run(config: LoopConfig) -> StageResult:
             "base_model": train_manifest.get("base_model"),
             "stop": stop_reason,
             "final": summary["final"],
-            "rounds": [
-                {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
-                for r in rounds
-            ],
+            "rounds": portable(
+                [
+                    {k: r[k] for k in ("round", "policy_in", "rollouts", "train", "eval", "export") if k in r}
+                    for r in rounds
+                ],
+                store.workdir,
+            ),
         },
     )
     return StageResult.from_artifact(artifact)

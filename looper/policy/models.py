@@ -320,7 +320,12 @@ def check_adapter_fits(adapter_dir: str | Path, source: ModelSource, shapes: dic
     """Refuse, in one line (how many tensors, the first one whole), a LoRA adapter whose tensors
     do not fit the base's layers. Read from the safetensors header: nothing is loaded."""
     weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if shapes is None or not weights.is_file():
+    if not weights.is_file() and not (Path(adapter_dir) / "adapter_model.bin").is_file():
+        raise LooperError(  # else PEFT takes the directory for a hub repo id and says that is malformed
+            f"adapter {adapter_dir} has no weights (adapter_model.safetensors missing): `looper verify` "
+            "checks what else is damaged; rebuild it (the stage that made it, with --force)"
+        )
+    if shapes is None:
         return  # PEFT's own load error is shortened in attach_adapter
     from safetensors import safe_open
 

@@ -24,11 +24,16 @@ ADAPTER_STAGES = {"sft": "looper sft", "ppo": "looper ppo", "dpo": "looper dpo",
 
 @dataclass(frozen=True)
 class Policy:
-    name: str  # what the user called it: base, sft, ppo, dpo, or a path / hub id
+    name: str  # base, sft, ppo, dpo, <stage>:<version>, adapter:<content hash> (a bare adapter), a hub id
     source: models.ModelSource  # the base weights
     adapter: Path | None = None  # a LoRA adapter directory on top, if any
     artifact: Artifact | None = None  # the adapter's artifact, when it is one of ours
     base_mismatch: str | None = None  # what --allow-base-mismatch let through, for the manifest
+
+    @property
+    def ref(self) -> str:
+        """The policy as rows name it: `<stage>:<version>` for one of our adapters, else its name."""
+        return f"{self.artifact.stage}:{self.artifact.version}" if self.artifact else self.name
 
     def identity(self) -> dict[str, Any]:
         """What determines this policy's outputs: used in downstream version hashes. A bare
@@ -40,12 +45,19 @@ class Policy:
 def resolve_policy(
     name: str, *, store: Store, base: models.ModelSource, allow_base_mismatch: bool = False
 ) -> Policy:
-    """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; else a path or hub id.
+    """'base' -> the base model; 'sft'/'ppo'/'dpo' -> its latest adapter; '<stage>:<version>' -> that
+    adapter of this home; else a path (an artifact is named `<stage>:<version>`) or a hub id.
 
     An adapter is checked against `base` (`models.check_adapter_base`) and its tensors against the
     base's layers (`models.check_adapter_fits`), before any work starts."""
     if name == "base":
         return Policy("base", base)
+    stage, _, version = name.partition(":")
+    if stage in ADAPTER_STAGES and version:  # <stage>:<version>, what the loop and manifests name
+        artifact = store.resolve(stage, version)
+        allowed = models.check_adapter_base(artifact.path, base, allow_mismatch=allow_base_mismatch)
+        models.check_adapter_fits(artifact.path, base, models.linear_shapes(source=base))
+        return Policy(name, base, artifact.path, artifact, allowed)
     if name in ADAPTER_STAGES:
         if store.latest(name) is None:
             raise LooperError(f"no {name} adapter under {store.workdir}: run `{ADAPTER_STAGES[name]}` first")
@@ -58,7 +70,9 @@ def resolve_policy(
         artifact = Artifact.load(path) if (path / "manifest.json").is_file() else None
         allowed = models.check_adapter_base(path, base, allow_mismatch=allow_base_mismatch)
         models.check_adapter_fits(path, base, models.linear_shapes(source=base))
-        return Policy(name, base, path.resolve(), artifact, allowed)
+        # named by what it is, never by where: the same adapter in another home is the same policy
+        label = f"{artifact.stage}:{artifact.version}" if artifact else f"adapter:{hash_tree(path)[:12]}"
+        return Policy(label, base, path.resolve(), artifact, allowed)
     return Policy(name, models.resolve_model(name))  # another full model: its own base
 
 

@@ -138,4 +138,7 @@ def plot_weights(path, weights: Mapping[str, float], schedule: Mapping[str, list
     ax.set_title("reward weights over training")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
+    FigureCanvasAgg(fig)  # the figure's canvas, without pyplot
+    from looper.store.artifacts import write_figure
+
+    write_figure(path, fig)  # atomic, with the disk-space check

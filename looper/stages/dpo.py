@@ -143,9 +143,9 @@ def run(config: DpoConfig) -> StageResult:
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
     adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     model, peft_config = runner.policy_model(config, base, adapter_path, quant)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)  # once loaded
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(config, job.trainer_dir, max_length(pairs, tokenizer)),

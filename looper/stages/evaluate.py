@@ -111,6 +111,7 @@ def run(config: EvalConfig) -> StageResult:
     backend = choose_backend(config.backend)
     rows, inputs, prepare, about = load_questions(config, store)
     stage_identity = identity(config) | {
+        "compare": ",".join(p.name for p in policies),  # an adapter path counts by <stage>:<version>
         "policies": {p.name: p.identity() for p in policies},
         "backend": backend,
         "chunk": CHUNK,
@@ -140,7 +141,7 @@ def run(config: EvalConfig) -> StageResult:
 
     result = report.summarize(
         all_rows,
-        names,
+        [p.name for p in policies],
         fmt=config.format,
         samples=config.samples,
         bootstrap=config.bootstrap,

@@ -24,7 +24,7 @@ What we add to TRL, and why (`looper.train.grpo`; TRL's private methods in `loop
   were sampled with other weights: vLLM bf16 for an NF4 policy, or are older than schema 4,
   whose log-probs were untempered) first scores the stored completions with the training model
   at their arms' temperatures and takes the ratio against those.
-- `RegimeWGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
+- `AdaptiveKLGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
   towards `--kl-target` (nats per token) with `looper.train.grpo_math.AdaptiveKL`, saved with each checkpoint;
   advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
   forward (TRL's `disable_dropout`), so the ratio and the KL measure policy change, not noise.
@@ -43,7 +43,6 @@ from looper.errors import LooperError
 from looper.policy import models
 from looper.rewards.registry import reads_s_cf
 from looper.rewards.trainer_adapter import (
-    plot_weights,
     ppo_identity,
     reward_plan,
     row_components,
@@ -56,18 +55,15 @@ from looper.train.grpo import (
     ReplayGRPOTrainer,
     announce_plan,
     arm_temperatures,
-    grpo_config,
+    build_trainer,
     prompt_encoder,
     recompute_behaviour_logprobs,
     replay_func,
 )
 from looper.train.grpo_math import (
-    AdaptiveKL,
     behaviour_logprobs_source,
-    kl_horizon,
     skip_flat,
     step_plan,
-    total_steps,
     with_tokens,
 )
 
@@ -83,17 +79,17 @@ def run(config: PpoConfig) -> StageResult:
         raise LooperError(f"--reward {config.reward}: choose arm, question or correctness")
     store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = runner.rollouts_input(store, config)
-    objective = reward_plan(
+    rewards_plan = reward_plan(
         config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
     )
     if rollouts.manifest.get("sampling", {}).get("cf_skipped") and reads_s_cf(
-        objective.names, objective.spec.params
+        rewards_plan.names, rewards_plan.spec.params
     ):
         raise LooperError(
             f"rollouts {rollouts.version} skipped their s_cf re-asks (no reward they stored weighed s_cf), "
             "but ppo's rewards read s_cf: set those weights to 0, or rerun `looper rollouts` with them"
         )
-    stage_identity = ppo_identity(config, objective) | {"model": base.identity, "quant": quant}
+    stage_identity = ppo_identity(config, rewards_plan) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
@@ -121,7 +117,7 @@ def run(config: PpoConfig) -> StageResult:
         raise LooperError(
             "rollouts with one arm give no group to compare: rerun `looper rollouts --arms 2` or more"
         )
-    components = row_components(rows, objective, rollouts.manifest, config.reward)
+    components = row_components(rows, rewards_plan, rollouts.manifest, config.reward)
     flat_ids = {r["id"] for r in rows if len({tuple(c.values()) for c in components[r["id"]]}) <= 1}
     flat = len(flat_ids)
     print(
@@ -138,34 +134,27 @@ def run(config: PpoConfig) -> StageResult:
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
     adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     model, peft_config = runner.policy_model(config, base, adapter_path, quant)
-    controller = AdaptiveKL(
-        config.kl_coef,
-        config.kl_target,
-        kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)),
-    )
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)  # once loaded
     max_completion = max(len(a["token_ids"]) for r in rows for a in r["arm_outputs"])
-    trainer = ReplayGRPOTrainer(
+    trainer = build_trainer(
+        ReplayGRPOTrainer,
+        config,
+        job,
+        plan,
+        rewards_plan,
+        generations=n_arms,
+        max_completion=max_completion,
         model=model,
-        reward_funcs=stored_reward_funcs(objective.names),
-        args=grpo_config(
-            config, job.trainer_dir, n_arms, max_completion, plan, reward_weights=objective.weights_at(0.0)
-        ),
+        reward_funcs=stored_reward_funcs(rewards_plan.names),
         train_dataset=Dataset.from_list([{"prompt": r["id"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, n_arms, components),
         temperatures=arm_temperatures(rows),
-        callbacks=job.callbacks(),
-        kl_controller=controller,
         reward_mode=config.reward,
-        std_floor=config.advantage_std_floor,
-        reward_plan=objective,
     )
-    trainer.restore_kl(job.checkpoint)
-    plot_weights(job, objective, total_steps(config.max_steps, config.epochs, plan))
     gap = None
     if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
         gap = recompute_behaviour_logprobs(
@@ -191,7 +180,7 @@ def run(config: PpoConfig) -> StageResult:
         },
         metrics={
             "train_loss": job.train_loss(result, trainer),
-            "final_kl_coef": controller.coef,
+            "final_kl_coef": trainer.kl_controller.coef,
             "behaviour_logprob_gap": gap,
         },
         extra={
@@ -199,7 +188,7 @@ def run(config: PpoConfig) -> StageResult:
             "base_mismatch_allowed": base_mismatch,
             "loss_type": config.loss_type,
             "reward": config.reward,
-            "rewards": objective.identity(),
+            "rewards": rewards_plan.identity(),
             "behaviour_logprobs": behaviour,
         },
     )

@@ -20,12 +20,12 @@ from looper.data.prompts import render_prompt, trl_prompt, tutoring_messages
 from looper.generation.hf import eos_token_ids
 from looper.policy import models
 from looper.rewards import schedules
-from looper.rewards.trainer_adapter import online_reward_funcs, plot_weights, ppo_identity, reward_plan
+from looper.rewards.trainer_adapter import online_reward_funcs, ppo_identity, reward_plan
 from looper.stages import StageResult
 from looper.store.artifacts import Store
 from looper.train import runner
-from looper.train.grpo import RegimeWGRPOTrainer, announce_plan, grpo_config
-from looper.train.grpo_math import AdaptiveKL, kl_horizon, step_plan, total_steps
+from looper.train.grpo import AdaptiveKLGRPOTrainer, announce_plan, build_trainer
+from looper.train.grpo_math import step_plan
 
 STAGE = "ppo"
 
@@ -67,10 +67,10 @@ def online_dataset(rows: list[dict], tokenizer):
 def run_online(config: PpoConfig) -> StageResult:
     store = Store(config.workdir, wait=config.wait)
     rollouts, base, quant = runner.rollouts_input(store, config)
-    objective = reward_plan(
+    rewards_plan = reward_plan(
         config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
     )
-    stage_identity = ppo_identity(config, objective) | {"model": base.identity, "quant": quant}
+    stage_identity = ppo_identity(config, rewards_plan) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
@@ -80,35 +80,25 @@ def run_online(config: PpoConfig) -> StageResult:
 
     # the rollouts' adapter, found in this home and checked against --model before anything is written
     adapter_path, base_mismatch = runner.rollouts_adapter(store, rollouts, base, config)
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)
     tokenizer = models.load_tokenizer(base, trust_remote_code=config.trust_remote_code)
     model, peft_config = runner.policy_model(config, base, adapter_path, quant)
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)  # once loaded
     group = config.online_generations
     dataset = online_dataset(rows, tokenizer)
-    controller = AdaptiveKL(
-        config.kl_coef,
-        config.kl_target,
-        kl_horizon(config.kl_horizon, total_steps(config.max_steps, config.epochs, plan)),
-    )
-    trainer = RegimeWGRPOTrainer(
+    trainer = build_trainer(
+        AdaptiveKLGRPOTrainer,
+        config,
+        job,
+        plan,
+        rewards_plan,
+        generations=group,
+        max_completion=config.max_new_tokens,
+        temperature=config.online_temperature,
         model=model,
-        reward_funcs=online_reward_funcs(objective, set(eos_token_ids(model, tokenizer))),
-        args=grpo_config(
-            config,
-            job.trainer_dir,
-            group,
-            config.max_new_tokens,
-            plan,
-            temperature=config.online_temperature,
-            reward_weights=objective.weights_at(0.0),
-        ),
+        reward_funcs=online_reward_funcs(rewards_plan, set(eos_token_ids(model, tokenizer))),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=job.callbacks(),
-        kl_controller=controller,
-        std_floor=config.advantage_std_floor,
-        reward_plan=objective,
     )
     if config.online_temperature_end is not None:
         trainer.add_callback(
@@ -119,8 +109,6 @@ def run_online(config: PpoConfig) -> StageResult:
                 config.online_temperature_shape,
             )
         )
-    trainer.restore_kl(job.checkpoint)
-    plot_weights(job, objective, total_steps(config.max_steps, config.epochs, plan))
     result = job.train(trainer)
     return job.finish(
         trainer,
@@ -128,12 +116,12 @@ def run_online(config: PpoConfig) -> StageResult:
         inputs={"rollouts": rollouts},
         identity=stage_identity,
         counts={"questions": len(rows), "group_size": group, "steps": trainer.state.global_step},
-        metrics={"train_loss": job.train_loss(result, trainer), "final_kl_coef": controller.coef},
+        metrics={"train_loss": job.train_loss(result, trainer), "final_kl_coef": trainer.kl_controller.coef},
         extra={
             "reference": store.relative(adapter_path) if adapter_path else "base",
             "base_mismatch_allowed": base_mismatch,
             "loss_type": config.loss_type,
             "mode": "online",
-            "rewards": objective.identity(),
+            "rewards": rewards_plan.identity(),
         },
     )

@@ -68,7 +68,6 @@ def run(config: SftConfig) -> StageResult:
             "across examples with the CPU's attention); leave it off on this machine"
         )
 
-    job = runner.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     if config.continue_from:
         model, peft_config = runner.policy_model(config, source, inputs["sft"].path, quant)
@@ -81,6 +80,8 @@ def run(config: SftConfig) -> StageResult:
             attn_implementation="flash_attention_2" if config.padding_free else None,
         )
         peft_config, pairs = None, None
+    # only once the model has loaded: a failed load leaves no .partial behind
+    job = runner.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     trainer = build_trainer(
         config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks(),
         train_pairs=pairs, peft_config=peft_config,

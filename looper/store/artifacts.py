@@ -39,7 +39,7 @@ from looper.hashing import short_hash
 from looper.store import faults, integrity
 from looper.store.disk import space_for
 from looper.store.integrity import hash_tree
-from looper.store.locking import LOCK, ReadOnlyHome, RunLock, is_main_rank
+from looper.store.locking import LOCK, ReadOnlyHome, RunLock, is_locked, is_main_rank, pid_alive
 from looper.store.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
@@ -85,6 +85,16 @@ def atomic_write_bytes(path: Path, data: bytes, *, make_parents: bool = True) ->
             raise
 
 
+def write_figure(path: Path, fig: Any, **savefig: Any) -> None:
+    """A matplotlib figure as PNG, rendered in memory and written like any file (atomically, with
+    the disk-space check's one-line message when the disk is full)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def dumps_json(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
@@ -124,7 +134,12 @@ def read_rows(path: Path) -> list[dict]:
 
         try:
             return pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
+        except (
+            pa.ArrowException,
+            OSError,
+            OverflowError,
+            ValueError,
+        ) as exc:  # a flipped byte may decode wrong
             raise LooperError(
                 f"{path}: unreadable table ({str(exc).splitlines()[0]}): `looper verify` lists damaged "
                 "artifacts, `looper gc --broken` removes them; then rerun the stage that wrote it"
@@ -202,6 +217,11 @@ class Run:
             raise LooperError(
                 f"{self.path} vanished before commit (removed by hand or by gc?): rerun the stage"
             )
+        if gone := [f"{a.stage} {a.version}" for a in inputs.values() if not (a.path / MANIFEST).is_file()]:
+            raise LooperError(  # removed by hand while this run read it: it would name what is not there
+                f"{self.path}: input {', '.join(gone)} was removed while this run used it, not published: "
+                "rebuild that input, then rerun"
+            )
         files = integrity.file_records(self.path)
         listed = {f["path"] for f in files}
         if not files or (absent := [name for name in required if name not in listed]):
@@ -254,6 +274,8 @@ class Store:
         self.workdir = Path(workdir).expanduser().resolve()
         self.wait = wait  # --wait: queue behind a run of the same version instead of stopping
         self.locks: dict[tuple[str, str], RunLock] = {}
+        # what each version this process computed reads: its lock file names them for `looper gc`
+        self.reads: dict[tuple[str, str], list[str]] = {}
 
     def lock(self, stage: str, version: str, *, to_write: bool = True) -> RunLock | None:
         """Hold this version's run lock (kept until commit or process exit); None on ranks > 0, and
@@ -268,6 +290,7 @@ class Store:
                     stage=stage,
                     target=root / f"{version}{PARTIAL}",
                     wait=self.wait,
+                    inputs=self.reads.get((stage, version), []),
                 )
             except ReadOnlyHome:
                 if to_write:
@@ -293,13 +316,22 @@ class Store:
         `inputs` maps names to `Artifact`s or to content-hash strings (e.g. a source file).
         """
         input_hashes = {k: (v.hash if isinstance(v, Artifact) else v) for k, v in inputs.items()}
-        return short_hash(
+        version = short_hash(
             {"stage": stage, "schema": SCHEMA_VERSIONS[stage], "identity": identity, "inputs": input_hashes}
         )
+        self.reads[stage, version] = [
+            f"{a.stage}/{a.version}" for a in inputs.values() if isinstance(a, Artifact)
+        ]
+        return version
 
     def find(self, stage: str, version: str) -> Artifact | None:
         path = self.stage_root(stage) / version
         return Artifact.load(path) if (path / MANIFEST).is_file() else None
+
+    def input(self, stage: str, ref: dict[str, str]) -> Artifact:
+        """An artifact a manifest names as an input (`ref`: its version and home-relative path):
+        by version in this home, else at the recorded path (an input kept outside the home)."""
+        return self.find(stage, ref["version"]) or Artifact.load(self.workdir / ref["path"])
 
     def reuse(self, stage: str, version: str, force: bool) -> Artifact | None:
         """The finished artifact of exactly this version, made `latest` again; None if absent or forced.
@@ -316,8 +348,10 @@ class Store:
         if damaged := integrity.problems(existing.path, existing.manifest, rehash=False):
             print(f"{stage} {version}: the finished copy is damaged ({'; '.join(damaged)}): rebuilding it")
             return None  # commit replaces it once the new copy is whole
+        self.set_latest(
+            stage, version
+        )  # under the lock: a LATEST temp file outside one is stray (gc --broken)
         self.unlock(stage, version)
-        self.set_latest(stage, version)
         return existing
 
     def latest(self, stage: str) -> str | None:
@@ -336,6 +370,26 @@ class Store:
             tmp.unlink(missing_ok=True)
             os.symlink(Path(stage) / version, tmp)
             os.replace(tmp, link)
+        for stray in self.stray_temp_files([stage]):  # a killed earlier run's: the rerun leaves none
+            stray.unlink(missing_ok=True)
+
+    def stray_temp_files(self, stages: Iterable[str]) -> list[Path]:
+        """Temp files killed writes left outside any .partial: `.LATEST.*.tmp` and eval's cache
+        `.chunk-*.tmp` (written only under a run lock of their stage: stray when no other run of the
+        stage holds one now), and `.<alias>.tmp-<pid>` of a pid that is gone."""
+        found = []
+        mine = {held.path for held in self.locks.values()}
+        for stage in stages:
+            root = self.stage_root(stage)
+            if root.is_dir() and not any(is_locked(p) for p in root.glob(f"*{LOCK}") if p not in mine):
+                found += [p for p in root.glob(".*.tmp") if p.is_file()]
+                found += [p for p in root.glob("cache/*/.*.tmp") if p.is_file()]
+            alias = ALIASES.get(stage)
+            for tmp in root.parent.glob(f".{alias}.tmp-*") if alias else []:
+                pid = tmp.name.rsplit("-", 1)[1]
+                if not (pid.isdigit() and pid_alive(int(pid))):
+                    found.append(tmp)
+        return sorted(found)
 
     def resolve(self, stage: str, ref: str | None = None) -> Artifact:
         """`None`/'latest' -> the latest version; a version id; or a path to an artifact dir."""
@@ -356,6 +410,10 @@ class Store:
         if not (candidate / MANIFEST).is_file():
             raise LooperError(f"no {stage} version '{ref}' under {self.stage_root(stage)}")
         return Artifact.load(candidate)
+
+    def partial_path(self, stage: str, version: str) -> Path:
+        """Where a run of `version` writes before it publishes (it may not exist yet)."""
+        return self.stage_root(stage) / f"{version}{PARTIAL}"
 
     def begin(self, stage: str, version: str, *, resume: bool = False) -> Run:
         """Start writing `version`; with resume, keep what an interrupted run left."""

@@ -21,6 +21,7 @@ from looper.errors import LooperError
 from looper.hashing import sha256_file, tree_hash
 
 MANIFEST = "manifest.json"
+PARTIAL = ".partial"
 # Files inside an artifact that are not part of its content hash (trainer state, logs).
 UNHASHED = {MANIFEST, "metrics.jsonl", "trainer"}
 VERSION_NAME = re.compile(r"^[0-9a-f]{6,64}$")  # a version directory's name (a short hash)
@@ -39,7 +40,11 @@ class BrokenArtifact(LooperError):
 
 
 def is_version_dir(path: Path) -> bool:
-    """A finished version's directory, or one that should be (a hash-named dir with no manifest)."""
+    """A finished version's directory, or one that should be (a hash-named dir with no manifest).
+    Never a run in progress or interrupted (`<version>.partial`, even once its manifest is written)
+    nor a hidden leftover (`.<version>.old-<pid>`)."""
+    if path.name.startswith(".") or path.name.endswith(PARTIAL):
+        return False
     return path.is_dir() and ((path / MANIFEST).is_file() or bool(VERSION_NAME.match(path.name)))
 
 
@@ -61,7 +66,56 @@ def read_manifest(manifest_path: Path, *, strict: bool = True) -> dict[str, Any]
         and not all(k in manifest for k in ("stage", "version", "hash"))
     ):
         raise BrokenArtifact(manifest_path, "not a looper manifest: no stage, version or hash")
+    if strict and (wrong := shape_problem(manifest)):
+        raise BrokenArtifact(manifest_path, f"badly shaped manifest: {wrong}")
     return manifest
+
+
+# The manifest fields Looper reads, and their types: checked whenever a manifest is read, so a
+# badly shaped one is a BrokenArtifact naming its file, never a TypeError deep in status or gc.
+# Optional ones (older manifests lack `files`; `created`...) are checked when present.
+_TYPES = {
+    "stage": str,
+    "version": str,
+    "hash": str,
+    "schema_version": int,
+    "created": str,
+    "config": dict,
+    "identity": dict,
+    "inputs": dict,
+    "counts": dict,
+    "metrics": dict,
+    "files": list,
+}
+_REQUIRED = ("stage", "version", "hash")
+_FILE_RECORD = {"path": str, "bytes": int, "sha256": str}
+_INPUT_REF = {"version": str, "hash": str}
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrongly typed in a manifest (None when every field Looper relies on is as it writes it)."""
+    for key, kind in _TYPES.items():
+        if (key in manifest or key in _REQUIRED) and not _is(manifest.get(key), kind):
+            return f"{key} is {type(manifest.get(key)).__name__}, not {kind.__name__}"
+    if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", manifest[k]) for k in ("stage", "version")):
+        return (
+            f"stage '{manifest['stage']}' / version '{manifest['version']}' is not a stage and a version id"
+        )
+    for i, record in enumerate(manifest.get("files", [])):
+        if not isinstance(record, dict) or not all(_is(record.get(k), t) for k, t in _FILE_RECORD.items()):
+            return f"files[{i}] is not {{path: str, bytes: int, sha256: str}}"
+        if record["path"].startswith("/") or ".." in Path(record["path"]).parts:
+            return f"files[{i}] path {record['path']} points outside the artifact"
+    for name, ref in manifest.get("inputs", {}).items():
+        if not isinstance(ref, dict) or not all(_is(ref.get(k), t) for k, t in _INPUT_REF.items()):
+            return f"inputs.{name} is not {{version: str, hash: str, path: str}}"
+        if "path" in ref and not _is(ref["path"], str):
+            return f"inputs.{name}.path is not a string"
+    return None
 
 
 def content_files(root: Path) -> list[Path]:

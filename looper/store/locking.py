@@ -41,7 +41,9 @@ class RunLock:
         self.path, self.fd = path, fd
 
     @classmethod
-    def acquire(cls, path: Path, *, stage: str, target: Path, wait: bool) -> RunLock:
+    def acquire(cls, path: Path, *, stage: str, target: Path, wait: bool, inputs: list[str] = ()) -> RunLock:
+        """`inputs`: the artifacts (`<stage>/<version>`) the run reads, written into the lock file
+        so that `looper gc` keeps them while the run holds it (`held_inputs`)."""
         while True:
             fd = open_lock_file(path)
             try:
@@ -65,7 +67,8 @@ class RunLock:
         try:
             started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}\nstarted {started}\n".encode(), 0)
+            reads = "".join(f"input {ref}\n" for ref in inputs)
+            os.pwrite(fd, f"pid {os.getpid()}\nstarted {started}\n{reads}".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
@@ -148,3 +151,26 @@ def is_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)  # also drops the shared lock just taken
+
+
+def held_inputs(path: Path) -> list[str] | None:
+    """The inputs (`<stage>/<version>`) a live run holding this lock file reads; None when nobody
+    holds it. Read while the holder keeps the flock, so what it wrote is there (or it has not
+    written yet: an instant `looper gc` covers by keeping every version of the stages it is unsure of)."""
+    if not is_locked(path):
+        return None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split(" ", 1)[1] for line in lines if line.startswith("input ")]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,24 +8,13 @@ looper verify rollouts                                # every byte of every roll
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from looper.errors import LooperError
 from looper.store import integrity
 from looper.store.artifacts import ALIASES, MANIFEST, PARTIAL, SCHEMA_VERSIONS, Artifact, Store
-from looper.store.locking import LOCK, RunLock
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from looper.store.locking import LOCK, RunLock, held_inputs, pid_alive
 
 
 def _size(path: Path) -> int:
@@ -44,7 +33,13 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
         # an unreadable manifest stops gc with BrokenArtifact (naming it and `looper gc --broken`):
         # what such a version was built from is unknown, so nothing could be removed safely
         found = (
-            [Artifact.load(p) for p in root.iterdir() if (p / MANIFEST).is_file()] if root.is_dir() else []
+            [
+                Artifact.load(p)
+                for p in root.iterdir()
+                if integrity.is_version_dir(p) and (p / MANIFEST).is_file()
+            ]
+            if root.is_dir()
+            else []
         )
         # newest first; `created` has one-second resolution, the manifest's mtime breaks ties
         artifacts[stage] = sorted(
@@ -54,6 +49,7 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
         )
     kept = {(s, a.version) for s, arts in artifacts.items() for a in arts[:keep]}
     kept |= {(s, store.latest(s)) for s in artifacts if store.latest(s)}
+    kept |= inputs_of_live_runs(store)
     # keep what kept artifacts were built from, transitively (eval -> ppo -> rollouts -> sft -> prepare)
     by_key = {(s, a.version): a for s, arts in artifacts.items() for a in arts}
     frontier = list(kept)
@@ -70,8 +66,31 @@ def gc(*, workdir: str, keep: int, partials: bool = False, dry_run: bool = False
             shutil.rmtree(path)
     if partials:
         gone, size = remove_idle_partials(store, dry_run)
-        doomed, freed = doomed + gone, freed + size
+        strays, stray_size = remove_stray_temp_files(store, dry_run)
+        doomed, freed = doomed + gone + strays, freed + size + stray_size
     return doomed, freed
+
+
+def remove_stray_temp_files(store: Store, dry_run: bool) -> tuple[list[Path], int]:
+    found = store.stray_temp_files(SCHEMA_VERSIONS)
+    freed = sum(p.lstat().st_size for p in found)
+    for path in found:
+        print(f"stray {path}: a temp file of a killed write")
+        if not dry_run:
+            path.unlink(missing_ok=True)
+    return found, freed
+
+
+def inputs_of_live_runs(store: Store) -> set[tuple[str, str]]:
+    """(stage, version) of every artifact a running stage reads, as its held lock file names them."""
+    reads = set()
+    for stage in SCHEMA_VERSIONS:
+        root = store.stage_root(stage)
+        for lock in sorted(root.glob(f"*{LOCK}")) if root.is_dir() else []:
+            for ref in held_inputs(lock) or []:
+                name, _, version = ref.partition("/")
+                reads.add((name, version))
+    return reads
 
 
 def remove_idle_partials(store: Store, dry_run: bool) -> tuple[list[Path], int]:
@@ -171,4 +190,5 @@ def gc_broken(*, workdir: str, dry_run: bool = False) -> tuple[list[Path], int]:
                 (root / "LATEST").unlink()
                 if stage in ALIASES:
                     (root.parent / ALIASES[stage]).unlink(missing_ok=True)
-    return removed, freed
+    strays, stray_size = remove_stray_temp_files(store, dry_run)
+    return removed + strays, freed + stray_size

@@ -59,7 +59,12 @@ def collect(workdir: str | Path) -> list[dict]:
             version = path.name.removesuffix(PARTIAL)
             lock = root / f"{version}{LOCK}"
             running = is_locked(lock)
-            reason = f"running ({describe_holder(lock)})" if running else "resumable: rerun the same command"
+            if running:
+                reason = f"running ({describe_holder(lock)})"
+            elif integrity.content_files(path):
+                reason = "resumable: rerun the same command"
+            else:  # e.g. a model that failed to load: nothing was saved that a rerun could continue
+                reason = "nothing saved yet (a rerun starts over; `looper gc --partials` removes it)"
             rows.append(problem_row(stage, path, "running" if running else "interrupted", reason, latest))
         if latest is not None and not (root / latest / MANIFEST).is_file():
             rows.append(

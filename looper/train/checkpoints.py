@@ -6,7 +6,9 @@ would pick it anyway and every rerun would fail on it; `last_complete` instead s
 removes) it with a message and resumes from the newest complete one. transformers writes
 `trainer_state.json` last, after the weights, optimizer, scheduler and RNG state, so a
 readable trainer state plus structurally intact weights and optimizer files means the
-checkpoint is whole.
+checkpoint is whole. The scheduler and RNG state count too: a checkpoint without them would
+resume on another learning rate or other random draws and publish another adapter under the
+same version.
 
 transformers' `train_loss` covers only the steps since the resume, and TRL's token count
 restarts at 0. `totals_callback` writes `looper_totals.json` (loss summed over steps, tokens)
@@ -26,6 +28,8 @@ from looper.store.locking import is_main_rank
 
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG_STATE = "rng_state.pth"
 TRAINER_STATE = "trainer_state.json"
 TOTALS = "looper_totals.json"
 
@@ -75,9 +79,23 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         safetensors_problem(weights) if weights.suffix == ".safetensors" else torch_file_problem(weights)
     ):
         return problem
-    if not (checkpoint / OPTIMIZER).is_file():
-        return f"{OPTIMIZER} missing"
-    return torch_file_problem(checkpoint / OPTIMIZER)
+    for name in (OPTIMIZER, SCHEDULER):
+        if not (checkpoint / name).is_file():
+            return f"{name} missing"
+        if problem := torch_file_problem(checkpoint / name):
+            return problem
+    # one process writes rng_state.pth, each of several rng_state_<rank>.pth: without it the
+    # resumed run would draw other dropout masks and data order than an uninterrupted one
+    rng = sorted(checkpoint.glob("rng_state*.pth"))
+    if not rng:
+        return f"{RNG_STATE} missing"
+    if problem := next((p for p in map(torch_file_problem, rng) if p), None):
+        return problem
+    # written last (on_save, after the trainer's rotation): without it a resumed run's manifest
+    # would count only the tokens and loss since the resume
+    if load_totals(str(checkpoint)) is None:
+        return f"{TOTALS} missing or unreadable"
+    return None
 
 
 def last_complete(trainer_dir: Path, stage: str) -> str | None:
@@ -94,6 +112,15 @@ def last_complete(trainer_dir: Path, stage: str) -> str | None:
         if is_main_rank():
             shutil.rmtree(checkpoint, ignore_errors=True)
     return None
+
+
+def training_done(checkpoint: str) -> bool:
+    """Whether `checkpoint` is the run's last step (its trainer state's global_step reached max_steps)."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
 
 
 def load_totals(checkpoint: str | None) -> dict[str, Any] | None:
@@ -125,6 +152,8 @@ def totals_callback(trainer: Any, before: dict[str, Any]):
                 "loss_sum": before["loss_sum"] + loss_sum_since_resume(trainer),
                 "tokens": before["tokens"] + total_train_tokens(trainer),
             }
-            (folder / TOTALS).write_text(json.dumps(totals))
+            from looper.store.artifacts import atomic_write_bytes
+
+            atomic_write_bytes(folder / TOTALS, json.dumps(totals).encode())  # whole or absent
 
     return RunTotals()

@@ -15,19 +15,13 @@ from trl import GRPOConfig
 from looper.config import PpoConfig
 from looper.data.prompts import prompt_token_ids
 from looper.policy import models
-from looper.rewards.trainer_adapter import (
-    RewardPlan,
-)
+from looper.rewards.trainer_adapter import RewardPlan, plot_weights
 from looper.train import distributed, runner
-from looper.train.grpo_math import (
-    AdaptiveKL,
-    StepPlan,
-    floored_advantages,
-)
+from looper.train.grpo_math import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
 from looper.train.trl_internals import HookedGRPOTrainer, log_train_metric, pad
 
 
-class RegimeWGRPOTrainer(HookedGRPOTrainer):
+class AdaptiveKLGRPOTrainer(HookedGRPOTrainer):
     """GRPO with Looper's advantages and adaptive KL coefficient (offline and online), each completion
     trained at the temperature it was sampled with (`HookedGRPOTrainer`).
 
@@ -101,7 +95,7 @@ class RegimeWGRPOTrainer(HookedGRPOTrainer):
         output["advantages"] = advantages[start : start + local].to(device)
 
 
-class ReplayGRPOTrainer(RegimeWGRPOTrainer):
+class ReplayGRPOTrainer(AdaptiveKLGRPOTrainer):
     """The trainer of offline ppo: stored completions, each trained at its arm's temperature, with
     the stored (tempered) behaviour log-probs as the importance ratio's denominator."""
 
@@ -140,7 +134,7 @@ class ScheduledWeights(TrainerCallback):
 class KLStep(TrainerCallback):
     """Moves the trainer's KL coefficient after each optimizer step."""
 
-    def __init__(self, trainer: RegimeWGRPOTrainer):
+    def __init__(self, trainer: AdaptiveKLGRPOTrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -252,9 +246,48 @@ def grpo_config(
         epsilon=config.clip_epsilon,
         loss_type=config.loss_type,
         reward_weights=reward_weights,
-        scale_rewards="none",  # centred only: RegimeWGRPOTrainer divides by the floored group std
+        scale_rewards="none",  # centred only: AdaptiveKLGRPOTrainer divides by the floored group std
         disable_dropout=True,  # dropout in the forwards that form the ratio and the KL would read as policy change
     )
+
+
+def build_trainer(
+    trainer_class: type,
+    config: PpoConfig,
+    job,
+    plan: StepPlan,
+    objective: RewardPlan,
+    *,
+    generations: int,
+    max_completion: int,
+    temperature: float = 1.0,
+    **trainer_kwargs,
+):
+    """The GRPO trainer of offline and online ppo alike: TRL's config from `config`, the adaptive KL
+    controller over the run's steps (restored from a resumed checkpoint), the reward weights'
+    schedule plotted into the artifact. `trainer_kwargs`: model, reward_funcs, train_dataset,
+    processing_class, peft_config and the trainer class's own (rollout_func, temperatures, ...)."""
+    steps = total_steps(config.max_steps, config.epochs, plan)
+    controller = AdaptiveKL(config.kl_coef, config.kl_target, kl_horizon(config.kl_horizon, steps))
+    trainer = trainer_class(
+        args=grpo_config(
+            config,
+            job.trainer_dir,
+            generations,
+            max_completion,
+            plan,
+            temperature=temperature,
+            reward_weights=objective.weights_at(0.0),
+        ),
+        callbacks=job.callbacks(),
+        kl_controller=controller,
+        std_floor=config.advantage_std_floor,
+        reward_plan=objective,
+        **trainer_kwargs,
+    )
+    trainer.restore_kl(job.checkpoint)
+    plot_weights(job, objective, steps)
+    return trainer
 
 
 def announce_plan(plan: StepPlan, n_questions: int, questions_per_step: int) -> None:

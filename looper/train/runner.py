@@ -321,12 +321,30 @@ class TrainingRun:
             print(
                 f"{self.stage}: {self.checkpoint} has no run totals: train_loss will cover the steps from there"
             )
-        trainer.add_callback(
-            checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
+        # first of the on_save callbacks: a checkpoint is complete only with its totals (checkpoints.py)
+        trainer.callback_handler.callbacks.insert(
+            0, checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
         )
         arm_faults(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
+        if self.checkpoint and checkpoints.training_done(self.checkpoint):
+            return self.restore_finished(trainer)
         with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
             return trainer.train(resume_from_checkpoint=self.checkpoint)
+
+    def restore_finished(self, trainer: Any) -> Any:
+        """The run was killed after its last step's checkpoint, before publishing: nothing is left
+        to train. transformers would still run one more step when resumed there (issue 22: `steps: 5`
+        of --max-steps 4, another adapter under the same version), so the checkpoint's weights and
+        trainer state are loaded instead, as they stood when the uninterrupted run finished training."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        from looper.train import checkpoints
+
+        print(f"{self.stage}: {Path(self.checkpoint).name} is the last step: training is done, restoring it")
+        trainer._load_from_checkpoint(self.checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(self.checkpoint) / checkpoints.TRAINER_STATE))
+        return TrainOutput(trainer.state.global_step, 0.0, {})
 
     def train_loss(self, result: Any, trainer: Any) -> float:
         """Mean training loss per step over the whole run, a resumed one included."""

@@ -70,6 +70,12 @@ def pytest_sessionfinish(session, exitstatus):
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "seed": int(os.environ.get("LOOPER_FAULT_SEED", "12")),
+        "kill_points": os.environ.get("LOOPER_KILL_POINTS", "sample"),
+        "kill_points_per_stage": {
+            k.removeprefix("killpoints_"): v
+            for k, v in LEDGER.items()
+            if k.removeprefix("killpoints_") in STAGES or k == "killpoints_loop"
+        },
         "tests_failed": session.testsfailed,
         "tests_collected": session.testscollected,
         "counts": dict(sorted(LEDGER.items())),

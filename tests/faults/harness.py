@@ -42,7 +42,7 @@ class Result:
         return [line for line in self.err.splitlines() if line.strip()]
 
 
-def env_for(home: Path, fault: str | None = None) -> dict[str, str]:
+def env_for(home: Path, fault: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         LOOPER_HOME=str(home),
@@ -50,21 +50,35 @@ def env_for(home: Path, fault: str | None = None) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    env.pop("LOOPER_FAULT", None)
-    env.pop("LOOPER_CONFIG", None)
+    for name in ("LOOPER_FAULT", "LOOPER_CONFIG", "LOOPER_KILL_AT", "LOOPER_KILL_LOG"):
+        env.pop(name, None)
     if fault:
         env["LOOPER_FAULT"] = fault
-    return env
+    return env | (extra or {})
 
 
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "looper", "--config", str(PIPELINE), *map(str, args)]
 
 
-def looper(home: Path, *args: str, fault: str | None = None, timeout: int = TIMEOUT) -> Result:
-    """Run `looper --config faults.toml ARGS` against `home`; returns code (-9 when killed), stdout, stderr."""
+def wait_while_paused() -> None:
+    """With LOOPER_FAULTS_PAUSE=<path>, start no run while that path exists (a shared box's
+    quiet-period marker: the hours-long kill-point set then waits instead of disturbing a benchmark)."""
+    import time
+
+    pause = os.environ.get("LOOPER_FAULTS_PAUSE")
+    while pause and os.path.exists(pause):
+        time.sleep(30)
+
+
+def looper(
+    home: Path, *args: str, fault: str | None = None, timeout: int = TIMEOUT, env: dict | None = None
+) -> Result:
+    """Run `looper --config faults.toml ARGS` against `home`; returns code (-9 when killed), stdout, stderr.
+    `env`: more variables (LOOPER_KILL_AT, LOOPER_KILL_LOG: looper/store/faults.py)."""
+    wait_while_paused()
     proc = subprocess.run(
-        command(*args), env=env_for(home, fault), capture_output=True, text=True, timeout=timeout
+        command(*args), env=env_for(home, fault, env), capture_output=True, text=True, timeout=timeout
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -18,6 +18,18 @@ ROWS = [
     ("rows doubled (goal 0)", "rows_doubled"),
     ("adapters differing from the uninterrupted run (goal 0)", "adapters_differ"),
     ("stuck resumes: a rerun that failed (goal 0)", "stuck_resumes"),
+    (
+        "kill points tried (SIGKILL just before the N-th filesystem mutation under the home)",
+        "killpoints_tried",
+    ),
+    (
+        "kill points identical to the uninterrupted run (versions, hashes, counts, files)",
+        "killpoints_identical",
+    ),
+    ("kill points diverging (another version, hash or count; goal 0)", "killpoints_diverged"),
+    ("kill points leaving stray files (or gc --broken finding something; goal 0)", "killpoints_stray_files"),
+    ("kill points stuck: a rerun that failed (goal 0)", "killpoints_stuck"),
+    ("kill points not reached", "killpoints_not_reached"),
     ("concurrent-run races", "races"),
     ("races ending with one complete artifact and nothing stray", "races_clean"),
     ("corrupted files tried", "corruptions_tried"),
@@ -25,6 +37,9 @@ ROWS = [
     ("bad inputs tried (incl. a read-only and a full home)", "bad_inputs_tried"),
     ("bad inputs: one-line error, nothing left behind", "bad_inputs_one_line_clean"),
 ]
+
+# The first row of each group of tests: absent from the counts, the group did not run.
+GROUP_STARTS = {"kills_injected", "killpoints_tried", "races", "corruptions_tried", "bad_inputs_tried"}
 
 HEADER = """# Reliability
 
@@ -34,7 +49,12 @@ schedule (`LOOPER_FAULT=<point>:<n>`, looper/store/faults.py: mid-step, mid-save
 mid-commit) and rerun, then compared with the uninterrupted run (rows for data stages,
 bit-identical adapter weights for training stages, and the content hash); two and three
 concurrent runs; a read-only and a full home (tmpfs); corrupted manifest, shard and checkpoint
-files; bad options, files and adapters.
+files; bad options, files and adapters. Kill points (`tests/faults/test_killpoints.py`, issue 22):
+sft, rollouts, ppo, dpo, eval and a 2-round loop SIGKILLed just before their N-th filesystem
+mutation under the home (`LOOPER_KILL_AT=N`, an audit hook), for every N with
+`LOOPER_KILL_POINTS=all` (what `make test-faults` sets) or 6 evenly spaced N per stage, rerun,
+and compared with an uninterrupted run's home: same versions, content hashes and counts, same
+files, nothing for `gc --broken` to do.
 
 Regenerate: `make test-faults` (runs the suite, then `python tests/faults/reliability.py`, which
 rewrites this file from `faults-summary.json`). Another schedule: `LOOPER_FAULT_SEED=N make test-faults`.
@@ -46,12 +66,24 @@ def render(summary: dict) -> str:
     lines = [
         HEADER,
         f"Run {summary['date']} on {summary['machine']}; schedule seed {summary['seed']}; "
-        f"{summary['tests_collected']} tests, {summary['tests_failed']} failed.",
+        f"{summary['tests_collected']} tests, {summary['tests_failed']} failed; kill points: "
+        f"{summary.get('kill_points', 'sample')}.",
         "",
         "| what | count |",
         "|---|---|",
     ]
-    lines += [f"| {label} | {counts.get(key, 0)} |" for label, key in ROWS]
+    group_ran = False
+    for label, key in ROWS:
+        if key in GROUP_STARTS:  # the first row of a group: whether this session ran that group at all
+            group_ran = key in counts
+        lines.append(f"| {label} | {counts.get(key, 0) if group_ran else 'not run this time'} |")
+    if per_stage := summary.get("kill_points_per_stage"):
+        lines += [
+            "",
+            "Filesystem mutations (kill points) per stage run: "
+            + ", ".join(f"{stage} {n}" for stage, n in per_stage.items())
+            + ".",
+        ]
     if summary.get("failed"):
         lines += ["", "Failed:", "", *[f"- `{name}`" for name in summary["failed"]]]
     if summary.get("notes"):
