@@ -7,9 +7,13 @@ at the same batch size and lengths, and (b) one question and one arm at a time (
 The raw baseline is static batches of `--batch-size` (16) grouped by temperature, left padding,
 float32, `generate` alone timed. looper runs at its default `--batch-size` (on a CPU: 64 with
 `--scheduler continuous`, 16 with static) unless `--looper-batch-size` says otherwise; the batch is
-printed next to its figures. The roofline line converts tokens/s into a share of the cores'
-measured float32 matmul FLOP/s (FLOPs per token: 2 x matmul weights + attention over the mean
-context). `--also-static` also times the stage with `--scheduler static`; `--compare-hf-cb N`
+printed next to its figures, and so is the dtype it samples in (`--dtype auto`: bfloat16 on a
+CPU with AVX-512 BF16/AMX). Two rooflines: the FLOP line converts tokens/s into a share of the
+cores' measured float32 matmul FLOP/s (FLOPs per token: 2 x matmul weights + attention over the
+mean context); the memory line, the one that binds decode on a CPU, gives the bytes a decode step
+reads (every weight at the run's dtype + the KV cache of its live rows at the mean context), the
+cores' measured copy bandwidth, the tokens/s that allows at the run's batch, and the share of it
+each run reached (whole-run tokens/s: prefill and everything outside decode count against it). `--also-static` also times the stage with `--scheduler static`; `--compare-hf-cb N`
 times transformers' own continuous batching (`model.generate_batch`, paged attention) against
 looper's scheduler, greedy, on the first N prompts, and counts identical outputs. Every timed
 figure is printed with the load average: on a shared box the ratios are what to read.
@@ -27,8 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import SMOLLM, flops_per_token, load_line, machine, matmul_flops, prepared_workdir
+from common import (
+    SMOLLM,
+    decode_step_bytes,
+    flops_per_token,
+    load_line,
+    machine,
+    matmul_flops,
+    memory_bandwidth,
+    memory_roofline_tokens,
+    prepared_workdir,
+)
+
+# isort: split
+import torch  # after common: the thread policy is in the environment when torch loads
 
 
 def arm_requests(workdir: Path, questions: int, arms: int, tokenizer):
@@ -137,6 +153,7 @@ def main() -> None:
 
     from looper.config import RolloutsConfig
     from looper.generation import default_batch_size
+    from looper.policy import models
     from looper.policy.models import resolve_model, set_cpu_threads
     from looper.stages import rollouts
     from looper.store.artifacts import read_rows
@@ -186,17 +203,18 @@ def main() -> None:
     )
 
     raw_rate, ours, naive = raw_tokens / raw_s, looper_tokens / looper_s, naive_tokens / naive_s
-    peak = matmul_flops()
+    peak, bandwidth, peak_load = matmul_flops(), memory_bandwidth(), load_line()
     prompt_len = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in requests) / len(
         requests
     )
     context = prompt_len + looper_tokens / len(requests) / 2  # mean cached positions per generated token
     per_token = flops_per_token(model, context)
+    looper_dtype = models.resolve_dtype(args.dtype, sampling=True)
     print(f"machine: {machine()}; torch threads {threads}")
     print(
         f"{len(requests)} completions ({args.questions} questions x {args.arms} arms + 2 s_cf re-asks), "
         f"raw batch {args.batch_size}, max {args.max_new_tokens} new tokens; looper --scheduler {args.scheduler} "
-        f"--dtype {args.dtype} --batch-size {looper_batch(args.scheduler)}"
+        f"--dtype {args.dtype} ({looper_dtype}) --batch-size {looper_batch(args.scheduler)}"
     )
     print(
         f"raw batched generate:      {raw_rate:6.1f} tokens/s  ({raw_tokens} tokens, {raw_s:.1f} s)  [{raw_load}]"
@@ -217,8 +235,27 @@ def main() -> None:
     )
     print(
         f"roofline: {per_token / 1e6:.0f} MFLOP/token (mean context {context:.0f}), matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s measured [{load_line()}]: looper {100 * ours * per_token / peak:.1f}%, "
+        f"{peak / 1e9:.1f} GFLOP/s measured [{peak_load}]: looper {100 * ours * per_token / peak:.1f}%, "
         f"raw generate {100 * raw_rate * per_token / peak:.1f}%"
+    )
+    element = {"float32": 4, "bfloat16": 2}[looper_dtype]
+    runs = [("looper", ours, min(looper_batch(args.scheduler), len(requests)), element)]
+    runs.append(("raw generate", raw_rate, min(args.batch_size, len(requests)), 4))
+    if static:
+        runs.append(
+            ("looper static", static[0] / static[1], min(looper_batch("static"), len(requests)), element)
+        )
+    shares = []
+    for name, rate, rows, size in runs:
+        limit = memory_roofline_tokens(model, rows, context, bandwidth, size)
+        step_mb = decode_step_bytes(model, rows, context, size) / 1e6
+        shares.append(
+            f"{name} {100 * rate / limit:.1f}% of {limit:.0f} tokens/s ({step_mb:.0f} MB/step at {rows} rows, "
+            f"{8 * size} bit)"
+        )
+    print(
+        f"memory roofline: copy bandwidth {bandwidth / 1e9:.1f} GB/s measured [{peak_load}], mean context "
+        f"{context:.0f}: " + "; ".join(shares)
     )
     if args.compare_hf_cb:
         compare_hf_cb(model, tokenizer, requests[: args.compare_hf_cb], args.max_new_tokens, args.batch_size)

@@ -31,6 +31,7 @@ from looper.config import (
 )
 from looper.errors import LooperError
 from looper.plan.checks import PlanConfig
+from looper.threads import apply_thread_policy
 
 app = typer.Typer(
     name="looper",
@@ -411,6 +412,7 @@ def verify(
 
 def main() -> None:
     """Console entry point: run the app, turning errors into one line + exit 1."""
+    apply_thread_policy()  # before any command imports torch: OpenMP reads it once, at load
     if "--debug" not in sys.argv:
         quiet_libraries()
     try:

@@ -279,8 +279,9 @@ class GenerationOptions:
     )
     dtype: str = opt(
         "auto",
-        "hf backend weights: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', or 'bfloat16' "
-        "(on CPU only with AVX-512 BF16 or AMX; faster, a few answers may change).",
+        "hf backend weights: 'auto' (bfloat16 on CUDA; on a CPU, rollouts bfloat16 where it has AVX-512 "
+        "BF16 or AMX, eval float32), 'float32', or 'bfloat16' (on a CPU only with AVX-512 BF16 or AMX; "
+        "faster, greedy answers may change).",
         choices=("auto", "float32", "bfloat16"),
     )
     # vLLM engine settings (`looper.generation.vllm`). They decide whether the engine fits the

@@ -35,6 +35,8 @@ def run_cli(capsys, monkeypatch):
 
     monkeypatch.delenv("LOOPER_HOME", raising=False)
     monkeypatch.delenv("LOOPER_CONFIG", raising=False)
+    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):  # main sets them where unset: undone after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -204,7 +204,18 @@ def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
         name="base", source=models.resolve_model("looper:tiny"), adapter=None, artifact=None
     )
     assert policies.generation_weights("hf", policy)["dtype"] == "float32"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert policies.generation_weights("hf", policy, sampling=True)["dtype"] == "float32"
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    # 'auto': rollouts (sampling) in bf16 on a CPU that computes it natively, eval in float32
+    assert policies.generation_weights("hf", policy, sampling=True)["dtype"] == "bfloat16"
+    assert (
+        models.resolve_dtype("auto") == "float32"
+        and models.resolve_dtype("float32", sampling=True) == "float32"
+    )
+    monkeypatch.setattr(models, "has_cuda", lambda: True)
+    assert models.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(models, "has_cuda", lambda: False)
     # recorded, so that ppo recomputes behaviour log-probs with its float32 model (`--behaviour-logprobs auto`)
     assert policies.generation_weights("hf", policy, "bfloat16")["dtype"] == "bfloat16"
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)

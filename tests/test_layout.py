@@ -14,6 +14,7 @@ RANKS = {
     "hashing": 0,
     "answers": 0,
     "stats": 0,
+    "threads": 0,
     "config": 1,
     "store": 2,
     "data": 3,

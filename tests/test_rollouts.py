@@ -8,6 +8,7 @@ import pytest
 from conftest import last_json
 
 from looper.errors import LooperError
+from looper.policy import models
 from looper.regime_w import reward, scoring
 from looper.regime_w.arms import DEFAULT_ARMS, load_arm_file, select_arms
 from looper.regime_w.perturb import perturb
@@ -104,7 +105,9 @@ def test_rollouts_end_to_end(run_cli, workdir, tiny_model_dir):
     manifest = Store(workdir).resolve("rollouts").manifest
     assert set(manifest["metrics"]["arm_accuracy"]) == {"wolfram-t0.2", "maudlin-t0.2"}
     assert manifest["sampling"]["max_new_tokens"] == 6 and manifest["policy"]["name"] == "base"
-    assert manifest["generated_by"] == {"backend": "hf", "quant": "none", "dtype": "float32", "adapter": None}
+    # --dtype auto samples in bf16 where the CPU computes it natively (ppo then recomputes log-probs)
+    sampled = "bfloat16" if models.cpu_has_bf16() else "float32"
+    assert manifest["generated_by"] == {"backend": "hf", "quant": "none", "dtype": sampled, "adapter": None}
     assert rollout(run_cli, workdir, tiny_model_dir, "--limit", "5", "--shard-size", "2")["skipped"]
 
 
@@ -204,3 +207,29 @@ def test_rollouts_errors(run_cli, workdir, tiny_model_dir, tmp_path):
 def test_regime_w_demo(run_cli):
     code, out, _ = run_cli("regime-w", "demo")
     assert code == 0 and "split 2-2" in out and "0.333" in out
+
+
+@pytest.mark.skipif(not models.cpu_has_bf16(), reason="bf16 rollouts need AVX-512 BF16 or AMX")
+def test_bf16_rollouts_make_ppo_recompute_behaviour_logprobs(run_cli, workdir, tiny_model_dir):
+    """The default on a bf16 CPU, end to end: rollouts sample in bf16 and say so; ppo (float32) then
+    recomputes the behaviour log-probs with its own weights, and the stored bf16 ones were close."""
+    import json
+
+    result = rollout(run_cli, workdir, tiny_model_dir, "--limit", "2", "--shard-size", "2")
+    manifest = Store(workdir).resolve("rollouts").manifest
+    assert manifest["generated_by"]["dtype"] == "bfloat16" and manifest["identity"]["dtype"] == "bfloat16"
+    stored = [lp for r in rows_of(result["path"]) for o in r["arm_outputs"] for lp in o["logprobs"]]
+    assert stored and all(lp <= 0 for lp in stored)
+    code, out, err = run_cli(
+        "ppo", "--model", tiny_model_dir, "--workdir", workdir, "--questions-per-step", "2",
+        "--questions-per-minibatch", "1", "--no-gradient-checkpointing", "--max-steps", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (
+        "behaviour log-probs recompute (rollouts sampled with other weights than trained: dtype bfloat16 vs float32"
+        in out
+    )
+    ppo = json.loads(open(f"{last_json(out)['path']}/manifest.json").read())
+    assert ppo["behaviour_logprobs"] == "recompute"
+    # bf16 rounding moves each token's log-prob a little; a gap of 0 would mean nothing was recomputed
+    assert 0 < ppo["metrics"]["behaviour_logprob_gap"] < 0.5

@@ -72,9 +72,10 @@ def test_step_zero_ratio_is_one_and_kl_is_zero_at_temperature_0_3(run_cli, tiny_
         "prepare", "--source", "synthetic", "--synthetic-train", "8", "--synthetic-test", "2", *home
     )
     assert code == 0, err
+    # float32: the weights ppo trains ('auto' samples in bf16 on a CPU with AVX-512 BF16/AMX)
     code, out, err = run_cli(
         "rollouts", "--model", tiny_model_dir, "--arm-file", arm_file, "--arms", "2", "--cf-arms", "",
-        "--policy", "base", "--limit", "4", "--max-new-tokens", "12", *home,
+        "--policy", "base", "--limit", "4", "--max-new-tokens", "12", "--dtype", "float32", *home,
     )  # fmt: skip
     assert code == 0, err
     rollouts = last_json(out)

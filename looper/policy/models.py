@@ -25,6 +25,7 @@ from typing import Any
 
 from looper.errors import LooperError
 from looper.hashing import sha256_file
+from looper.threads import allowed_cores
 
 TINY = "looper:tiny"
 
@@ -131,10 +132,19 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str) -> str:
-    """'auto' -> bfloat16 on CUDA, float32 on CPU; 'bfloat16' on a CPU without native bf16 is an error."""
+def resolve_dtype(dtype: str, *, sampling: bool = False) -> str:
+    """'auto' -> bfloat16 on CUDA; on a CPU float32, or with `sampling` (rollouts) bfloat16 where the
+    CPU computes it natively. 'bfloat16' on a CPU without native bf16 is an error.
+
+    Why sampling differs: decode reads every weight once per step and is bound by memory bandwidth
+    on a CPU, so bf16 weights are ~1.7x faster (BENCHMARKS.md). Sampled completions are random
+    draws in either dtype, and ppo recomputes their behaviour log-probs with its own weights when
+    the dtypes differ (`--behaviour-logprobs auto`); greedy eval answers would change (31/100 in
+    the eval bench), so eval keeps float32 unless asked."""
     if dtype == "auto":
-        return "bfloat16" if has_cuda() else "float32"
+        if has_cuda():
+            return "bfloat16"
+        return "bfloat16" if sampling and cpu_has_bf16() else "float32"
     if dtype == "bfloat16" and not has_cuda() and not cpu_has_bf16():
         raise LooperError(
             "--dtype bfloat16: this CPU has neither AVX-512 BF16 nor AMX (see lscpu), so bf16 would be "
@@ -146,11 +156,12 @@ def resolve_dtype(dtype: str) -> str:
 def set_cpu_threads() -> int:
     """torch's intra-op threads = the cores this process may run on (its affinity mask, which
     containers and taskset narrow; torch's default counts the machine's), unless OMP_NUM_THREADS
-    says otherwise. Returns the count in use."""
+    says otherwise. Returns the count in use. The `looper` command has already chosen both
+    (`looper.threads`, before torch loaded); this is for callers that import Looper as a library."""
     import torch
 
-    if not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(allowed_cores())
     return torch.get_num_threads()
 
 
@@ -192,16 +203,18 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     dtype: str = "auto",
+    sampling: bool = False,
 ) -> Any:
-    """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU;
-    `dtype` 'float32' or 'bfloat16' overrides 'auto' (see `resolve_dtype`)."""
+    """The base causal LM: bf16 on CUDA (NF4 + double quant with --quant 4bit), fp32 on CPU (bf16
+    for `sampling` on a CPU with native bf16); `dtype` 'float32' or 'bfloat16' overrides 'auto'
+    (see `resolve_dtype`)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    kwargs["dtype"] = getattr(torch, resolve_dtype(dtype))
+    kwargs["dtype"] = getattr(torch, resolve_dtype(dtype, sampling=sampling))
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

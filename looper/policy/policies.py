@@ -83,7 +83,7 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
-def generation_weights(backend: str, policy: Policy, dtype: str = "auto") -> dict:
+def generation_weights(backend: str, policy: Policy, dtype: str = "auto", *, sampling: bool = False) -> dict:
     """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not.
 
     Recorded in the rollouts manifest so `looper ppo` knows whether the stored log-probs are
@@ -99,7 +99,7 @@ def generation_weights(backend: str, policy: Policy, dtype: str = "auto") -> dic
     return {
         "backend": "hf",
         "quant": "none",
-        "dtype": models.resolve_dtype(dtype),
+        "dtype": models.resolve_dtype(dtype, sampling=sampling),
         "adapter": "merged" if policy.adapter else None,
     }
 
@@ -113,14 +113,16 @@ def load_generator(
     require_chat_template: bool = True,
     scheduler: str = "static",
     dtype: str = "auto",
+    sampling: bool = False,
     options: Any = None,
     prompts: Callable[[Any], Iterable[str]] | None = None,
 ):
     """(generator, tokenizer) for `policy`. With hf, a LoRA adapter is merged into the base
     weights first: generation then costs what the base model costs; `scheduler` and `dtype`
-    are the hf backend's (`GenerationOptions`), and on a CPU torch gets one thread per core
-    this process may use. Plain-text prompting (eval's lm-eval format) passes
-    require_chat_template=False to allow base models.
+    are the hf backend's (`GenerationOptions`; `sampling`: rollouts, whose 'auto' dtype is bf16 on
+    a CPU with native bf16), and on a CPU torch gets one thread per core this process may use.
+    Plain-text prompting (eval's lm-eval format) passes require_chat_template=False to allow base
+    models.
 
     vLLM takes its engine settings from `options` (the stage's `GenerationOptions`); unless
     `options.max_model_len` is set, the engine's context is derived from `prompts(tokenizer)`,
@@ -146,7 +148,9 @@ def load_generator(
         return generator, tokenizer
     if not models.has_cuda():
         models.set_cpu_threads()
-    model = models.load_model(policy.source, quant="none", trust_remote_code=trust_remote_code, dtype=dtype)
+    model = models.load_model(
+        policy.source, quant="none", trust_remote_code=trust_remote_code, dtype=dtype, sampling=sampling
+    )
     if policy.adapter is not None:
         model = models.attach_adapter(  # the base was checked (or the mismatch allowed) in resolve_policy
             model, policy.adapter, policy.source, trainable=False, allow_base_mismatch=True

@@ -100,11 +100,14 @@ def run(config: RolloutsConfig) -> StageResult:
     except LooperError as exc:
         hint = " (or pass --policy base to roll out the base model)" if config.policy == "sft" else ""
         raise LooperError(f"{exc}{hint}") from None
+    weights = policies.generation_weights(config.backend, policy, config.dtype, sampling=True)
     stage_identity = rollouts_identity(config) | {
         "model": base.identity,
         "policy": policy.identity(),
         "arms": [vars(a) for a in arms],
     }
+    if config.dtype == "auto" and weights["dtype"] == "bfloat16" and not models.has_cuda():
+        stage_identity["dtype"] = "bfloat16"  # 'auto' sampled in float32 on a CPU before: a new version
     # the policy's adapter is an input too: a retrained sft makes these rollouts stale
     inputs = {"prepare": prepare} | ({policy.artifact.stage: policy.artifact} if policy.artifact else {})
     inputs |= {"arm_prior": prior} if prior else {}  # the allocation is learned from it
@@ -139,6 +142,7 @@ def run(config: RolloutsConfig) -> StageResult:
             trust_remote_code=config.trust_remote_code,
             scheduler=config.scheduler,
             dtype=config.dtype,
+            sampling=True,
             options=config,
             # vLLM sizes its context for the longest prompt of the chunks still to do
             prompts=lambda tok: [
@@ -202,7 +206,7 @@ def run(config: RolloutsConfig) -> StageResult:
                 "base_mismatch_allowed": policy.base_mismatch,
                 **policy.identity(),
             },
-            "generated_by": policies.generation_weights(config.backend, policy, config.dtype),
+            "generated_by": weights,
             "rewards": reward_spec(config).as_dict(),
             "allocation": allocation.as_dict() | {"prior": prior.version if prior else None},
             "sampling": {
