@@ -73,8 +73,8 @@ def home(model_dir, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("vllm-home")
     for args in (
         ["prepare", "--source", "synthetic", "--synthetic-train", "30", "--synthetic-test", "6"],
-        ["sft", "--model", str(model_dir), "--max-steps", "4", "--limit", "8", "--grad-accum", "1"]
-        + ["--learning-rate", "1e-2", "--lora-r", "8", "--dev-limit", "2"],
+        ["sft", "--model", str(model_dir), "--max-steps", "12", "--limit", "12", "--grad-accum", "1"]
+        + ["--learning-rate", "3e-2", "--lora-r", "8", "--dev-limit", "2", "--no-gradient-checkpointing"],
     ):
         saved = sys.argv
         sys.argv = ["looper", *args, "--workdir", str(home)]

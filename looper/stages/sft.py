@@ -47,6 +47,8 @@ def run(config: SftConfig) -> StageResult:
         print(
             "sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)"
         )
+    elif quant == "4bit":
+        print(f"sft: quant {models.quant_path(quant, config.optimizer, models.has_cuda())}")
     stage_identity = identity(config) | {"model": source.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
     if existing := store.reuse(STAGE, version, config.force):
