@@ -90,7 +90,9 @@ def plain_trl_run(workdir: Path, steps: int, tag: int) -> float:
         model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
     )
     result = trainer.train()
-    return trainer._total_train_tokens / result.metrics["train_runtime"]
+    from looper.train.trl_internals import total_train_tokens
+
+    return total_train_tokens(trainer) / result.metrics["train_runtime"]
 
 
 def main() -> None:

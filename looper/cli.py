@@ -120,7 +120,9 @@ def print_result(stage: str, result: Any, as_json: bool) -> None:
         typer.echo(orjson.dumps(result.as_json()).decode())
 
 
-STAGE_MODULES = {"eval": "evaluate"}  # `eval` would shadow the builtin as a module name
+# the module whose run() a command calls; `eval` would shadow the builtin as a module name, and the
+# loop sits above the stages in its own wing
+STAGE_MODULES = {"eval": "looper.stages.evaluate", "loop": "looper.loop.run"}
 
 
 def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> None:
@@ -151,7 +153,7 @@ def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> 
     def command(ctx: typer.Context, **values: Any) -> None:
         if ctx.invoked_subcommand is not None:
             return
-        stage = importlib.import_module(f"looper.stages.{STAGE_MODULES.get(name, name)}")
+        stage = importlib.import_module(STAGE_MODULES.get(name, f"looper.stages.{name}"))
         run_stage(name, stage.run, values)
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)

@@ -34,7 +34,7 @@ def opt(
     default: Any,
     help: str,
     *,
-    identity: bool = True,
+    identity: bool | str = True,
     choices: tuple[str, ...] | None = None,
     ge: float | None = None,
     gt: float | None = None,
@@ -44,6 +44,8 @@ def opt(
 ) -> Any:
     """A config field: its default, the help text the CLI shows, whether it changes outputs,
     and what values it accepts (`choices`; bounds ge/gt/le/lt, checked by `check`).
+    `identity="if_set"`: part of the version only when set to something else than its default, for
+    options added later whose default is the old behaviour (old homes keep their versions).
     `cli=False`: set only from the pipeline file (a table), no command-line option."""
     bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
     return field(
@@ -198,6 +200,13 @@ class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
         None,
         "Rejection sampling: train on the best correct arm of each question of this rollouts "
         "artifact ('latest' or a version), continuing its policy's adapter, instead of the gold solutions.",
+    )
+    per_question: int = opt(
+        1,
+        "With --rollouts: distinct correct completions kept per question (expert iteration), the "
+        "best rewarded first.",
+        ge=1,
+        identity="if_set",
     )
     dev_limit: int = opt(200, "Questions of the dev split used for the dev loss.", ge=0)
     eval_steps: int = opt(50, "Compute the dev loss every this many steps (and at the end).", ge=1)
@@ -518,8 +527,19 @@ class LoopConfig(RunOptions):
     mode: str = opt(
         "rl",
         "'rl': every round trains with --algorithm; 'hybrid': rejection-sampling SFT rounds "
-        "(best correct arm per question) alternate with --algorithm rounds (looper.loop.hybrid).",
-        choices=("rl", "hybrid"),
+        "(best correct arm per question) alternate with --algorithm rounds; 'expert': expert iteration, "
+        "every round SFT on up to --per-question distinct correct completions per question for "
+        "--expert-epochs epochs (looper.loop.hybrid).",
+        choices=("rl", "hybrid", "expert"),
+    )
+    per_question: int = opt(
+        4, "Expert: distinct correct completions kept per question.", ge=1, identity="if_set"
+    )
+    expert_epochs: float = opt(
+        2.0,
+        "Expert: epochs over each round's kept completions (the [sft] table's max_steps is not used).",
+        gt=0,
+        identity="if_set",
     )
     sft_every: int = opt(2, "Hybrid: rounds from the first SFT round (round 1) to the next.", ge=1)
     sft_growth: int = opt(
@@ -594,7 +614,8 @@ def identity(config: Any) -> dict[str, Any]:
     return {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if f.metadata.get("identity", True)
+        if f.metadata.get("identity", True) is True
+        or (f.metadata.get("identity") == "if_set" and getattr(config, f.name) != f.default)
     }
 
 

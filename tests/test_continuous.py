@@ -119,7 +119,7 @@ def test_first_token_eos_and_one_token(lm):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_logprobs_are_untempered_policy_of_sampled_tokens(lm, temperature):
+def test_logprobs_are_the_tempered_policy_of_sampled_tokens(lm, temperature):
     model, tokenizer, prompts = lm
     s = Sampling(temperature=temperature, top_p=0.9, max_new_tokens=10)
     out = gen(lm, "continuous", 3).generate(prompts, s, seed=4)
@@ -128,8 +128,8 @@ def test_logprobs_are_untempered_policy_of_sampled_tokens(lm, temperature):
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids + c.token_ids])).logits[0].float()
         positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(c.token_ids))
-        raw = logits.log_softmax(-1)[positions, torch.tensor(c.token_ids)]
-        assert torch.allclose(torch.tensor(c.logprobs), raw, atol=1e-4)
+        tempered = (logits / (temperature or 1.0)).log_softmax(-1)[positions, torch.tensor(c.token_ids)]
+        assert torch.allclose(torch.tensor(c.logprobs), tempered, atol=1e-4)
     assert gen(lm, "continuous", 3).generate(prompts, s, seed=4, logprobs=False)[0].logprobs == []
 
 

@@ -103,20 +103,22 @@ def test_batched_greedy_equals_unbatched(lm):
 @pytest.mark.parametrize(
     "sampling", [Sampling(temperature=0.3, top_p=0.9, max_new_tokens=12), Sampling(max_new_tokens=12)]
 )
-def test_logprobs_are_untempered_policy(lm, sampling):
+def test_logprobs_are_the_tempered_policy_sampled_from(lm, sampling):
+    """log_softmax(logits / T) of each sampled token (T = 1 for greedy), before top-p: what ppo trains."""
     model, tokenizer, prompts = lm
     out = hf(lm, batch_size=3).generate(prompts, sampling, seed=3)
+    temperature = sampling.temperature or 1.0
     for prompt, c in zip(prompts, out):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids + c.token_ids])).logits[0].float()
         positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(c.token_ids))
         targets = torch.tensor(c.token_ids)
-        raw = logits.log_softmax(-1)[positions, targets]
-        assert torch.allclose(torch.tensor(c.logprobs), raw, atol=1e-4)
-        if sampling.temperature:  # and not the tempered ones the sampler drew from
-            tempered = (logits / sampling.temperature).log_softmax(-1)[positions, targets]
-            assert not torch.allclose(torch.tensor(c.logprobs), tempered, atol=1e-2)
+        tempered = (logits / temperature).log_softmax(-1)[positions, targets]
+        assert torch.allclose(torch.tensor(c.logprobs), tempered, atol=1e-4)
+        if sampling.temperature:  # and not the untempered ones (schema 3 and before)
+            raw = logits.log_softmax(-1)[positions, targets]
+            assert not torch.allclose(torch.tensor(c.logprobs), raw, atol=1e-2)
 
 
 def test_same_seed_same_samples_different_seed_different(lm):
@@ -258,9 +260,11 @@ def old_output_logits_batch(gen, rows: list[list[int]], s: Sampling) -> tuple[li
         **options,
     )
     out = result.sequences[:, width:]
+    temperature = s.temperature or 1.0  # stored log-probs are tempered (rollouts schema 4)
     logprobs = torch.stack(
         [
-            step.gather(1, out[:, t, None]).squeeze(1).float() - step.float().logsumexp(-1)
+            (step.float() / temperature).gather(1, out[:, t, None]).squeeze(1)
+            - (step.float() / temperature).logsumexp(-1)
             for t, step in enumerate(result.logits)
         ],
         dim=1,
@@ -274,7 +278,8 @@ def old_output_logits_batch(gen, rows: list[list[int]], s: Sampling) -> tuple[li
 )
 def test_step_by_step_logprobs_equal_the_output_logits_ones(lm, sampling):
     """The LogitsProcessor recorder gives the same tokens and log-probs (float tolerance) as keeping
-    every step's raw logits did, at a temperature and top-p that change the sampler's scores."""
+    every step's raw logits and tempering them did, at a temperature and top-p that change the
+    sampler's scores."""
     model, tokenizer, prompts = lm
     gen = hf(lm, batch_size=8)
     rows = tokenizer(prompts, add_special_tokens=False)["input_ids"]

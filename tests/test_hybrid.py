@@ -9,7 +9,7 @@ import pytest
 from conftest import last_json
 
 from looper.loop.hybrid import sft_rounds
-from looper.stages.sft_rollouts import best_correct_arms
+from looper.stages.sft_rollouts import correct_completions
 
 
 def test_sft_rounds_curriculum():
@@ -28,10 +28,28 @@ def test_best_correct_arm_of_each_question():
         {"id": "q2", "arm_outputs": [arm("a", False), arm("b", False)], "arm_rewards": [0.1, 0.2]},
         {"id": "q3", "arm_outputs": [arm("a", True), arm("b", True)], "arm_rewards": [1.0, 1.0]},  # tie: first
     ]  # fmt: skip
-    assert [(p["id"], p["arm"], p["completion"]) for p in best_correct_arms(rows)] == [
+    assert [(p["id"], p["arm"], p["completion"]) for p in correct_completions(rows)] == [
         ("q1", "b", "t-b"),
         ("q3", "a", "t-a"),
     ]
+
+
+def test_up_to_k_distinct_correct_completions_per_question():
+    def arm(name, correct, text):
+        return {"arm": name, "correct": correct, "prompt": f"p-{name}", "text": text}
+
+    rows = [
+        {
+            "id": "q1",
+            "arm_outputs": [arm("a", True, "x"), arm("b", True, "x"), arm("c", True, "y"), arm("d", True, "z")],
+            "arm_rewards": [1.0, 1.5, 1.2, 0.9],
+        },
+        {"id": "q2", "arm_outputs": [arm("a", False, "w"), arm("b", True, "v")], "arm_rewards": [0.0, 1.0]},
+    ]  # fmt: skip
+    got = [(p["id"], p["arm"], p["completion"]) for p in correct_completions(rows, per_question=2)]
+    # q1: b (1.5, text x), then c (1.2, y); a repeats x, d is the third; q2: its one correct arm
+    assert got == [("q1", "b", "x"), ("q1", "c", "y"), ("q2", "b", "v")]
+    assert len(correct_completions(rows, per_question=8)) == 4  # x, y, z and v: duplicates dropped
 
 
 def test_sft_on_rollouts_trains_the_best_correct_arms(run_cli, tiny_model_dir, tmp_path):
@@ -78,3 +96,46 @@ def test_hybrid_loop_two_rounds_on_tiny_test_with_exports(run_cli, tmp_path):
     assert rounds[1]["policy_in"] == rounds[0]["train"]["path"]
     code, out, _ = run_cli(*args)
     assert code == 0 and last_json(out)["skipped"]
+
+
+def test_expert_sft_trains_epochs_over_the_kept_completions(run_cli, tiny_model_dir, tmp_path):
+    """--per-question and --epochs (no --max-steps): 2 questions x 1 distinct correct text = 2 pairs,
+    batch 2 -> 1 step per epoch, 3 epochs -> 3 steps; the totals of the run are reported."""
+    from test_ppo import build_rollouts
+
+    build_rollouts(tmp_path, tiny_model_dir)  # arms 0 and 2 right with the same text
+    code, out, err = run_cli(
+        "sft", "--model", tiny_model_dir, "--workdir", tmp_path, "--rollouts", "latest",
+        "--per-question", "4", "--epochs", "3", "--batch-size", "2", "--grad-accum", "1",
+        "--no-gradient-checkpointing", "--dev-limit", "0", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    counts = last_json(out)["counts"]
+    assert (counts["train_questions"], counts["train_completions"], counts["steps"]) == (2, 2, 3)
+    assert counts["train_tokens"] > 0
+
+
+def test_expert_round_runs_sft_on_its_rollouts_by_epochs(tmp_path):
+    """The expert step hands sft the round's rollouts, --per-question, --expert-epochs and no max_steps."""
+    from looper.config import LoopConfig
+    from looper.loop.hybrid import round_steps
+    from looper.store.artifacts import Store
+
+    store = Store(tmp_path)
+    run = store.begin("rollouts", "r1")
+    (run.path / "shard-00000.parquet").write_bytes(b"")
+    rollouts = run.commit(config={}, inputs={}, identity={}, metrics={"pass_at_n": 0.5})
+    calls = []
+
+    class Loop:
+        config = LoopConfig(mode="expert", per_question=3, expert_epochs=1.5, pipeline="p.toml")
+
+        def run_stage(self, stage, label, unset=(), **overrides):
+            calls.append((stage, unset, overrides))
+            return type("Result", (), {"version": "s1", "path": "/sft/s1"})()
+
+    train = dict(round_steps(Loop.config, (("train", lambda loop, rnd: calls.append("ppo")),)))["train"]
+    rnd = {"round": 1, "rollouts": {"version": "r1", "path": str(rollouts.path)}}
+    train(Loop(), rnd)
+    assert calls == [("sft", ("max_steps",), {"rollouts": "r1", "per_question": 3, "epochs": 1.5})]
+    assert rnd["train"] == {"stage": "sft", "version": "s1", "path": "/sft/s1"}

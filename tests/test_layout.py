@@ -125,3 +125,43 @@ def test_stages_meet_only_through_artifacts():
         and not dep.rsplit(".", 1)[1].startswith(module.rsplit(".", 1)[1] + "_")
     ]
     assert not crossing, "\n".join(sorted(crossing))
+
+
+PRIVATE_TRL = (
+    "_compute_loss",
+    "_calculate_rewards",
+    "_generate_and_score_completions",
+    "_get_per_token_logps_and_entropies",
+    "_metrics",
+    "_total_train_tokens",
+    "_save_checkpoint",
+    "_save_optimizer_and_scheduler",
+    "_tr_loss",
+    "_total_loss_scalar",
+    "trl.trainer.utils",
+)
+
+
+def test_trl_internals_stay_behind_one_door():
+    """Outside looper/train/trl_internals.py no module names a private TRL/transformers member."""
+    door = PACKAGE / "train" / "trl_internals.py"
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in MODULES.values()
+        if path != door
+        for name in PRIVATE_TRL
+        if name in path.read_text()
+    ]
+    assert not found, "\n".join(found)
+    assert all(name in door.read_text() for name in PRIVATE_TRL[:4])  # the door really holds them
+
+
+def test_an_unsupported_trl_is_one_line():
+    import pytest
+
+    from looper.errors import LooperError
+    from looper.train.trl_internals import SUPPORTED_TRL, check_trl_version
+
+    check_trl_version(SUPPORTED_TRL[0] + ".0")
+    with pytest.raises(LooperError, match=r"trl>=1\.16,<1\.17"):
+        check_trl_version("1.18.0")

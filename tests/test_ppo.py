@@ -11,8 +11,8 @@ from conftest import last_json
 
 from looper.errors import LooperError
 from looper.rewards.summary import ROW_SCHEMA
-from looper.stages.ppo import replay_func
 from looper.store.artifacts import Store, write_parquet
+from looper.train.grpo import replay_func
 from looper.train.grpo_math import AdaptiveKL, StepPlan, floored_advantages, kl_horizon, total_steps
 
 GOOD, BAD = " 3 + 4 = 7\n#### 7", " 3 + 4 = 9\n#### 9"
@@ -27,13 +27,17 @@ FAST = [
 ]
 
 
-def completion_logprobs(model, tokenizer, prompt: str, completion_ids: list[int]) -> list[float]:
+def completion_logprobs(
+    model, tokenizer, prompt: str, completion_ids: list[int], temperature: float = 1.0
+) -> list[float]:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
     return (
-        torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
+        torch.log_softmax(logits.float() / temperature, -1)
+        .gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+        .tolist()
     )
 
 
@@ -67,7 +71,8 @@ def build_rollouts(
 ):
     """Two questions x 4 arms: arms 0 and 2 answer right (reward 1), arms 1 and 3 wrong (-0.5).
 
-    Log-probs are the policy's (the base, or `adapter` on it, in eval mode) plus `logprob_shift`."""
+    Log-probs are the policy's (the base, or `adapter` on it, in eval mode) at the arms' temperature
+    0.3 (rollouts schema 4: tempered), plus `logprob_shift`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.data.prompts import render_prompt, tutoring_messages
@@ -89,7 +94,10 @@ def build_rollouts(
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [
                 tokenizer.eos_token_id
             ]  # EOS stored
-            logprobs = [lp + logprob_shift for lp in completion_logprobs(model, tokenizer, prompt, ids)]
+            logprobs = [
+                lp + logprob_shift
+                for lp in completion_logprobs(model, tokenizer, prompt, ids, temperature=0.3)
+            ]
             outputs.append(
                 {
                     "arm": f"a{arm}",
@@ -557,7 +565,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     does (adapter, KL controller), and metrics.jsonl holds each step once."""
     from safetensors.torch import load_file
 
-    from looper.stages.ppo import ReplayGRPOTrainer
+    from looper.train.grpo import ReplayGRPOTrainer
 
     # no LoRA dropout: TRL rebuilds its shuffling sampler on resume, so micro-batch order (and with it
     # the dropout masks drawn) can differ; the accumulated gradient of a step does not
@@ -618,7 +626,7 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_online_resume_restores_the_kl_controller(run_cli, tiny_model_dir, tmp_path, monkeypatch):
-    from looper.stages.ppo import RegimeWGRPOTrainer
+    from looper.train.grpo import RegimeWGRPOTrainer
 
     args = [
         "--online",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from looper.rewards import registry
 from looper.rewards.trainer_adapter import reward_plan, row_components
-from looper.stages.ppo import replay_func
+from looper.train.grpo import replay_func
 
 
 def row() -> dict:

@@ -108,6 +108,19 @@ def test_rollouts_end_to_end(run_cli, workdir, tiny_model_dir):
     assert rollout(run_cli, workdir, tiny_model_dir, "--limit", "5", "--shard-size", "2")["skipped"]
 
 
+def test_no_s_cf_re_asks_when_no_stored_reward_weighs_s_cf(run_cli, workdir, tiny_model_dir):
+    """coherence and counterfactual at 0: the re-asks are not generated, the manifest says so, and
+    rescore (like ppo) refuses weights that would read the missing s_cf."""
+    result = rollout(
+        run_cli, workdir, tiny_model_dir, "--limit", "2", "--weights", "coherence=0,counterfactual=0"
+    )
+    assert all(row["cf_outputs"] == [] and row["s_cf"] == 0 for row in rows_of(result["path"]))
+    sampling = Store(workdir).resolve("rollouts").manifest["sampling"]
+    assert sampling["cf_arms"] == [] and sampling["cf_skipped"] == ["wolfram-t0.2", "maudlin-t0.2"]
+    code, _, err = run_cli("rollouts", "rescore", "--workdir", workdir, "--weights", "coherence=0.7")
+    assert code == 1 and "skipped their s_cf re-asks" in err, err
+
+
 def test_resume_after_crash_matches_uninterrupted(run_cli, workdir, tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 

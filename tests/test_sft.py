@@ -135,8 +135,8 @@ def test_prompt_tokens_carry_no_loss(prepared, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from looper.data.prompts import render_prompt
-    from looper.stages.sft import build_trainer
     from looper.store.artifacts import Store, read_rows
+    from looper.train.sft import build_trainer
 
     rows = read_rows(Store(prepared).resolve("prepare").path / "train.parquet")[:2]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -162,8 +162,8 @@ def test_reasoning_template_keeps_the_solution(prepared, tiny_model_dir, tmp_pat
     """With an R1-style template the worked steps must reach the model inside <think>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from looper.stages.sft import build_trainer
     from looper.store.artifacts import Store, read_rows
+    from looper.train.sft import build_trainer
 
     rows = read_rows(Store(prepared).resolve("prepare").path / "train.parquet")[:1]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

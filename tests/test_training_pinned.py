@@ -24,12 +24,15 @@ pytestmark = pytest.mark.slow
 REL, ABS = 2e-3, 1e-4  # tolerance on each logged value
 LIBRARIES = ("torch", "transformers", "trl", "peft")
 PINNED_WITH = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "trl": "1.16.0", "peft": "0.21.2"}
+# ppo re-pinned when it began training each completion at its arm's temperature (0.3 in these
+# rollouts): step 1's gradient norm grew 0.215 -> 0.710, the 1/T = 3.3x the tempered log-prob's
+# gradient carries.
 PINNED: dict[str, dict[str, list[float]]] = {
     "sft": {
         "loss": [6.279699, 6.267837, 6.153214, 6.105983],
         "grad_norm": [0.344401, 0.364072, 0.476249, 0.512062],
     },
-    "ppo": {"loss": [0.0, -0.06345, -0.03781], "grad_norm": [0.215021, 0.247811, 1.590285]},
+    "ppo": {"loss": [0.0, -0.055201, 0.328058], "grad_norm": [0.71038, 0.816439, 8.827654]},
     "dpo": {"loss": [0.693147, 0.241666, 0.079474], "grad_norm": [1.121315, 0.589318, 0.263319]},
 }
 

@@ -16,10 +16,11 @@ Conventions shared by both backends (the tests pin them for `hf`):
   stop string (the same split vLLM makes);
 * ``Completion.tokens`` counts the generated tokens **without** that EOS (``len(token_ids) -
   eos``): the length Regime W's s_path and length penalty score, and the one reported;
-* ``Completion.logprobs[i]`` is ``log_softmax(raw logits)[token_ids[i]]`` (the EOS's
-  included): the policy at temperature 1 with no top-p, whatever temperature the token was
-  sampled at. The RL stage uses these as the behaviour policy's log-probs, and its
-  importance ratios are taken against the untempered policy it trains.
+* ``Completion.logprobs[i]`` is ``log_softmax(logits / T)[token_ids[i]]`` (the EOS's
+  included), T the temperature the token was sampled at (``behaviour_temperature``: 1 for greedy
+  rows), before top-p: the tempered policy the token was drawn from. The RL stage uses these as the
+  behaviour policy's log-probs and trains each completion at the same temperature, so its
+  importance ratios compare like with like (TRL's convention: sample at T, train log softmax(z / T)).
   They are taken step by step (never all B x T x V logits kept); a caller that needs none
   (eval) passes ``logprobs=False`` and gets an empty list.
 """
@@ -72,13 +73,19 @@ class Sampling:
             raise LooperError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def behaviour_temperature(sampling: Sampling) -> float:
+    """The temperature a row's stored log-probs are taken at: its sampling temperature, or 1 for a
+    greedy row (its tokens were not drawn from any tempered distribution; 1 keeps them finite)."""
+    return sampling.temperature if sampling.temperature > 0 else 1.0
+
+
 @dataclass
 class Completion:
     """One generated continuation. See the module docstring for what the token lists hold."""
 
     text: str  # decoded generated text, special tokens skipped, cut before a stop string
     token_ids: list[int]  # generated tokens, the EOS that ended the completion included; no padding
-    logprobs: list[float]  # untempered log-prob of each token in token_ids (same length; [] if not asked)
+    logprobs: list[float]  # tempered log-prob of each token in token_ids (same length; [] if not asked)
     # "stop" (EOS or stop string) | "length" (hit max_new_tokens); vLLM may also end a request
     # as "abort" or "error", recorded as such
     finish_reason: str

@@ -23,7 +23,7 @@ in every live row are dropped when rows leave.
 
 Why not transformers' own `generate_batch` (paged attention): in 5.24 it runs on this CPU and gave
 the same greedy tokens, but takes one generation config for all requests, has no stop strings,
-no per-request seed and no untempered log-probs; see bench/bench_rollouts.py --compare-hf-cb.
+no per-request seed and no log-probs of their own; see bench/bench_rollouts.py --compare-hf-cb.
 
 Same output contract as `HFGenerator` (see `looper.generation`). Sampling: each request draws
 one uniform number per token from its own `torch.Generator` seeded from (call seed, request
@@ -50,7 +50,7 @@ from transformers.cache_utils import DynamicLayer
 
 from looper.data.prompts import prompt_token_ids
 from looper.errors import LooperError
-from looper.generation import Completion, Sampling, cut_at_stop, expand_sampling
+from looper.generation import Completion, Sampling, behaviour_temperature, cut_at_stop, expand_sampling
 from looper.generation.hf import eos_token_ids
 
 SPARE_COLUMNS = 128  # cache columns allocated ahead: one re-allocation per this many steps
@@ -295,8 +295,10 @@ class ContinuousGenerator:
         else:
             tokens = logits.argmax(-1)
             tokens[sampled] = self._sample(logits[sampled], [rows[k] for k in sampled])
-        if want_logprobs:  # untempered: log_softmax of the raw logits, whatever the temperature
-            taken = (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)).tolist()
+        if want_logprobs:  # at the row's temperature (greedy rows: 1), before top-p: what ppo trains
+            scale = torch.tensor([behaviour_temperature(r.sampling) for r in rows], device=logits.device)
+            tempered = logits / scale[:, None].to(logits.dtype)
+            taken = (tempered.gather(1, tokens[:, None]).squeeze(1) - tempered.logsumexp(-1)).tolist()
         finished = []
         for k, (r, token) in enumerate(zip(rows, tokens.tolist())):
             r.token_ids.append(token)

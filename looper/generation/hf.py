@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from looper.data.prompts import prompt_token_ids
-from looper.generation import Completion, Sampling, cut_at_stop, expand_sampling
+from looper.generation import Completion, Sampling, behaviour_temperature, cut_at_stop, expand_sampling
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -30,18 +30,19 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 class SampledLogprobs:
     """A LogitsProcessor recording, step by step, the log-prob of each row's sampled token under the
-    logits it is handed: log_softmax(logits)[token], i.e. ``logits[token] - logsumexp(logits)``.
+    logits it is handed, at the batch's temperature: log_softmax(logits / T)[token].
 
     `generate` applies the processors it builds from the generation config first (none with
     the options `_batch` passes, unless the model's own generation config asks for some, e.g.
     `suppress_tokens`: then the policy sampled from is that processed one, and so are these),
     then the ones passed as `logits_processor` (this one), then the sampling warpers
-    (temperature, top-p): the logits seen here are the untempered ones `output_logits` gave. The
+    (temperature, top-p): the logits seen here are the untempered ones, divided by T here. The
     token drawn at step t is only known at step t + 1 (the last column of `input_ids`), so one
     step's B x V log-probs are held until then, never the B x T x V of all steps; `finish` takes
     the last step's from the returned sequences."""
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
         self.previous: torch.Tensor | None = None  # B x V log-probs of the last step
         self.taken: list[torch.Tensor] = []  # one B vector per generated token
 
@@ -51,7 +52,7 @@ class SampledLogprobs:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             self._take(input_ids[:, -1])
-        logits = scores.float()
+        logits = scores.float() / self.temperature
         self.previous = logits - logits.logsumexp(-1, keepdim=True)
         return scores
 
@@ -133,7 +134,7 @@ class HFGenerator:
             options = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
         if s.stop:
             options |= {"stop_strings": list(s.stop), "tokenizer": self.tokenizer}
-        recorder = SampledLogprobs() if want_logprobs else None
+        recorder = SampledLogprobs(behaviour_temperature(s)) if want_logprobs else None
         device = self.model.device
         gen = self.model.generate(
             input_ids=input_ids.to(device),

@@ -1,7 +1,14 @@
-"""`looper loop --mode hybrid`: rounds alternate rejection-sampling SFT with ppo; periodic merged exports.
+"""`looper loop --mode hybrid|expert`: rejection-sampling SFT rounds, with or without ppo; merged exports.
 
     looper --config pipelines/tiny-test.toml loop --mode hybrid --rounds 2
     looper --config pipelines/rl-cpu.toml loop --mode hybrid --sft-every 2 --sft-growth 2 --export-every 2
+    looper --config pipelines/rl-cpu.toml loop --mode expert --per-question 4 --expert-epochs 2
+
+Expert iteration (STaR, RFT; `--mode expert`): every round rolls out the newest policy, keeps up
+to `--per-question` distinct correct completions of each question and continues the policy's
+adapter with SFT on them for `--expert-epochs` epochs (`looper sft --rollouts`, the [sft] table's
+other settings; its max_steps is not used, so the amount of training follows the kept pairs).
+At this scale it is known to turn pass@k into pass@1 with fewer samples than policy gradients.
 
 Every round rolls out the newest policy as in the plain loop. Then an SFT round trains on the
 best correct arm of each question (`looper sft --rollouts <the round's rollouts>`, continuing
@@ -52,6 +59,30 @@ def hybrid_train_step(train_step: Callable) -> Callable:
     return step
 
 
+def expert_train_step(train_step: Callable) -> Callable:
+    """The round's training in expert iteration: SFT on its distinct correct completions (ppo|dpo
+    only when the rollouts hold no correct arm at all)."""
+
+    def step(loop, rnd: dict) -> None:
+        rollouts = Artifact.load(Path(rnd["rollouts"]["path"])).manifest
+        if not rollouts.get("metrics", {}).get("pass_at_n"):
+            print(
+                f"loop: round {rnd['round']}: no correct arm in the rollouts, so {loop.config.algorithm} instead"
+            )
+            return train_step(loop, rnd)
+        result = loop.run_stage(
+            "sft",
+            f"round {rnd['round']}",
+            unset=("max_steps",),
+            rollouts=rnd["rollouts"]["version"],
+            per_question=loop.config.per_question,
+            epochs=loop.config.expert_epochs,
+        )
+        rnd["train"] = {"stage": "sft", "version": result.version, "path": result.path}
+
+    return step
+
+
 def export_step(loop, rnd: dict) -> None:
     """The round's adapter merged into its base, every `--export-every` rounds."""
     every = loop.config.export_every
@@ -66,8 +97,10 @@ def export_step(loop, rnd: dict) -> None:
 
 
 def round_steps(config, steps: tuple) -> tuple:
-    """The loop's steps for `config.mode`: the plain round, or the hybrid one; the export step in both."""
+    """The loop's steps for `config.mode`: the plain round, the hybrid or the expert one; the export step in all."""
     steps = dict(steps)
     if config.mode == "hybrid":
         steps["train"] = hybrid_train_step(steps["train"])
+    elif config.mode == "expert":
+        steps["train"] = expert_train_step(steps["train"])
     return (*steps.items(), ("export", export_step))

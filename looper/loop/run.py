@@ -74,16 +74,18 @@ class Loop:
         self.record: dict[str, Any] = {"rounds": [], "current": None}
         self.version: str | None = None
 
-    def stage_config(self, stage: str, **overrides: Any) -> Any:
-        """The stage's config: its table of the pipeline file, then the loop's overrides."""
+    def stage_config(self, stage: str, unset: tuple[str, ...] = (), **overrides: Any) -> Any:
+        """The stage's config: its table of the pipeline file (less the `unset` keys, back to their
+        defaults), then the loop's overrides."""
         values = {"workdir": str(self.store.workdir), "json": False, "force": False, "wait": self.store.wait}
         values = {**values, **overrides}
-        return build_config(STAGE_CONFIGS[stage], file_values=self.tables.get(stage, {}), cli_values=values)
+        table = {k: v for k, v in self.tables.get(stage, {}).items() if k not in unset}
+        return build_config(STAGE_CONFIGS[stage], file_values=table, cli_values=values)
 
-    def run_stage(self, stage: str, label: str, **overrides: Any) -> StageResult:
+    def run_stage(self, stage: str, label: str, unset: tuple[str, ...] = (), **overrides: Any) -> StageResult:
         module = importlib.import_module(f"looper.stages.{STAGE_MODULES.get(stage, stage)}")
         started = time.perf_counter()
-        result = module.run(self.stage_config(stage, **overrides))
+        result = module.run(self.stage_config(stage, unset, **overrides))
         state = "up to date, skipped" if result.skipped else f"done in {time.perf_counter() - started:.0f} s"
         say(f"{label} {stage} {result.version}: {state}")
         return result
@@ -160,8 +162,10 @@ def ensure_inputs(loop: Loop) -> None:
 
 def loop_version(loop: Loop) -> tuple[str, dict]:
     """The loop's identity: its options, the identity of every stage config a round uses, prepare and sft."""
-    stages = ("rollouts", loop.config.algorithm, "eval") + (("sft",) if loop.config.mode == "hybrid" else ())
+    stages = ("rollouts", loop.config.algorithm, "eval") + (("sft",) if loop.config.mode != "rl" else ())
     steps = {stage: identity(loop.stage_config(stage)) for stage in stages}
+    if loop.config.mode == "expert":  # its SFT rounds train by epochs, not the table's max_steps
+        steps["sft"] = identity(loop.stage_config("sft", unset=("max_steps",)))
     for stage in steps.values():
         for key in ("offset", "policy", "rollouts", "arm_prior"):  # set per round
             stage.pop(key, None)

@@ -274,6 +274,18 @@ class RewardSpec:
         return cls(dict(data["weights"]), RewardParams(**data["params"]))
 
 
+def reads_s_cf(names: Sequence[str], params: RewardParams) -> bool:
+    """Whether a composite of the rewards `names` (nonzero or scheduled ones) depends on s_cf: the
+    counterfactual reward itself, or s_wm where s_cf has weight in it (coherence_wm, and coherence
+    unless it is all agreement). Rollouts skip their s_cf re-asks when no stored reward reads it."""
+    in_wm = params.w_cf != 0
+    return (
+        "counterfactual" in names
+        or (in_wm and "coherence_wm" in names)
+        or (in_wm and "coherence" in names and params.coherence_blend < 1)
+    )
+
+
 def settings(table: Mapping | None):
     """The `[rewards]` table as a checked RewardsConfig (ranges and choices as every config's)."""
     from looper.config import ConfigError, RewardsConfig, check

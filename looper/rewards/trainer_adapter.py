@@ -5,14 +5,12 @@ registry name, with its weight in TRL's `reward_weights`, so TRL logs `rewards/<
 and `/std` per step. Offline, the functions read the components stored with the rollouts
 (or recomputed from the stored rows when ppo's reward parameters differ from the rollouts');
 online they are the registry functions themselves, scoring each step's fresh groups.
-`ScheduledWeights` moves TRL's weights along the `[rewards] schedule` before each step.
+`looper.train.grpo.ScheduledWeights` moves TRL's weights along the `[rewards] schedule` before each step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-from transformers import TrainerCallback
 
 from looper.config import RewardsConfig
 from looper.rewards import registry as rewards
@@ -110,22 +108,6 @@ def online_reward_funcs(plan: RewardPlan, eos_ids=()) -> list:
         scored.__name__ = name
         funcs.append(scored)
     return funcs
-
-
-class ScheduledWeights(TrainerCallback):
-    """Sets TRL's reward weights from the schedule before each optimizer step (progress = step / max_steps)."""
-
-    def __init__(self, trainer, plan: RewardPlan):
-        self.trainer, self.plan = trainer, plan
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        import torch
-
-        progress = state.global_step / max(state.max_steps, 1)
-        weights = self.plan.weights_at(progress)
-        self.trainer.reward_weights = torch.tensor(weights, dtype=torch.float32)
-        for name, weight in zip(self.plan.names, weights):  # logged with the step as weights/<name>
-            self.trainer._metrics["train"][f"weights/{name}"].append(weight)
 
 
 def ppo_identity(config, plan: RewardPlan) -> dict:

@@ -7,17 +7,23 @@
 Offline (default), nothing is generated: TRL's `GRPOTrainer` gets a `rollout_func` that
 hands back the stored completions of each question's arms (their exact prompts, token ids
 and log-probs). Objective: the clipped PPO surrogate with group-relative advantages over
-the arms of a question, plus a per-token KL penalty to the reference policy.
+the arms of a question, plus a per-token KL penalty to the reference policy. Each completion
+is trained at the temperature its arm sampled it with: its log-probs, the behaviour log-probs
+and the reference's are all log_softmax(logits / T_arm) (TRL's convention, per row here).
 
-What we add to TRL, and why:
+What we add to TRL, and why (`looper.train.grpo`; TRL's private methods in `looper.train.trl_internals`):
+- Per-row temperatures: a low-temperature arm's completion trained at T = 1 would mostly sharpen
+  the T = 1 policy towards its mode, which moves no greedy answer; trained at its own T the
+  gradient is that of the distribution it was drawn from.
 - `ReplayGRPOTrainer`: TRL uses stored log-probs only on its vLLM path. We set the
   importance ratio's denominator (`old_per_token_logps`) to the stored log-probs, so the
   ratio is taken against the behaviour policy that produced the rollouts and clipping
   bounds how far training moves from it. With `--reward question` every arm of a question
   shares one reward, so group-relative advantages would all be zero: we centre (and scale)
   rewards over the batch instead. `--behaviour-logprobs recompute` (or `auto`, when the rollouts
-  were sampled with other weights: vLLM bf16 for an NF4 policy) first scores the stored
-  completions with the training model and takes the ratio against those.
+  were sampled with other weights: vLLM bf16 for an NF4 policy, or are older than schema 4,
+  whose log-probs were untempered) first scores the stored completions with the training model
+  at their arms' temperatures and takes the ratio against those.
 - `RegimeWGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
   towards `--kl-target` (nats per token) with `looper.train.grpo_math.AdaptiveKL`, saved with each checkpoint;
   advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
@@ -35,6 +41,7 @@ from __future__ import annotations
 from looper.config import PpoConfig
 from looper.errors import LooperError
 from looper.policy import models
+from looper.rewards.registry import reads_s_cf
 from looper.rewards.trainer_adapter import (
     plot_weights,
     ppo_identity,
@@ -48,6 +55,7 @@ from looper.train import runner
 from looper.train.grpo import (
     ReplayGRPOTrainer,
     announce_plan,
+    arm_temperatures,
     grpo_config,
     prompt_encoder,
     recompute_behaviour_logprobs,
@@ -78,6 +86,13 @@ def run(config: PpoConfig) -> StageResult:
     objective = reward_plan(
         config.rewards, config.weights, config.reward, rollouts.manifest.get("config", {})
     )
+    if rollouts.manifest.get("sampling", {}).get("cf_skipped") and reads_s_cf(
+        objective.names, objective.spec.params
+    ):
+        raise LooperError(
+            f"rollouts {rollouts.version} skipped their s_cf re-asks (no reward they stored weighed s_cf), "
+            "but ppo's rewards read s_cf: set those weights to 0, or rerun `looper rollouts` with them"
+        )
     stage_identity = ppo_identity(config, objective) | {"model": base.identity, "quant": quant}
     version = store.version_for(STAGE, stage_identity, {"rollouts": rollouts})
     if existing := store.reuse(STAGE, version, config.force):
@@ -96,7 +111,10 @@ def run(config: PpoConfig) -> StageResult:
         "dtype": "bfloat16" if models.has_cuda() else "float32",
     }
     behaviour, why = behaviour_logprobs_source(
-        config.behaviour_logprobs, rollouts.manifest.get("generated_by"), training_weights
+        config.behaviour_logprobs,
+        rollouts.manifest.get("generated_by"),
+        training_weights,
+        rollouts.manifest.get("schema_version", 1),
     )
     n_arms = len(rows[0]["arm_outputs"])
     if n_arms < 2:
@@ -139,6 +157,7 @@ def run(config: PpoConfig) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
         rollout_func=replay_func(rows, tokenizer, n_arms, components),
+        temperatures=arm_temperatures(rows),
         callbacks=job.callbacks(),
         kl_controller=controller,
         reward_mode=config.reward,

@@ -67,6 +67,13 @@ def run(
             f"rollouts {src.version} are one shard of several: `looper rollouts merge` them first"
         )
     spec = overlay(source_spec(src.manifest), table, weights)
+    if src.manifest.get("sampling", {}).get("cf_skipped") and registry.reads_s_cf(
+        [n for n, w in spec.weights.items() if w], spec.params
+    ):
+        raise LooperError(
+            f"rollouts {src.version} skipped their s_cf re-asks, so no reward can weigh s_cf: "
+            "set counterfactual/coherence weights to 0 (or w_cf = 0), or rerun `looper rollouts`"
+        )
     stage_identity = src.manifest["identity"] | {"rewards": spec.as_dict()}
     inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
         name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
@@ -94,6 +101,11 @@ def run(
             for k in ("base_model", "policy", "sampling", "generated_by", "shard", "allocation")
             if k in first
         }
-        | {"rewards": spec.as_dict(), "rescored_from": src.version},
+        # the rows keep their log-probs as stored: a rescore of older rollouts stays their schema
+        | {
+            "rewards": spec.as_dict(),
+            "rescored_from": src.version,
+            "schema_version": first.get("schema_version", 1),
+        },
     )
     return StageResult.from_artifact(artifact)

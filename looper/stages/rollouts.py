@@ -91,6 +91,15 @@ def rollouts_identity(config: RolloutsConfig) -> dict:
     return raw | {"rewards": reward_spec(config).as_dict()}
 
 
+def cf_skip(cf_names: list[str], spec: registry.RewardSpec) -> list[str]:
+    """The s_cf re-asks not to generate: all of them when no stored reward reads s_cf (each costs a
+    generation per question; s_cf is then 0, as online). ppo and rescore refuse to weigh it later."""
+    if cf_names and not registry.reads_s_cf([n for n, w in spec.weights.items() if w], spec.params):
+        print(f"rollouts: no s_cf re-asks ({', '.join(cf_names)}): no stored reward weighs s_cf")
+        return cf_names
+    return []
+
+
 def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
     answers = [o["answer"] for o in outputs]
     tokens = [o["tokens"] for o in outputs]
@@ -190,6 +199,8 @@ def run(config: RolloutsConfig) -> StageResult:
         raise LooperError(
             f"--cf-arms: {', '.join(unknown)} not among the arms in use ({', '.join(arm_names)})"
         )
+    cf_skipped = cf_skip(cf_names, reward_spec(config))
+    cf_names = [] if cf_skipped else cf_names
     cf_arms = [arm_names[n] for n in cf_names]
     learning = config.arm_allocation != "uniform" and config.arm_prior
     prior = store.resolve(STAGE, config.arm_prior) if learning else None
@@ -316,6 +327,7 @@ def run(config: RolloutsConfig) -> StageResult:
             "sampling": {
                 "arms": [vars(a) for a in arms],
                 "cf_arms": cf_names,
+                **({"cf_skipped": cf_skipped} if cf_skipped else {}),
                 "max_new_tokens": config.max_new_tokens,
                 "seed": config.seed,
             },
@@ -352,6 +364,8 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
         != 1
     ):
         raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
+    if len({a.manifest.get("schema_version", 1) for a in artifacts}) > 1:
+        raise LooperError("merge: these shards were written by looper versions with different row schemas")
     stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
     inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
         name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
@@ -382,6 +396,9 @@ def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult
             for k in ("base_model", "policy", "sampling", "generated_by", "rewards", "allocation")
             if k in first
         }
-        | {"shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]}},
+        | {
+            "shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]},
+            "schema_version": first.get("schema_version", 1),  # the rows as the shards stored them
+        },
     )
     return StageResult.from_artifact(artifact)

@@ -44,8 +44,9 @@ from looper.store.provenance import environment
 
 # Where each stage's artifacts live, and the newest row schema this code reads/writes.
 MODEL_STAGES = {"sft", "ppo", "dpo", "loop"}  # loop: its final policy
-# rollouts 2: arm outputs' token_ids/logprobs include the EOS that ended a completion (`tokens` does not count it)
-SCHEMA_VERSIONS = {"prepare": 1, "sft": 1, "rollouts": 3, "ppo": 1, "dpo": 1, "eval": 1, "loop": 1}
+# rollouts 2: arm outputs' token_ids/logprobs include the EOS that ended a completion (`tokens` does not count it);
+# 4: their logprobs are tempered, log_softmax(logits / T) at the arm's temperature (3 and before: T = 1)
+SCHEMA_VERSIONS = {"prepare": 1, "sft": 1, "rollouts": 4, "ppo": 1, "dpo": 1, "eval": 1, "loop": 1}
 # Stable names kept for users of the old layout: checkpoints/sft_lora -> latest sft, ...
 ALIASES = {"sft": "sft_lora", "ppo": "ppo_regime_w"}
 MANIFEST = "manifest.json"

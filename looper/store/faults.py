@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 from collections import Counter
-from typing import Any
 
 POINTS = ("step", "save", "shard", "commit")
 _hits: Counter[str] = Counter()
@@ -49,26 +48,3 @@ def point(name: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def arm_trainer(trainer: Any) -> None:
-    """With LOOPER_FAULT set, put the 'step' and 'save' points into a transformers Trainer.
-
-    'save' needs a spot inside Trainer._save_checkpoint (after the weights, before the
-    optimizer and trainer state): the instance's optimizer-saving method is wrapped."""
-    if armed() is None:
-        return
-    from transformers import TrainerCallback
-
-    class StepFault(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            point("step")
-
-    trainer.add_callback(StepFault())
-    save_optimizer = trainer._save_optimizer_and_scheduler
-
-    def saving(output_dir: str) -> None:
-        point("save")
-        save_optimizer(output_dir)
-
-    trainer._save_optimizer_and_scheduler = saving

@@ -110,22 +110,20 @@ def load_totals(checkpoint: str | None) -> dict[str, Any] | None:
 def totals_callback(trainer: Any, before: dict[str, Any]):
     """A TrainerCallback writing the whole run's loss sum and token count into each checkpoint.
 
-    transformers keeps the loss of the steps since the resume in `_total_loss_scalar` plus the
-    not yet logged `_tr_loss`; TRL counts tokens since the resume in `_total_train_tokens`."""
+    transformers and TRL count loss and tokens only since the resume (`looper.train.trl_internals`)."""
     from transformers import TrainerCallback
+
+    from looper.train.trl_internals import loss_sum_since_resume, total_train_tokens
 
     class RunTotals(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if not state.is_world_process_zero or not folder.is_dir():
                 return
-            pending = getattr(trainer, "_tr_loss", None)
             totals = {
                 "step": state.global_step,
-                "loss_sum": before["loss_sum"]
-                + getattr(trainer, "_total_loss_scalar", 0.0)
-                + (float(pending.item()) if pending is not None else 0.0),
-                "tokens": before["tokens"] + int(getattr(trainer, "_total_train_tokens", 0)),
+                "loss_sum": before["loss_sum"] + loss_sum_since_resume(trainer),
+                "tokens": before["tokens"] + total_train_tokens(trainer),
             }
             (folder / TOTALS).write_text(json.dumps(totals))
 

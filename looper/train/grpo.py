@@ -10,14 +10,13 @@ from pathlib import Path
 import orjson
 import torch
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from looper.config import PpoConfig
 from looper.data.prompts import prompt_token_ids
 from looper.policy import models
 from looper.rewards.trainer_adapter import (
     RewardPlan,
-    ScheduledWeights,
 )
 from looper.train import distributed, runner
 from looper.train.grpo_math import (
@@ -25,10 +24,12 @@ from looper.train.grpo_math import (
     StepPlan,
     floored_advantages,
 )
+from looper.train.trl_internals import HookedGRPOTrainer, log_train_metric, pad
 
 
-class RegimeWGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with Looper's advantages and adaptive KL coefficient (offline and online).
+class RegimeWGRPOTrainer(HookedGRPOTrainer):
+    """GRPO with Looper's advantages and adaptive KL coefficient (offline and online), each completion
+    trained at the temperature it was sampled with (`HookedGRPOTrainer`).
 
     Advantages divide by a floored std (`looper.train.grpo_math.floored_advantages`); TRL runs with
     scale_rewards="none", so its advantages are the centred rewards r - group mean.
@@ -61,13 +62,8 @@ class RegimeWGRPOTrainer(GRPOTrainer):
             self.add_callback(ScheduledWeights(self, reward_plan))
         self.beta = kl_controller.coef
 
-    def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
-        if self.model.training and self._metrics["train"].get(
-            "kl"
-        ):  # TRL's per-micro-batch KL, all ranks gathered
-            self.step_kls.append(self._metrics["train"]["kl"][-1])
-        return loss
+    def on_micro_batch_kl(self, kl: float) -> None:
+        self.step_kls.append(kl)
 
     def end_of_step(self) -> None:
         if self.step_kls:
@@ -79,12 +75,8 @@ class RegimeWGRPOTrainer(GRPOTrainer):
             logs["kl_coef"] = self.beta
         super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial):
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / self.KL_STATE).write_bytes(orjson.dumps(self.kl_controller.state_dict()))
-        super()._save_checkpoint(model, trial)
+    def before_checkpoint(self, folder: Path) -> None:
+        (folder / self.KL_STATE).write_bytes(orjson.dumps(self.kl_controller.state_dict()))
 
     def restore_kl(self, checkpoint: str | None) -> None:
         """The controller's state as saved with `checkpoint` (a resumed run)."""
@@ -95,15 +87,10 @@ class RegimeWGRPOTrainer(GRPOTrainer):
         elif checkpoint:
             print(f"ppo: {checkpoint} holds no KL controller state: the coefficient restarts at {self.beta}")
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self.rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self.rewards_per_func
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+    def rewrite_advantages(self, output: dict, rewards_per_func) -> None:
         device, local = output["advantages"].device, len(output["advantages"])
         # the weighted total of all processes (as TRL sums it), post-processed in the configured order
-        per_func = self.rewards_per_func.cpu()
+        per_func = rewards_per_func.cpu()
         total = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
         for post in self.post:
             total = post(total)
@@ -112,17 +99,42 @@ class RegimeWGRPOTrainer(GRPOTrainer):
         advantages = floored_advantages(total, group, self.std_floor)
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(device)
-        return output
 
 
 class ReplayGRPOTrainer(RegimeWGRPOTrainer):
-    """The trainer of offline ppo: its importance ratio uses the stored behaviour log-probs."""
+    """The trainer of offline ppo: stored completions, each trained at its arm's temperature, with
+    the stored (tempered) behaviour log-probs as the importance ratio's denominator."""
 
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        # the stored log-probs come back padded as `sampling_per_token_logps` (rollout_func "logprobs")
-        output["old_per_token_logps"] = output["sampling_per_token_logps"]
-        return output
+    replay_stored_logprobs = True
+
+    def __init__(self, *args, temperatures: dict[str, list[float]] | None = None, **kwargs):
+        # question id -> each arm's sampling temperature, in arm order (`arm_temperatures`); None:
+        # every row at the config's temperature
+        self.arm_temperatures = temperatures
+        super().__init__(*args, **kwargs)
+
+    def row_temperatures(self, inputs: list[dict]) -> list[float]:
+        if self.arm_temperatures is None:
+            return super().row_temperatures(inputs)
+        # TRL repeats each question's prompt (its id) once per arm, in arm order (see replay_func)
+        ids = [x["prompt"] for x in inputs][:: self.num_generations]
+        return [t for question in ids for t in self.arm_temperatures[question]]
+
+
+class ScheduledWeights(TrainerCallback):
+    """Sets TRL's reward weights from the schedule before each optimizer step (progress = step / max_steps)."""
+
+    def __init__(self, trainer, plan: RewardPlan):
+        self.trainer, self.plan = trainer, plan
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        progress = state.global_step / max(state.max_steps, 1)
+        weights = self.plan.weights_at(progress)
+        self.trainer.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        for name, weight in zip(self.plan.names, weights):  # logged with the step as weights/<name>
+            log_train_metric(self.trainer, f"weights/{name}", weight)
 
 
 class KLStep(TrainerCallback):
@@ -135,12 +147,22 @@ class KLStep(TrainerCallback):
         self.trainer.end_of_step()
 
 
-def recompute_behaviour_logprobs(trainer: GRPOTrainer, rows: list[dict], encode, batch_size: int) -> float:
-    """Replace each stored completion's log-probs by the training model's (before any update, dropout
-    off, TRL's own forward); returns the mean |stored - recomputed| per token."""
-    from trl.trainer.utils import pad
+def arm_temperatures(rows: list[dict]) -> dict[str, list[float]]:
+    """Question id -> the temperature each of its arms sampled at (1 for a greedy arm: the stored
+    log-probs of a greedy row are taken at 1, `looper.generation.behaviour_temperature`)."""
+    return {
+        r["id"]: [a["temperature"] if a["temperature"] > 0 else 1.0 for a in r["arm_outputs"]] for r in rows
+    }
 
+
+def recompute_behaviour_logprobs(
+    trainer: HookedGRPOTrainer, rows: list[dict], encode, batch_size: int
+) -> float:
+    """Replace each stored completion's log-probs by the training model's at the arm's temperature
+    (before any update, dropout off, the forward the loss uses); returns the mean |stored -
+    recomputed| per token."""
     arms, pad_id = [a for r in rows for a in r["arm_outputs"]], trainer.processing_class.pad_token_id
+    temps = [t for ts in arm_temperatures(rows).values() for t in ts]
     gap = tokens = 0.0
     device = trainer.accelerator.device
     with torch.no_grad():
@@ -157,8 +179,8 @@ def recompute_behaviour_logprobs(trainer: GRPOTrainer, rows: list[dict], encode,
                 [pad(ones(prompts), 0, padding_side="left"), pad(ones(completions), 0, padding_side="right")],
                 dim=1,
             ).to(device)
-            logps, _, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, input_ids, mask, max(map(len, completions))
+            logps = trainer.token_logprobs(
+                input_ids, mask, max(map(len, completions)), temps[start : start + batch_size]
             )
             for arm, new in zip(chunk, logps.float().cpu().tolist()):
                 new = new[: len(arm["token_ids"])]
@@ -222,7 +244,8 @@ def grpo_config(
         gradient_accumulation_steps=micro_batches,
         num_generations=n_arms,
         max_completion_length=max_completion,
-        temperature=temperature,  # offline: 1, the temperature of the stored log-probs
+        # sampling temperature (online); offline every row is trained at its arm's own (ReplayGRPOTrainer)
+        temperature=temperature,
         learning_rate=config.learning_rate,
         max_grad_norm=config.max_grad_norm,
         beta=config.kl_coef,

@@ -111,15 +111,31 @@ def total_steps(max_steps: int | None, epochs: float, plan: StepPlan) -> int:
 BEHAVIOUR_CHOICES = ("stored", "recompute", "auto")
 
 
-def behaviour_logprobs_source(choice: str, generated_by: dict | None, training: dict) -> tuple[str, str]:
+# Rollouts schema from which stored log-probs are tempered (at each arm's temperature): older ones
+# stored untempered log-probs, which a tempered ratio must never be taken against.
+TEMPERED_SCHEMA = 4
+
+
+def behaviour_logprobs_source(
+    choice: str, generated_by: dict | None, training: dict, schema_version: int = TEMPERED_SCHEMA
+) -> tuple[str, str]:
     """("stored" | "recompute", why): where the ratio's denominator comes from.
 
     `auto` recomputes when the weights that sampled the rollouts (`generated_by` in their
     manifest: backend, quantisation, dtype) are not the ones ppo trains (`training`: hf,
     its quant and dtype): e.g. vLLM bf16 rollouts for an NF4 QLoRA policy. Without a record
-    (older rollouts) it recomputes too: the cost is one forward pass over the rollouts."""
+    (older rollouts) it recomputes too: the cost is one forward pass over the rollouts. Rollouts
+    older than schema 4 stored untempered log-probs: always recomputed (at the arm's temperature)."""
     if choice not in BEHAVIOUR_CHOICES:
         raise LooperError(f"--behaviour-logprobs {choice}: choose {', '.join(BEHAVIOUR_CHOICES)}")
+    if schema_version < TEMPERED_SCHEMA:
+        if choice == "stored":
+            raise LooperError(
+                f"--behaviour-logprobs stored: these rollouts (schema {schema_version}) stored untempered "
+                "log-probs, and ppo trains each completion at its arm's temperature; use recompute or auto, "
+                "or rerun `looper rollouts`"
+            )
+        return "recompute", f"rollouts schema {schema_version} stored untempered log-probs"
     if choice != "auto":
         return choice, f"--behaviour-logprobs {choice}"
     if not generated_by:
@@ -164,3 +180,15 @@ def skip_flat(rows: list[dict], flat_ids: set[str], reward: str) -> list[dict]:
         )
     print(f"ppo: --skip-flat-groups: training on the {len(kept)} question group(s) with reward variance")
     return kept
+
+
+def tempered_logprobs(logits, token_ids, temperatures):
+    """log_softmax(logits / T)[token] per position, T per row: the log-probs of the tempered
+    policy each row was sampled from (logits B x K x V, token_ids B x K, temperatures B).
+
+    Its gradient in the logits is (onehot(token) - softmax(logits / T)) / T: a low-temperature
+    sample moves the logits of the distribution it was drawn from (tests/test_grpo_math.py)."""
+    import torch
+
+    scaled = logits.float() / temperatures.to(logits.device, torch.float32)[:, None, None]
+    return scaled.log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)

@@ -321,9 +321,7 @@ class TrainingRun:
         trainer.add_callback(
             checkpoints.totals_callback(trainer, self.before or {"loss_sum": 0.0, "tokens": 0})
         )
-        from looper.store import faults
-
-        faults.arm_trainer(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
+        arm_faults(trainer)  # test-only: LOOPER_FAULT=step:N / save:N (tests/faults/)
         with disk.space_for(self.trainer_dir, disk.checkpoint_bytes(trainer.model, self.trainer_dir)):
             return trainer.train(resume_from_checkpoint=self.checkpoint)
 
@@ -336,7 +334,9 @@ class TrainingRun:
 
     def train_tokens(self, trainer: Any) -> int:
         """Tokens trained on over the whole run (TRL's count restarts at a resume)."""
-        return int(trainer._total_train_tokens) + (self.before or {}).get("tokens", 0)
+        from looper.train.trl_internals import total_train_tokens
+
+        return total_train_tokens(trainer) + (self.before or {}).get("tokens", 0)
 
     def finish(
         self,
@@ -382,3 +382,22 @@ class TrainingRun:
             | (extra or {}),
         )
         return str(artifact.path)
+
+
+def arm_faults(trainer: Any) -> None:
+    """With LOOPER_FAULT set, put the 'step' and 'save' kill points into a transformers Trainer:
+    'save' falls after the weights and before the optimizer and trainer state are written."""
+    from looper.store import faults
+
+    if faults.armed() is None:
+        return
+    from transformers import TrainerCallback
+
+    from looper.train.trl_internals import wrap_optimizer_save
+
+    class StepFault(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            faults.point("step")
+
+    trainer.add_callback(StepFault())
+    wrap_optimizer_save(trainer, lambda: faults.point("save"))

@@ -14,18 +14,28 @@ from looper.policy import models
 from looper.train import distributed, runner
 
 
-def build_dataset(rows: list[dict], tokenizer):
-    """Prompt-completion string pairs in TRL's standard (non-conversational) format; the prompt as
-    `trl_prompt` hands it, so TRL's tokens are generation's (one BOS)."""
-    from datasets import Dataset
-
-    records = []
+def gold_pairs(rows: list[dict], tokenizer) -> list[dict]:
+    """Prepared rows -> {"prompt", "completion"}: the chat-rendered question and its gold solution."""
+    pairs = []
     for row in rows:
         prompt = render_prompt(tokenizer, row["prompt"])
-        records.append(
-            {"prompt": trl_prompt(tokenizer, prompt), "completion": sft_completion(row["solution"], prompt)}
-        )
-    return Dataset.from_list(records)
+        pairs.append({"prompt": prompt, "completion": sft_completion(row["solution"], prompt)})
+    return pairs
+
+
+def pair_dataset(pairs: list[dict], tokenizer):
+    """Prompt-completion string pairs (prompts rendered as generation saw them) in TRL's standard
+    format; each prompt as `trl_prompt` hands it, so TRL's tokens are generation's (one BOS)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": trl_prompt(tokenizer, p["prompt"]), "completion": p["completion"]} for p in pairs]
+    )
+
+
+def build_dataset(rows: list[dict], tokenizer):
+    """The gold-solution dataset of prepared rows (plain `looper sft`, and every dev loss)."""
+    return pair_dataset(gold_pairs(rows, tokenizer), tokenizer)
 
 
 def trl_config(config: SftConfig, output_dir: Path, *, has_dev: bool):
@@ -62,17 +72,27 @@ def build_trainer(
     train_rows: list[dict],
     dev_rows: list[dict],
     callbacks: list | None = None,
+    *,
+    train_pairs: list[dict] | None = None,
+    peft_config=None,
 ):
-    """TRL's SFTTrainer with a fresh LoRA adapter on the frozen base."""
+    """TRL's SFTTrainer on the gold solutions of `train_rows` (or on `train_pairs`: rendered prompts
+    and completions, e.g. a policy's own correct ones), the dev loss on `dev_rows`' gold solutions.
+    A fresh LoRA on the frozen base unless `model` already carries the adapter to continue."""
     from trl import SFTTrainer
 
+    train = (
+        pair_dataset(train_pairs, tokenizer)
+        if train_pairs is not None
+        else build_dataset(train_rows, tokenizer)
+    )
     return SFTTrainer(
         model=model,
         args=trl_config(config, output_dir, has_dev=bool(dev_rows)),
-        train_dataset=build_dataset(train_rows, tokenizer),
+        train_dataset=train,
         eval_dataset=build_dataset(dev_rows, tokenizer) if dev_rows else None,
         processing_class=tokenizer,
-        peft_config=runner.lora_config(config),
+        peft_config=runner.lora_config(config) if train_pairs is None else peft_config,
         callbacks=callbacks or [],
     )
 

@@ -1,0 +1,204 @@
+"""Every use of a private TRL or transformers name in Looper, behind one door.
+
+Looper's GRPO needs what TRL 1.16 offers no public hook for: training each completion at the
+temperature it was sampled with (one temperature per row, offline arms differ), the KL of each
+micro-batch, a file written into every checkpoint, the rewards of a batch and its advantages.
+Those are method overrides of `GRPOTrainer`'s private methods, here and only here;
+`looper.train.grpo` builds on the public hooks `HookedGRPOTrainer` exposes. Other private reads
+(token and loss totals, the trainer's metrics, the optimizer save) are small functions below.
+
+Private names move between releases, so the TRL version is checked when a trainer is built:
+outside `SUPPORTED_TRL` Looper stops with one line naming the range (pyproject pins the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from looper.errors import LooperError
+
+# The TRL releases whose private methods this module was written against (>= first, < second).
+SUPPORTED_TRL = ("1.16", "1.17")
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """A one-line error when the installed TRL is outside SUPPORTED_TRL."""
+    from packaging.version import Version
+
+    if version is None:
+        import trl
+
+        version = trl.__version__
+    low, high = SUPPORTED_TRL
+    if not Version(low) <= Version(version) < Version(high):
+        raise LooperError(
+            f"TRL {version} is not supported: Looper's GRPO overrides TRL internals tested on "
+            f"trl>={low},<{high}; install that range (pip install 'trl>={low},<{high}')"
+        )
+
+
+def pad(tensors: list, padding_value: int, padding_side: str):
+    """TRL's own padding helper, so recomputed log-probs see the batch layout TRL trains on."""
+    from trl.trainer.utils import pad as trl_pad
+
+    return trl_pad(tensors, padding_value, padding_side=padding_side)
+
+
+class HookedGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with per-row sampling temperatures and public hooks over its private methods.
+
+    Temperatures: `row_temperatures(inputs)` names, for each completion of a generation batch,
+    the temperature it was sampled at (default: the trainer's current `temperature`, which an
+    online schedule may move). Every log-prob TRL takes (the policy's in the loss, the old and
+    the reference policy's for the ratio and the KL, and `token_logprobs` for a recompute) is
+    log_softmax(logits / T_row): the policy each completion was drawn from. TRL's fused LM head
+    fixes one temperature when the trainer is built, so these forwards use the model's own
+    logits (only the completion positions are projected: `logits_to_keep`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        self._row_temps: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def row_temperatures(self, inputs: list[dict]) -> list[float]:
+        return [float(self.temperature)] * len(inputs)
+
+    def on_micro_batch_kl(self, kl: float) -> None:
+        """The mean KL of one training micro-batch (all processes), as TRL logs it."""
+
+    def before_checkpoint(self, folder: Path) -> None:
+        """Called before transformers writes a checkpoint into `folder` (created already)."""
+
+    def rewrite_advantages(self, output: dict, rewards_per_func: torch.Tensor) -> None:
+        """Change `output["advantages"]` of a scored generation batch in place."""
+
+    replay_stored_logprobs = False  # True: the ratio's denominator is the log-probs the rollout_func returned
+
+    def token_logprobs(self, input_ids, attention_mask, logits_to_keep: int, temperatures) -> torch.Tensor:
+        """Log-probs of the last `logits_to_keep` tokens of each row at its temperature (no grad here
+        is the caller's choice), through the same forward the loss uses."""
+        self._row_temps = torch.as_tensor(temperatures, dtype=torch.float32)
+        try:
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep
+            )
+        finally:
+            self._row_temps = None
+        return logps
+
+    # ------------------------------------------------------------------ TRL's private methods
+
+    def _generate_and_score_completions(self, inputs):
+        temps = torch.tensor(self.row_temperatures(inputs), dtype=torch.float32)
+        self._row_temps = temps  # the old and reference log-probs TRL takes in here
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._row_temps = None
+        output["temperatures"] = temps.to(
+            output["advantages"].device
+        )  # split into micro-batches with the rest
+        if self.replay_stored_logprobs:
+            # the stored log-probs come back padded as `sampling_per_token_logps` (rollout_func "logprobs")
+            output["old_per_token_logps"] = output["sampling_per_token_logps"]
+        self.rewrite_advantages(output, self._rewards_per_func)
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _compute_loss(self, model, inputs):
+        self._row_temps = inputs.get("temperatures")
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._row_temps = None
+        if self.model.training and self._metrics["train"].get("kl"):  # TRL's KL, all ranks gathered
+            self.on_micro_batch_kl(self._metrics["train"]["kl"][-1])
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.before_checkpoint(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        if any(v is not None for v in multimodal.values()):
+            raise LooperError("Looper's GRPO trains text models only (a multimodal batch reached it)")
+        from looper.train.grpo_math import tempered_logprobs
+
+        rows = input_ids.size(0)
+        temps = self._row_temps
+        if temps is None:
+            temps = torch.full((rows,), float(self.temperature))
+        if temps.numel() != rows:
+            raise RuntimeError(f"{temps.numel()} row temperatures for a batch of {rows} rows")
+        batch_size = batch_size or rows
+        all_logps, all_entropies = [], []
+        for start in range(0, rows, batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                # position t's logits predict token t + 1: keep the logits_to_keep + 1 last, drop the final one
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+            logits = logits[:, :-1]
+            scaled_temps = temps[start : start + batch_size].to(logits.device)
+            all_logps.append(tempered_logprobs(logits, ids[:, -logits_to_keep:], scaled_temps))
+            if compute_entropy:
+                with torch.no_grad():
+                    logp = (logits.float() / scaled_temps[:, None, None]).log_softmax(-1)
+                    all_entropies.append(-(logp.exp() * logp).sum(-1))
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
+
+
+# --------------------------------------------------------------------------- other private reads
+
+
+def total_train_tokens(trainer: Any) -> int:
+    """Tokens TRL counted since this process started training (its count restarts at a resume)."""
+    return int(getattr(trainer, "_total_train_tokens", 0))
+
+
+def loss_sum_since_resume(trainer: Any) -> float:
+    """transformers' summed loss of the steps since the resume: the logged part plus the pending one."""
+    pending = getattr(trainer, "_tr_loss", None)
+    return getattr(trainer, "_total_loss_scalar", 0.0) + (
+        float(pending.item()) if pending is not None else 0.0
+    )
+
+
+def log_train_metric(trainer: Any, name: str, value: float) -> None:
+    """A value TRL logs with the step's metrics (averaged over the step like its own)."""
+    trainer._metrics["train"][name].append(value)
+
+
+def wrap_optimizer_save(trainer: Any, before) -> None:
+    """Call `before()` inside Trainer._save_checkpoint, after the weights and before the optimizer
+    and trainer state are written (the fault suite's 'save' kill point)."""
+    save_optimizer = trainer._save_optimizer_and_scheduler
+
+    def save(*args, **kwargs):
+        before()
+        return save_optimizer(*args, **kwargs)
+
+    trainer._save_optimizer_and_scheduler = save
