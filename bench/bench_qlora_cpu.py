@@ -52,7 +52,7 @@ def main() -> None:
             for quant in ("none", "4bit"):
                 code = CHILD.format(
                     bench=str(Path(__file__).parent), model=SMOLLM, workdir=str(workdir), steps=args.steps,
-                    seed=repeat * 2 + (quant == "4bit"), quant=quant,
+                    seed=repeat, quant=quant,
                 )  # fmt: skip
                 out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
