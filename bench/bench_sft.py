@@ -1,6 +1,6 @@
 """SFT training tokens/s: `looper sft` against a plain TRL SFTTrainer script, same model/data/settings.
 
-    .venv/bin/python bench/bench_sft.py [--steps 8] [--repeats 2]
+    .venv/bin/python bench/bench_sft.py [--steps 8] [--repeats 2] [--bf16]
 
 Both run in this one process on SmolLM2-135M-Instruct (CPU), alternating, on the same 64 GSM8K
 train questions, batch 4, LoRA r=32 on the attention+MLP projections, no gradient checkpointing,
@@ -21,7 +21,7 @@ from pathlib import Path
 from common import SMOLLM, machine, prepared_workdir
 
 
-def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False) -> float:
+def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False, dtype: str = "auto") -> float:
     from looper.config import SftConfig
     from looper.stages import sft
 
@@ -39,6 +39,7 @@ def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False) 
         learning_rate=5e-5,
         seed=tag,
         padding_free=padding_free,
+        dtype=dtype,
         force=True,
     )
     result = sft.run(config)
@@ -100,18 +101,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--padding-free", action="store_true", help="also time looper with --padding-free")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time looper with --dtype bfloat16 (autocast)"
+    )
     args = parser.parse_args()
     workdir = prepared_workdir(Path(tempfile.mkdtemp()))
     from looper.policy.models import resolve_model
 
     resolve_model(SMOLLM)  # convert the GGUF once, outside the timings
-    plain, ours, ours_pf = [], [], []
+    plain, ours, ours_pf, ours_bf16 = [], [], [], []
     for i in range(args.repeats):
         started = time.perf_counter()
         plain.append(plain_trl_run(workdir, args.steps, i))
         ours.append(looper_run(workdir, args.steps, i))
         if args.padding_free:
             ours_pf.append(looper_run(workdir, args.steps, i, padding_free=True))
+        if args.bf16:
+            ours_bf16.append(looper_run(workdir, args.steps, i, dtype="bfloat16"))
+            print(f"round {i}: looper --dtype bfloat16 {ours_bf16[-1]:.0f} tok/s", flush=True)
         print(
             f"round {i}: plain {plain[-1]:.0f} tok/s, looper {ours[-1]:.0f} tok/s "
             f"({time.perf_counter() - started:.0f} s)",
@@ -121,6 +128,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"plain TRL SFTTrainer: {p:.0f} tokens/s (median of {args.repeats})")
     print(f"looper sft:           {o:.0f} tokens/s  ratio {o / p:.2f}x")
+    if ours_bf16:
+        bf = statistics.median(ours_bf16)
+        print(f"looper --dtype bfloat16: {bf:.0f} tokens/s  ratio {bf / p:.2f}x ({bf / o:.2f}x looper fp32)")
     if ours_pf:
         pf = statistics.median(ours_pf)
         print(f"looper --padding-free: {pf:.0f} tokens/s  ratio {pf / p:.2f}x")

@@ -1,7 +1,14 @@
-"""On the same rollouts: ppo with --reward arm, question and correctness, and dpo, each against sft.
+"""On the same rollouts: ppo (--reward arm, question, correctness), dpo, expert iteration and the
+gold-SFT control, each against sft.
 
     .venv/bin/python bench/rl_compare.py --config pipelines/rl-cpu.toml --workdir runs/rl-cpu [--rollouts V]
-        [--methods arm,question,correctness,dpo] [--learning-rate LR]
+        [--methods arm,question,correctness,dpo,expert,gold] [--learning-rate LR]
+        [--per-question 4] [--expert-epochs 2]
+
+`expert` is one round of expert iteration on the rollouts (`looper sft --rollouts V --per-question K
+--epochs E`, continuing their adapter); `gold` continues the same sft adapter on as many gold
+solutions (the first N train questions, N = the completions expert kept) for as many epochs
+(`looper sft --continue-from`), so a gain of expert iteration can be told apart from "more SFT".
 
 Run after `looper loop` (or `looper rollouts`) in that home. Every method trains from the same
 rollouts artifact (default: round 1 of the latest loop, i.e. rolled out by sft; else the latest
@@ -29,6 +36,8 @@ METHODS = (
     ("ppo", {"reward": "question"}),
     ("ppo", {"reward": "correctness"}),
     ("dpo", {}),
+    ("sft", {"method": "expert"}),
+    ("sft", {"method": "gold"}),
 )
 
 
@@ -56,27 +65,57 @@ def main() -> None:
         help="which of arm, question, correctness (ppo --reward ...) and dpo to train (default: all)",
     )
     parser.add_argument("--learning-rate", type=float, help="override the [ppo] and [dpo] learning rate")
+    parser.add_argument(
+        "--per-question", type=int, default=4, help="expert: correct completions per question"
+    )
+    parser.add_argument("--expert-epochs", type=float, default=2.0, help="expert and gold: epochs")
     args = parser.parse_args()
 
     from looper.stages import dpo, evaluate, ppo
+    from looper.stages import sft as sft_stage
 
     tables = read_pipeline_file(args.config)
     store = Store(args.workdir)
     rollouts = args.rollouts or default_rollouts(store)
-    sft = str(store.resolve("sft").path)
+    base_sft = store.resolve("sft")  # resolved before expert/gold publish sft versions of their own
+    sft = str(base_sft.path)
     adapters, failures = {}, {}
     chosen = set(args.methods.split(","))
-    if unknown := chosen - {v.get("reward", stage) for stage, v in METHODS}:
-        parser.error(f"--methods: unknown {sorted(unknown)}; choose from arm, question, correctness, dpo")
+    name = lambda values, stage: values.get("reward", values.get("method", stage))  # noqa: E731
+    if unknown := chosen - {name(v, stage) for stage, v in METHODS}:
+        parser.error(
+            f"--methods: unknown {sorted(unknown)}; choose from {', '.join(name(v, s) for s, v in METHODS)}"
+        )
     overrides = {"learning_rate": args.learning_rate} if args.learning_rate else {}
+    kept = None  # completions expert iteration trained on: the gold control gets as many gold solutions
+    sft_tables = tables | {"sft": {k: v for k, v in tables.get("sft", {}).items() if k != "max_steps"}}
     for stage, values in METHODS:
-        if values.get("reward", stage) not in chosen:
+        method = name(values, stage)
+        if method not in chosen:
             continue
-        label = stage + "".join(f" --reward {v}" for v in values.values())
+        label = {"expert": "expert iteration (sft on own correct)", "gold": "gold-SFT control"}.get(
+            method, stage + "".join(f" --reward {v}" for v in values.values())
+        )
         try:
-            result = (ppo if stage == "ppo" else dpo).run(
-                stage_config(tables, stage, args.workdir, rollouts=rollouts, **values, **overrides)
-            )
+            if method == "expert":
+                config = stage_config(
+                    sft_tables, "sft", args.workdir, rollouts=rollouts, per_question=args.per_question,
+                    epochs=args.expert_epochs,
+                )  # fmt: skip
+                result = sft_stage.run(config)
+                kept = result.counts["train_completions"]
+            elif method == "gold":
+                if kept is None:
+                    raise LooperError("the gold control needs the expert method in the same run (its size)")
+                config = stage_config(
+                    sft_tables, "sft", args.workdir, continue_from=base_sft.version, limit=kept,
+                    epochs=args.expert_epochs,
+                )  # fmt: skip
+                result = sft_stage.run(config)
+            else:
+                result = (ppo if stage == "ppo" else dpo).run(
+                    stage_config(tables, stage, args.workdir, rollouts=rollouts, **values, **overrides)
+                )
             adapters[label] = result.path
         except LooperError as exc:
             failures[label] = str(exc)

@@ -125,6 +125,12 @@ def print_result(stage: str, result: Any, as_json: bool) -> None:
 STAGE_MODULES = {"eval": "looper.stages.evaluate", "loop": "looper.loop.run"}
 
 
+def home(workdir: str | None) -> str:
+    """--workdir, else $LOOPER_HOME, else the current directory: where the commands without a
+    stage config (merge, rescore, status, show, export, gc, verify) find the artifacts."""
+    return workdir or os.environ.get("LOOPER_HOME") or "."
+
+
 def stage_command(name: str, summary: str, group: typer.Typer | None = None) -> None:
     """Register `looper <name>`: one option per field of the stage's config dataclass.
 
@@ -204,9 +210,9 @@ def rollouts_merge(
     json: Annotated[bool | None, cli_option(RunOptions, "json", "--json")] = None,
 ) -> None:
     """Combine the shard artifacts of one rollouts run (--shard 1/n ... n/n) into one version."""
-    from looper.stages.rollouts import merge
+    from looper.stages.rollouts_merge import merge
 
-    result = merge(parts, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", force=bool(force))
+    result = merge(parts, workdir=home(workdir), force=bool(force))
     print_result("rollouts", result, bool(json))
 
 
@@ -225,7 +231,7 @@ def rollouts_rescore(
     from looper.stages.rescore import run as rescore
 
     table = read_pipeline_file(State.config_file)["rollouts"].get("rewards") if State.config_file else None
-    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    workdir = home(workdir)
     result = rescore(version, workdir=workdir, weights=weights, table=table, force=bool(force))
     print_result("rollouts", result, bool(json))
 
@@ -266,7 +272,7 @@ def status(
     unreadable, interrupted (.partial) and dangling-LATEST states."""
     from looper.store.status import collect, format_row
 
-    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    workdir = home(workdir)
     rows = collect(workdir)
     for row in rows:
         typer.echo(format_row(row))
@@ -304,7 +310,7 @@ def show(
     do_show(
         stage,
         version,
-        workdir=workdir or os.environ.get("LOOPER_HOME") or ".",
+        workdir=home(workdir),
         fmt=format,
         limit=limit,
         columns=columns,
@@ -329,9 +335,7 @@ def export(
     """Merge an adapter into its base and write a standalone Hugging Face model (safetensors)."""
     from looper.policy.export import export as do_export
 
-    target = do_export(
-        name=model, out=out, workdir=workdir or os.environ.get("LOOPER_HOME") or ".", base_model=base_model
-    )
+    target = do_export(name=model, out=out, workdir=home(workdir), base_model=base_model)
     typer.echo(f"exported {model} -> {target}")
 
 
@@ -362,7 +366,7 @@ def gc(
     from looper.store.maintenance import gc as do_gc
     from looper.store.maintenance import gc_broken
 
-    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    workdir = home(workdir)
     if broken:
         removed, freed = gc_broken(workdir=workdir, dry_run=dry_run)
     else:
@@ -384,7 +388,7 @@ def verify(
     """Re-hash finished artifacts against their manifests; list corrupt or missing files (exit 1 if any)."""
     from looper.store.maintenance import verify as do_verify
 
-    workdir = workdir or os.environ.get("LOOPER_HOME") or "."
+    workdir = home(workdir)
     rows = do_verify(workdir=workdir, stage=stage, version=version)
     for row in rows:
         state = "CORRUPT" if row["problems"] else "ok"

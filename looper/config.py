@@ -27,6 +27,10 @@ from typing import Any
 
 from looper.errors import LooperError
 
+# Regime W's s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf: the default weights, for every
+# module that mixes them (looper.regime_w.scoring, the rewards registry, the rollouts options)
+S_WM_WEIGHTS = (0.4, 0.3, 0.3)
+
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 
 
@@ -170,7 +174,20 @@ class LoraOptions:
 
 
 @dataclass
-class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
+class TrainDtypeOptions:
+    """The compute dtype of training; shared by sft, ppo and dpo."""
+
+    dtype: str = opt(
+        "auto",
+        "Training compute: 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', or 'bfloat16' "
+        "(autocast; on CPU only with AVX-512 BF16 or AMX, where it is faster; losses move by ~1e-3).",
+        choices=("auto", "float32", "bfloat16"),
+        identity="if_set",
+    )
+
+
+@dataclass
+class SftConfig(AdapterCheckOptions, TrainDtypeOptions, LoraOptions, ModelOptions, RunOptions):
     prepare: str = opt("latest", "Prepare artifact to train on: 'latest', a version id, or a path.")
     quant: str = opt(
         "auto",
@@ -200,6 +217,12 @@ class SftConfig(AdapterCheckOptions, LoraOptions, ModelOptions, RunOptions):
         None,
         "Rejection sampling: train on the best correct arm of each question of this rollouts "
         "artifact ('latest' or a version), continuing its policy's adapter, instead of the gold solutions.",
+    )
+    continue_from: str | None = opt(
+        None,
+        "Continue this sft adapter ('latest' or a version) on the gold solutions instead of a fresh "
+        "LoRA (the gold-SFT control of expert iteration: more SFT on the same kind of data).",
+        identity="if_set",
     )
     per_question: int = opt(
         1,
@@ -330,9 +353,9 @@ class RolloutsConfig(AdapterCheckOptions, GenerationOptions, ModelOptions, RunOp
         "With thompson/ucb: rollouts artifact whose per-arm rewards the allocation learns from "
         "('latest' or a version; the loop sets the previous round's). None: no data, uniform.",
     )
-    w_end: float = opt(0.4, "Weight of s_end (answer agreement) in s_wm.", ge=0)
-    w_path: float = opt(0.3, "Weight of s_path (path-length consistency) in s_wm.", ge=0)
-    w_cf: float = opt(0.3, "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
+    w_end: float = opt(S_WM_WEIGHTS[0], "Weight of s_end (answer agreement) in s_wm.", ge=0)
+    w_path: float = opt(S_WM_WEIGHTS[1], "Weight of s_path (path-length consistency) in s_wm.", ge=0)
+    w_cf: float = opt(S_WM_WEIGHTS[2], "Weight of s_cf (counterfactual robustness) in s_wm.", ge=0)
     shard: str = opt("1/1", "Work split 'i/n': this box does every n-th question chunk starting at chunk i.")
     shard_size: int = opt(32, "Questions per written shard file (the unit of resume).", ge=1)
     weights: str | None = opt(
@@ -405,7 +428,7 @@ class TrainOptions:
 
 
 @dataclass
-class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class PpoConfig(AdapterCheckOptions, TrainDtypeOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     reward: str = opt(
         "arm",
         "'arm': per-arm rewards, advantages relative to the question's arms (GRPO); "
@@ -479,7 +502,7 @@ class PpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, Ru
 
 
 @dataclass
-class DpoConfig(AdapterCheckOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
+class DpoConfig(AdapterCheckOptions, TrainDtypeOptions, TrainOptions, LoraOptions, ModelOptions, RunOptions):
     pairs_per_question: int = opt(
         1, "Preference pairs per question: best correct arms against worst incorrect arms.", ge=1
     )

@@ -129,6 +129,38 @@ def paired_bootstrap_diff(
     return {"diff": diff, "low": float(low), "high": float(high)}
 
 
+def paired_mean_test(
+    a: Sequence[float], b: Sequence[float], *, n_resamples: int = 10000, seed: int = 0
+) -> dict:
+    """Paired comparison of per-question scores in [0, 1] (e.g. the fraction of k samples right):
+    ``mean(b) - mean(a)`` with a paired-bootstrap 95% percentile interval and a two-sided
+    sign-flip permutation p-value (each question's difference keeps or flips its sign under H0;
+    p counts resampled |mean| >= the observed, plus one, over n_resamples + 1). Deterministic per seed.
+
+    Returns ``{"diff": float, "low": float, "high": float, "p_value": float}``."""
+    _check_paired(a, b)
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n = len(d)
+    if n == 0 or not d.any():
+        return {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, 4_000_000 // n))
+    boot, flips = [], []
+    for start in range(0, n_resamples, chunk):
+        size = min(n_resamples, start + chunk) - start
+        boot.append(d[rng.integers(0, n, size=(size, n))].mean(axis=1))
+        flips.append((d * rng.choice((-1.0, 1.0), size=(size, n))).mean(axis=1))
+    low, high = np.quantile(np.concatenate(boot), [0.025, 0.975])
+    observed = abs(d.mean())
+    extreme = int((np.abs(np.concatenate(flips)) >= observed - 1e-12).sum())
+    return {
+        "diff": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p_value": (extreme + 1) / (n_resamples + 1),
+    }
+
+
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """Area under the ROC curve of ``scores`` for predicting ``labels``.
 

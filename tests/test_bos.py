@@ -87,7 +87,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     from looper.policy import models
     from looper.policy.policies import Policy
     from looper.regime_w.arms import Arm
-    from looper.stages import dpo, ppo, ppo_online, rollouts
+    from looper.stages import dpo, ppo, ppo_online, rollouts_rows
     from looper.train import grpo
     from looper.train import sft as sft_training
     from looper.train.grpo_math import AdaptiveKL, step_plan
@@ -100,7 +100,7 @@ def test_every_stage_presents_identical_prompt_ids(r1, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "generate", spy_generate(model, generated))
     arms = (Arm("plain-t0.7", INSTRUCTION, 0.7), Arm("plain-t1", INSTRUCTION, 1.0))
     row = {"id": "q1", "question": QUESTION, "gold_answer": "8"}
-    chunk = rollouts.rollout_chunk(
+    chunk = rollouts_rows.rollout_chunk(
         [row],
         lambda _: list(arms),
         [],

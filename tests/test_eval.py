@@ -358,7 +358,7 @@ def test_samples_add_maj_and_pass(run_cli, workdir, tiny_model_dir):
     )
     assert code == 0, err
     result = last_json(out)
-    assert set(result["metrics"]) == {"accuracy", "maj@2", "pass@2"}
+    assert set(result["metrics"]) == {"accuracy", "mean@2", "maj@2", "pass@2"}
     assert result["metrics"]["pass@2"]["base"] >= result["metrics"]["accuracy"]["base"]
     rows = pq.read_table(Path(result["path"]) / "completions.parquet").to_pylist()
     assert sorted((r["id"], r["sample"]) for r in rows) == sorted(
@@ -392,11 +392,15 @@ def test_summarize_hand_written_rows():
     assert ea["accuracy"] == pytest.approx(1 / 3) and ea["correct"] == 1
     assert ea["maj@3"] == pytest.approx(1 / 3)  # q1 right by vote; q2's vote is 4; q3's tie goes to 1
     assert ea["pass@3"] == pytest.approx(2 / 3)
+    assert ea["mean@3"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)  # sampled accuracy: 3 of 9 right
     assert ea["format_compliance"] == pytest.approx(8 / 9) and ea["truncation_rate"] == pytest.approx(1 / 3)
     assert ea["mean_tokens"] == pytest.approx(11)
     pair = report["pairs"]["a vs b"]
     assert pair["diff"] == pytest.approx(2 / 3) and pair["only_b_right"] == 2 and pair["only_a_right"] == 0
     assert pair["mcnemar_p"] == pytest.approx(0.5)
+    # mean@3 per question: a (2/3, 1/3, 0), b (1, 1, 1); all three differences positive: of the 8
+    # sign patterns only 2 reach |mean| >= 2/3, so the sign-flip p is ~0.25
+    assert pair["mean@3"]["diff"] == pytest.approx(2 / 3) and 0.15 < pair["mean@3"]["p_value"] < 0.35
     assert report["per_question"][1] == {"id": "q2", "gold_answer": "3", "correct": {"a": False, "b": True}}
     assert compact(report)["mcnemar_p"] == {"a vs b": pytest.approx(0.5)}
     assert "| q2 | 3 | no | yes |" in markdown(report)

@@ -322,3 +322,23 @@ def test_report_from_a_hand_written_summary(tmp_path):
     assert "| 2 | r2 | p2 | 30.0% |" in report and "| - |" in report  # no KL logged: a dash, not a crash
     assert "McNemar exact p = 0.0123" in report and "| final | 28.0% | [23.0%, 33.0%] | 84/300 |" in report
     assert (tmp_path / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_expert_loop_starts_from_the_gold_sft(tmp_path):
+    """sft --rollouts versions published by the rounds move sft's LATEST; the loop keeps the gold one."""
+    from looper.loop.run import gold_sft
+    from looper.store.artifacts import Store
+
+    store = Store(tmp_path)
+
+    def publish(stage, version, inputs, filename):
+        run = store.begin(stage, version)
+        (run.path / filename).write_bytes(b"{}")
+        return run.commit(config={}, inputs=inputs, identity={})
+
+    prepare = publish("prepare", "p1", {}, "train.parquet")
+    rollouts = publish("rollouts", "r1", {"prepare": prepare}, "shard-00000.parquet")
+    publish("sft", "gold1", {"prepare": prepare}, "adapter_config.json")
+    publish("sft", "round1", {"rollouts": rollouts}, "adapter_config.json")
+    assert store.resolve("sft").version == "round1"  # LATEST moved to the round's adapter
+    assert gold_sft(store).version == "gold1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,37 @@ def test_sft_errors(run_cli, tmp_path, tiny_model_dir, prepared, monkeypatch):
 def test_padding_free_refused_without_flash_attention(run_cli, prepared, tiny_model_dir):
     code, _, err = run_cli("sft", "--model", tiny_model_dir, "--workdir", prepared, "--padding-free")
     assert code == 1 and "--padding-free needs FlashAttention" in err
+
+
+def test_continue_from_trains_the_sft_adapter_on_more_gold(run_cli, tiny_model_dir, tmp_path):
+    """The gold-SFT control: --continue-from keeps training an sft adapter; it is an input of the version."""
+    from looper.config import PrepareConfig
+    from looper.stages import prepare
+
+    prepare.run(
+        PrepareConfig(source="synthetic", synthetic_train=12, synthetic_test=2, workdir=str(tmp_path))
+    )
+    code, out, err = run_cli(*sft_args(tmp_path, tiny_model_dir, "--max-steps", "2"))
+    assert code == 0, err
+    first = last_json(out)
+    more = sft_args(
+        tmp_path,
+        tiny_model_dir,
+        "--continue-from",
+        first["version"],
+        "--limit",
+        "4",
+        "--epochs",
+        "1",
+        "--warmup-ratio",
+        "0",
+    )
+    code, out, err = run_cli(*more)
+    assert code == 0, err
+    second = last_json(out)
+    manifest = json.loads((Path(second["path"]) / "manifest.json").read_text())
+    assert manifest["inputs"]["sft"]["version"] == first["version"] and second["version"] != first["version"]
+    before = (Path(first["path"]) / "adapter_model.safetensors").read_bytes()
+    assert (Path(second["path"]) / "adapter_model.safetensors").read_bytes() != before
+    code, out, _ = run_cli(*more)
+    assert code == 0 and last_json(out)["skipped"]

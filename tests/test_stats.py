@@ -191,3 +191,15 @@ def test_majority_vote_tie_goes_to_first():
 def test_majority_vote_none():
     assert majority_vote([]) is None
     assert majority_vote([None, None]) is None
+
+
+def test_paired_mean_test_hand_computed():
+    from looper.stats import paired_mean_test
+
+    # differences (0.5, 0.5, 0.5, 0.5, -0.5): mean 0.3; of the 32 sign patterns |mean| >= 0.3 for the
+    # 12 with at most one or at least four +: p = 12/32 = 0.375
+    result = paired_mean_test([0.0, 0.0, 0.5, 0.25, 1.0], [0.5, 0.5, 1.0, 0.75, 0.5], n_resamples=20000)
+    assert result["diff"] == pytest.approx(0.3)
+    assert result["p_value"] == pytest.approx(0.375, abs=0.02)
+    assert result["low"] <= 0.3 <= result["high"]
+    assert paired_mean_test([0.5, 1.0], [0.5, 1.0]) == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}

@@ -49,7 +49,7 @@ from looper.generation.vllm import (  # noqa: E402
 )
 from looper.policy import models, policies  # noqa: E402
 from looper.regime_w.arms import select_arms  # noqa: E402
-from looper.stages.rollouts import chunk_requests  # noqa: E402
+from looper.stages.rollouts_rows import chunk_requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # deepseek-ai/DeepSeek-R1-Distill-Llama-8B's config.json (the shape-bearing keys)

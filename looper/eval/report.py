@@ -5,11 +5,13 @@ and sample; `correct` already scored), so it can be tested with hand-written row
 
 * per model: accuracy of the first sample (greedy-equivalent) with a 95% Wilson interval,
   format compliance (an answer was found), mean completion tokens, truncation rate (hit
-  --max-new-tokens), over all samples; with k > 1 samples also maj@k (the majority answer
-  is right) and pass@k (any sample is right); in lm-eval format also the harness's
+  --max-new-tokens), over all samples; with k > 1 samples also mean@k (the fraction of samples
+  right: sampled accuracy), maj@k (the majority answer is right) and pass@k (any sample is
+  right); in lm-eval format also the harness's
   "flexible-extract" accuracy next to "strict-match" (`accuracy`);
 * per pair of models (A listed before B): accuracy difference B - A with a paired-bootstrap
-  95% interval and McNemar's exact p-value, on first-sample correctness;
+  95% interval and McNemar's exact p-value, on first-sample correctness; with k > 1 also the
+  mean@k difference with a paired-bootstrap interval and a sign-flip permutation p-value;
 * per question: which models got it right.
 
 Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
@@ -47,6 +49,7 @@ def summarize(
         grouped[row["model"]][row["id"]].append(row)
     gold = {row["id"]: row["gold_answer"] for row in rows}
     first: dict[str, list[bool]] = {}
+    sampled: dict[str, list[float]] = {}
     report: dict[str, Any] = {"questions": len(order), "samples": samples, "models": {}, "pairs": {}}
     for model in models:
         per_q = [sorted(grouped[model][q], key=lambda r: r["sample"]) for q in order]
@@ -68,7 +71,10 @@ def summarize(
                 for s in per_q
             )
             entry["flexible"] = _accuracy(flexible, len(order))
+        sampled[model] = [_mean(r["correct"] for r in s) for s in per_q]
         if samples > 1:
+            # mean@k: the fraction of sampled completions that are right (the policy's sampled accuracy)
+            entry[f"mean@{samples}"] = _mean(sampled[model])
             entry[f"maj@{samples}"] = _mean(_majority_right(s, fmt) for s in per_q)
             entry[f"pass@{samples}"] = _mean(any(r["correct"] for r in s) for s in per_q)
     for i, a in enumerate(models):
@@ -84,6 +90,13 @@ def summarize(
                 "only_a_right": test["b10"],
                 "only_b_right": test["b01"],
             }
+            if samples > 1:  # per-question fraction of samples right, paired
+                mean_k = stats.paired_mean_test(sampled[a], sampled[b], n_resamples=bootstrap, seed=seed)
+                report["pairs"][f"{a} vs {b}"][f"mean@{samples}"] = {
+                    "diff": mean_k["diff"],
+                    "ci95": [mean_k["low"], mean_k["high"]],
+                    "p_value": mean_k["p_value"],
+                }
     report["per_question"] = [
         {"id": q, "gold_answer": gold[q], "correct": {m: first[m][i] for m in models}}
         for i, q in enumerate(order)
@@ -113,7 +126,7 @@ def _majority_right(samples: list[dict], fmt: str) -> bool:
 def compact(report: dict[str, Any]) -> dict[str, Any]:
     """The few numbers `--json` prints: per-model accuracies and the pairwise p-values."""
     out: dict[str, Any] = {"accuracy": {m: e["accuracy"] for m, e in report["models"].items()}}
-    extra = [k for k in next(iter(report["models"].values())) if k.startswith(("maj@", "pass@"))]
+    extra = [k for k in next(iter(report["models"].values())) if k.startswith(("mean@", "maj@", "pass@"))]
     if any("flexible" in e for e in report["models"].values()):
         extra.append("flexible")
     for key in extra:
@@ -157,7 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
     lm_eval = any("flexible" in e for e in report["models"].values())
     head = ["model", "accuracy" + (" (strict)" if lm_eval else ""), "95% CI", "correct"]
     head += ["flexible"] if lm_eval else []
-    head += [f"maj@{k}", f"pass@{k}"] if k > 1 else []
+    head += [f"mean@{k}", f"maj@{k}", f"pass@{k}"] if k > 1 else []
     head += ["answer found", "mean tokens", "truncated"]
     lines += ["## Accuracy", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, e in report["models"].items():
@@ -168,7 +181,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{e['correct']}/{e['n']}",
         ]
         cells += [_pct(e["flexible"]["accuracy"])] if lm_eval else []
-        cells += [_pct(e[f"maj@{k}"]), _pct(e[f"pass@{k}"])] if k > 1 else []
+        cells += [_pct(e[f"mean@{k}"]), _pct(e[f"maj@{k}"]), _pct(e[f"pass@{k}"])] if k > 1 else []
         cells += [_pct(e["format_compliance"]), f"{e['mean_tokens']:.1f}", _pct(e["truncation_rate"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy is the first sample's; CI is the 95% Wilson interval.", ""]
@@ -186,6 +199,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{e['only_a_right']} | {e['only_b_right']} |"
             )
         lines.append("")
+        if k > 1:
+            lines += [
+                f"Sampled accuracy (mean@{k}, the fraction of the {k} samples right per question), paired:",
+                "",
+                "| A | B | B - A | 95% CI (paired bootstrap) | sign-flip p |",
+                "|---|---|---|---|---|",
+            ]
+            for e in report["pairs"].values():
+                m = e[f"mean@{k}"]
+                lines.append(
+                    f"| {_cell(e['a'])} | {_cell(e['b'])} | {100 * m['diff']:+.1f} pts | "
+                    f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {m['p_value']:.3g} |"
+                )
+            lines.append("")
     lines += ["![accuracy per model](accuracy.png)", "", "![completion lengths](lengths.png)", ""]
     models = list(report["models"])
     split = [q for q in report["per_question"] if len(set(q["correct"].values())) > 1]

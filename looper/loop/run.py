@@ -152,12 +152,31 @@ def ensure_inputs(loop: Loop) -> None:
         if loop.store.latest(stage) is None:
             say(f"no {stage} artifact under {loop.store.workdir}: running {stage} first")
             loop.run_stage(stage, "setup")
-    loop.prepare, loop.sft = loop.store.resolve("prepare"), loop.store.resolve("sft")
+    loop.prepare, loop.sft = loop.store.resolve("prepare"), gold_sft(loop.store)
     if loop.sft.manifest.get("inputs", {}).get("prepare", {}).get("version") != loop.prepare.version:
         say(
             f"note: sft {loop.sft.version} was trained on another prepare version than the latest "
             f"({loop.prepare.version})"
         )
+
+
+def gold_sft(store: Store) -> Artifact:
+    """The sft the loop starts from: the latest one trained on gold solutions from the base. A
+    resumed hybrid or expert loop has published sft versions of its own since (`sft --rollouts`,
+    which move sft's LATEST); starting from one of those would be another loop."""
+    latest = store.resolve("sft")
+    if set(latest.manifest.get("inputs", {})) == {"prepare"}:
+        return latest
+    gold = []
+    for path in store.stage_root("sft").iterdir():
+        found = (
+            store.find("sft", path.name) if path.is_dir() and "." not in path.name else None
+        )  # no .partial
+        if found and set(found.manifest.get("inputs", {})) == {"prepare"}:
+            gold.append(found)
+    if not gold:
+        raise LooperError("no sft trained on gold solutions in this home: run `looper sft` first")
+    return max(gold, key=lambda a: a.manifest.get("created", ""))
 
 
 def loop_version(loop: Loop) -> tuple[str, dict]:

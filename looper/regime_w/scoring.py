@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from looper.answers import answers_agree
+from looper.config import S_WM_WEIGHTS
 
 __all__ = [
     "RegimeWWeights",
@@ -38,9 +39,9 @@ __all__ = [
 class RegimeWWeights:
     """Weights of the three component scores in ``s_wm`` (used as given, not renormalised)."""
 
-    end: float = 0.4
-    path: float = 0.3
-    cf: float = 0.3
+    end: float = S_WM_WEIGHTS[0]
+    path: float = S_WM_WEIGHTS[1]
+    cf: float = S_WM_WEIGHTS[2]
 
 
 DEFAULT_WEIGHTS = RegimeWWeights()

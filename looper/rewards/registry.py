@@ -59,9 +59,9 @@ class RewardParams:
     coherence_blend: float = 0.5  # coherence = blend * own agreement + (1 - blend) * s_wm
     length_free_tokens: int = 400  # tokens without penalty
     length_per_token: float = 0.001  # penalty per token beyond them
-    w_end: float = 0.4  # s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf where not given
-    w_path: float = 0.3
-    w_cf: float = 0.3
+    w_end: float = scoring.DEFAULT_WEIGHTS.end  # s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf
+    w_path: float = scoring.DEFAULT_WEIGHTS.path  # where not given
+    w_cf: float = scoring.DEFAULT_WEIGHTS.cf
 
 
 FINAL_ANSWER = re.compile(r"####\s*\S+\s*$")

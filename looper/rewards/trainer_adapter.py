@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from looper.config import RewardsConfig
+from looper.regime_w.scoring import DEFAULT_WEIGHTS
 from looper.rewards import registry as rewards
 from looper.rewards import schedules
 
@@ -51,7 +52,11 @@ def reward_plan(table: dict | None, weights: str | None, mode: str, scoring: dic
     """ppo's rewards: [rewards] table < --weights; `--reward correctness` is correctness alone, 1/0;
     the s_wm weights are those the rollouts were scored with (`scoring`: their config)."""
     settings = rewards.settings(table)
-    triple = tuple(float(scoring.get(k, d)) for k, d in (("w_end", 0.4), ("w_path", 0.3), ("w_cf", 0.3)))
+    defaults = DEFAULT_WEIGHTS
+    triple = tuple(
+        float(scoring.get(k, d))
+        for k, d in zip(("w_end", "w_path", "w_cf"), (defaults.end, defaults.path, defaults.cf))
+    )
     spec = rewards.resolve(table, weights, triple)
     if mode == "correctness":
         spec = rewards.RewardSpec(

@@ -108,7 +108,7 @@ def run(config: PpoConfig) -> StageResult:
     training_weights = {
         "backend": "hf",
         "quant": quant,
-        "dtype": "bfloat16" if models.has_cuda() else "float32",
+        "dtype": runner.training_dtype(config),
     }
     behaviour, why = behaviour_logprobs_source(
         config.behaviour_logprobs,

@@ -21,7 +21,7 @@ from looper.errors import LooperError
 from looper.rewards import registry
 from looper.rewards.summary import ROW_SCHEMA, summarize
 from looper.stages import StageResult
-from looper.store.artifacts import Artifact, Store, read_rows, write_parquet
+from looper.store.artifacts import Store, read_rows, write_parquet
 
 STAGE = "rollouts"
 
@@ -76,8 +76,7 @@ def run(
         )
     stage_identity = src.manifest["identity"] | {"rewards": spec.as_dict()}
     inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
-        name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
-        for name, ref in src.manifest["inputs"].items()
+        name: store.input(name, ref) for name, ref in src.manifest["inputs"].items()
     }
     version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, force):

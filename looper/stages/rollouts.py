@@ -23,23 +23,23 @@ every shard of this run is there.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import orjson
 
-from looper.answers import extract_answer, is_correct
-from looper.config import RolloutsConfig, identity
-from looper.data.prompts import render_prompt, tutoring_messages
+from looper.config import RolloutsConfig
 from looper.errors import LooperError
-from looper.generation import Sampling
 from looper.policy import models, policies
-from looper.regime_w import bandit, scoring
-from looper.regime_w.arms import Arm, select_arms
-from looper.regime_w.perturb import PERTURBATIONS, perturb
-from looper.rewards import registry
+from looper.regime_w import bandit
+from looper.regime_w.arms import select_arms
 from looper.rewards.summary import ROW_SCHEMA, summarize
 from looper.stages import StageResult
-from looper.stats import majority_vote
+from looper.stages.rollouts_rows import (
+    cf_skip,
+    chunk_requests,
+    reward_spec,
+    rollout_chunk,
+    rollouts_identity,
+)
 from looper.store.artifacts import Store, read_rows, write_parquet
 from looper.store.integrity import table_reads_back
 
@@ -54,131 +54,6 @@ def parse_shard(spec: str) -> tuple[int, int]:
     if not 1 <= index <= count:
         raise LooperError(f"--shard {spec}: write i/n with 1 <= i <= n, e.g. 1/1 or 2/4")
     return index, count
-
-
-def reasoning_of(text: str) -> str:
-    """The worked part of a completion: inside <think>...</think>, else everything before '####'."""
-    if "</think>" in text:
-        return text.split("</think>")[0].replace("<think>", "").strip()
-    return text.rpartition("####")[0].strip() if "####" in text else text.strip()
-
-
-def output_record(arm: Arm, prompt: str, completion, gold: str) -> dict:
-    return {
-        "arm": arm.name,
-        "style": arm.style,
-        "temperature": arm.temperature,
-        "prompt": prompt,
-        "text": completion.text,
-        "reasoning": reasoning_of(completion.text),
-        "answer": extract_answer(completion.text),
-        "correct": is_correct(completion.text, gold),
-        "tokens": completion.tokens,
-        "finish_reason": completion.finish_reason,
-        "token_ids": completion.token_ids,
-        "logprobs": completion.logprobs,
-    }
-
-
-def reward_spec(config: RolloutsConfig) -> registry.RewardSpec:
-    """The rewards these rollouts store: defaults < [rewards] table < --weights; s_wm as scored here."""
-    return registry.resolve(config.rewards, config.weights, (config.w_end, config.w_path, config.w_cf))
-
-
-def rollouts_identity(config: RolloutsConfig) -> dict:
-    """The config's identity with the reward settings resolved (equal rewards, equal version)."""
-    raw = {k: v for k, v in identity(config).items() if k not in ("rewards", "weights")}
-    return raw | {"rewards": reward_spec(config).as_dict()}
-
-
-def cf_skip(cf_names: list[str], spec: registry.RewardSpec) -> list[str]:
-    """The s_cf re-asks not to generate: all of them when no stored reward reads s_cf (each costs a
-    generation per question; s_cf is then 0, as online). ppo and rescore refuse to weigh it later."""
-    if cf_names and not registry.reads_s_cf([n for n, w in spec.weights.items() if w], spec.params):
-        print(f"rollouts: no s_cf re-asks ({', '.join(cf_names)}): no stored reward weighs s_cf")
-        return cf_names
-    return []
-
-
-def score_row(row: dict, outputs: list[dict], cf_outputs: list[dict], config: RolloutsConfig) -> dict:
-    answers = [o["answer"] for o in outputs]
-    tokens = [o["tokens"] for o in outputs]
-    by_arm = {o["arm"]: o["answer"] for o in outputs}
-    majority = majority_vote(answers)  # a re-asked arm the bandit left out of the question is compared to it
-    weights = scoring.RegimeWWeights(config.w_end, config.w_path, config.w_cf)
-    scores = scoring.score_question(
-        answers,
-        tokens,
-        [by_arm.get(c["arm"], majority) for c in cf_outputs],
-        [c["answer"] for c in cf_outputs],
-        weights,
-    )
-    scored = {
-        "id": row["id"],
-        "question": row["question"],
-        "gold_answer": row["gold_answer"],
-        "policy": config.policy,
-        "arm_outputs": outputs,
-        "cf_outputs": cf_outputs,
-        **scores,
-    }
-    return scored | registry.row_rewards(scored, reward_spec(config))
-
-
-def chunk_requests(
-    rows: list[dict], arms: Callable[[dict], list[Arm]], cf_arms: list[Arm], tokenizer
-) -> tuple[list[str], list[tuple]]:
-    """(prompts, slots) of a chunk: every arm of every question, then its s_cf re-asks on a
-    perturbed question. slot: (row index, "arm"|"cf", arm, (perturbation, question) or None)."""
-    prompts, slots = [], []
-    for i, row in enumerate(rows):
-        for arm in arms(row):
-            prompts.append(render_prompt(tokenizer, tutoring_messages(row["question"], arm.instruction)))
-            slots.append((i, "arm", arm, None))
-        for k, arm in enumerate(cf_arms):
-            kind = PERTURBATIONS[k % len(PERTURBATIONS)]  # one perturbation per cf arm, alternating kinds
-            question = perturb(row["question"], kind, key=row["id"])
-            prompts.append(render_prompt(tokenizer, tutoring_messages(question, arm.instruction)))
-            slots.append((i, "cf", arm, (kind, question)))
-    return prompts, slots
-
-
-def rollout_chunk(
-    rows: list[dict],
-    arms: Callable[[dict], list[Arm]],
-    cf_arms: list[Arm],
-    generator,
-    tokenizer,
-    config: RolloutsConfig,
-    seed: int,
-    on_progress,
-) -> list[dict]:
-    """All arms (`arms(row)`: each sample's arm) and the s_cf re-asks of the chunk's questions, in one call."""
-    prompts, slots = chunk_requests(rows, arms, cf_arms, tokenizer)
-    samplings = []
-    for _, _, arm, _ in slots:
-        samplings.append(
-            Sampling(temperature=arm.temperature, top_p=arm.top_p, max_new_tokens=config.max_new_tokens)
-        )
-    completions = generator.generate(prompts, samplings, seed=seed, on_progress=on_progress)
-
-    outputs = [[] for _ in rows]
-    cf_outputs = [[] for _ in rows]
-    for (i, kind, arm, extra), prompt, completion in zip(slots, prompts, completions):
-        if kind == "arm":
-            outputs[i].append(output_record(arm, prompt, completion, rows[i]["gold_answer"]))
-        else:
-            cf_outputs[i].append(
-                {
-                    "arm": arm.name,
-                    "perturbation": extra[0],
-                    "question": extra[1],
-                    "text": completion.text,
-                    "answer": extract_answer(completion.text),
-                    "tokens": completion.tokens,
-                }
-            )
-    return [score_row(row, outputs[i], cf_outputs[i], config) for i, row in enumerate(rows)]
 
 
 def run(config: RolloutsConfig) -> StageResult:
@@ -337,68 +212,6 @@ def run(config: RolloutsConfig) -> StageResult:
                 "chunks": mine,
                 "total_chunks": len(chunks),
             },
-        },
-    )
-    return StageResult.from_artifact(artifact)
-
-
-def merge(parts: list[str], *, workdir: str, force: bool = False) -> StageResult:
-    """One version from the artifacts of `--shard 1/n` ... `n/n`: the version an unsharded run would get."""
-    import shutil
-
-    from looper.store.artifacts import Artifact
-
-    store = Store(workdir)
-    artifacts = [store.resolve(STAGE, p) for p in parts]
-    shards = sorted((a.manifest["shard"]["index"], a.manifest["shard"]["count"]) for a in artifacts)
-    count = shards[0][1]
-    if [i for i, _ in shards] != list(range(1, count + 1)) or any(n != count for _, n in shards):
-        raise LooperError(
-            f"merge needs exactly the shards 1/{count} ... {count}/{count} once each; got "
-            + ", ".join(f"{i}/{n}" for i, n in shards)
-        )
-    strip = lambda ident: {k: v for k, v in ident.items() if k != "shard"}  # noqa: E731
-    if (
-        any(strip(a.manifest["identity"]) != strip(artifacts[0].manifest["identity"]) for a in artifacts)
-        or len({tuple(sorted((k, v["hash"]) for k, v in a.manifest["inputs"].items())) for a in artifacts})
-        != 1
-    ):
-        raise LooperError("merge: these shards come from different settings or inputs (prepare, policy)")
-    if len({a.manifest.get("schema_version", 1) for a in artifacts}) > 1:
-        raise LooperError("merge: these shards were written by looper versions with different row schemas")
-    stage_identity = artifacts[0].manifest["identity"] | {"shard": "1/1"}
-    inputs = {  # by version in this home (paths in manifests are home-relative); else the recorded path
-        name: store.find(name, ref["version"]) or Artifact.load(store.workdir / ref["path"])
-        for name, ref in artifacts[0].manifest["inputs"].items()
-    }
-    version = store.version_for(STAGE, stage_identity, inputs)
-    if existing := store.reuse(STAGE, version, force):
-        return StageResult.up_to_date(existing)
-    run_ = store.begin(STAGE, version)
-    for artifact in artifacts:
-        for shard_file in artifact.path.glob("shard-*.parquet"):
-            shutil.copy2(shard_file, run_.path / shard_file.name)
-    all_rows = [r for f in sorted(run_.path.glob("shard-*.parquet")) for r in read_rows(f)]
-    first = artifacts[0].manifest
-    config = first["config"] | {"shard": "1/1"}
-    artifact = run_.commit(
-        config=config,
-        inputs=inputs,
-        identity=stage_identity,
-        counts={
-            "questions": len(all_rows),
-            "shards": len(list(run_.path.glob("shard-*.parquet"))),
-            "arms": first["counts"]["arms"],
-        },
-        metrics=summarize(all_rows, [a["name"] for a in first["sampling"]["arms"]]),
-        extra={
-            k: first[k]
-            for k in ("base_model", "policy", "sampling", "generated_by", "rewards", "allocation")
-            if k in first
-        }
-        | {
-            "shard": {"index": 1, "count": 1, "merged_from": [a.version for a in artifacts]},
-            "schema_version": first.get("schema_version", 1),  # the rows as the shards stored them
         },
     )
     return StageResult.from_artifact(artifact)

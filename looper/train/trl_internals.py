@@ -56,8 +56,9 @@ class HookedGRPOTrainer(GRPOTrainer):
     online schedule may move). Every log-prob TRL takes (the policy's in the loss, the old and
     the reference policy's for the ratio and the KL, and `token_logprobs` for a recompute) is
     log_softmax(logits / T_row): the policy each completion was drawn from. TRL's fused LM head
-    fixes one temperature when the trainer is built, so these forwards use the model's own
-    logits (only the completion positions are projected: `logits_to_keep`).
+    (tiled, never the full logits) divides by the one temperature the trainer was built with, so
+    each row's hidden states are scaled into it; a head where that is not exact (a bias, soft-
+    capping) is scored from the model's own logits of the completion positions instead.
     """
 
     def __init__(self, *args, **kwargs):
@@ -145,30 +146,98 @@ class HookedGRPOTrainer(GRPOTrainer):
     ):
         if any(v is not None for v in multimodal.values()):
             raise LooperError("Looper's GRPO trains text models only (a multimodal batch reached it)")
-        from looper.train.grpo_math import tempered_logprobs
-
         rows = input_ids.size(0)
-        temps = self._row_temps
-        if temps is None:
-            temps = torch.full((rows,), float(self.temperature))
+        temps = (
+            self._row_temps if self._row_temps is not None else torch.full((rows,), float(self.temperature))
+        )
         if temps.numel() != rows:
             raise RuntimeError(f"{temps.numel()} row temperatures for a batch of {rows} rows")
         batch_size = batch_size or rows
-        all_logps, all_entropies = [], []
-        for start in range(0, rows, batch_size):
-            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            with self.accelerator.autocast():
-                # position t's logits predict token t + 1: keep the logits_to_keep + 1 last, drop the final one
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
-            logits = logits[:, :-1]
-            scaled_temps = temps[start : start + batch_size].to(logits.device)
-            all_logps.append(tempered_logprobs(logits, ids[:, -logits_to_keep:], scaled_temps))
-            if compute_entropy:
-                with torch.no_grad():
-                    logp = (logits.float() / scaled_temps[:, None, None]).log_softmax(-1)
-                    all_entropies.append(-(logp.exp() * logp).sum(-1))
-        entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
+        chunks = [slice(start, start + batch_size) for start in range(0, rows, batch_size)]
+        score = self._fused_chunk if fused_head_is_exact(model, self.accelerator) else self._logits_chunk
+        parts = [
+            score(
+                model,
+                input_ids[c],
+                attention_mask[c],
+                logits_to_keep,
+                temps[c],
+                compute_entropy,
+                compute_aux_loss,
+            )
+            for c in chunks
+        ]
+        logps = torch.cat([p[0] for p in parts])
+        entropies = torch.cat([p[1] for p in parts]) if compute_entropy else None
+        aux = [p[2] for p in parts if p[2] is not None]
+        return logps, entropies, (torch.stack(aux).mean() if aux else None)
+
+    def _fused_chunk(self, model, ids, mask, logits_to_keep, temps, compute_entropy, compute_aux_loss):
+        """TRL's fused LM head (tiles, no full logits), divided by the temperature it was built with,
+        T0: scaling row r's last hidden states by T0 / T_r makes it log_softmax(logits / T_r)
+        exactly where the head is linear (no bias, no soft-capping: `fused_head_is_exact`)."""
+        scale = float(self.args.temperature) / temps.to(ids.device, torch.float32)
+
+        def scaled(module, args, output):
+            output["last_hidden_state"] = output["last_hidden_state"] * scale[:, None, None].to(
+                output["last_hidden_state"].dtype
+            )
+            return output
+
+        handle = backbone(model, self.accelerator).register_forward_hook(scaled)
+        try:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                ids,
+                mask,
+                logits_to_keep,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+            )
+        finally:
+            handle.remove()
+
+    def _logits_chunk(self, model, ids, mask, logits_to_keep, temps, compute_entropy, compute_aux_loss):
+        """The model's own logits of the completion positions, divided per row (any LM head; costs
+        rows x completion x vocabulary floats, which the fused head avoids)."""
+        from looper.train.grpo_math import tempered_logprobs
+
+        with self.accelerator.autocast():
+            # position t's logits predict token t + 1: keep the logits_to_keep + 1 last, drop the final one
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits[
+                :, :-1
+            ]
+        temps = temps.to(logits.device)
+        logps = tempered_logprobs(logits, ids[:, -logits_to_keep:], temps)
+        entropy = None
+        if compute_entropy:
+            with torch.no_grad():
+                logp = (logits.float() / temps[:, None, None]).log_softmax(-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+        return logps, entropy, None
+
+
+def _unwrapped(model, accelerator):
+    model = accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(model, accelerator):
+    """The transformer under the LM head: the module TRL's fused forward calls for hidden states."""
+    return _unwrapped(model, accelerator).base_model
+
+
+def fused_head_is_exact(model, accelerator) -> bool:
+    """Whether scaling hidden states divides TRL's fused logits exactly: a linear head (no bias),
+    no final soft-capping, and TRL's fused forward installed."""
+    inner = _unwrapped(model, accelerator)
+    head = inner.get_output_embeddings()
+    capped = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    return (
+        getattr(head, "bias", None) is None
+        and capped is None
+        and "forward" in vars(inner)  # add_fused_lm_head set the instance's own forward
+    )
 
 
 # --------------------------------------------------------------------------- other private reads
