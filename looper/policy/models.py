@@ -176,6 +176,24 @@ def resolve_quant(quant: str) -> str:
     return quant
 
 
+def optimizer_for(choice: str, cuda: bool, quant: str) -> str:
+    """The optimizer a training stage runs: `choice`, or for 'auto' the QLoRA recipe's paged 8-bit
+    AdamW on CUDA and wherever the weights are 4-bit (bitsandbytes has CPU kernels for both), else
+    plain AdamW. `quant` resolved (`resolve_quant`)."""
+    if choice != "auto":
+        return choice
+    return "paged_adamw_8bit" if cuda or quant == "4bit" else "adamw_torch"
+
+
+def quant_path(quant: str, optimizer: str, cuda: bool) -> str:
+    """What `load_model(quant='4bit')` and the trainer do, in words (`looper plan`, the sft message)."""
+    where = "on the GPU" if cuda else "on the CPU (bitsandbytes' CPU kernels: slow, for checking the path)"
+    return (
+        f"{quant}: NF4 weights with double quantisation (bitsandbytes), bfloat16 compute, LoRA in float32, "
+        f"optimizer {optimizer_for(optimizer, cuda, quant)}, {where}"
+    )
+
+
 def load_tokenizer(
     source: ModelSource, *, trust_remote_code: bool = False, require_chat_template: bool = True
 ):

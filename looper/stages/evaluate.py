@@ -52,7 +52,7 @@ from looper.eval.completions import CHUNK, ROW_SCHEMA, model_rows, progress_bar
 from looper.eval.questions import build_prompts, fewshot_examples, load_questions
 from looper.generation import Sampling
 from looper.policy import models
-from looper.policy.policies import ADAPTER_STAGES, Policy, choose_backend, resolve_policy
+from looper.policy.policies import ADAPTER_STAGES, Policy, choose_backend, resolve_policy, vllm_engine_about
 from looper.stages import StageResult
 from looper.store.artifacts import Artifact, Store, write_parquet
 
@@ -203,6 +203,8 @@ def run(config: EvalConfig) -> StageResult:
             "models": about_models,
             "generation": {
                 "backend": backend,
+                "dtype": models.resolve_dtype(config.dtype),  # the one both backends run
+                **(vllm_engine_about() if backend == "vllm" else {}),
                 "sampling": asdict(sampling),
                 "samples": config.samples,
                 "seed": config.seed,

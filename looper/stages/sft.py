@@ -48,6 +48,8 @@ def run(config: SftConfig) -> StageResult:
         print(
             "sft: no CUDA device: training in full precision with plain AdamW (pass --quant 4bit for QLoRA on CPU)"
         )
+    elif quant == "4bit":
+        print(f"sft: quant {models.quant_path(quant, config.optimizer, models.has_cuda())}")
     stage_identity = identity(config) | {"model": source.identity, "quant": quant}
     inputs = {"prepare": prepare}
     if config.continue_from:  # its adapter is an input: a retrained one makes this version stale

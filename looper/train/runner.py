@@ -32,9 +32,12 @@ def lora_config(config: Any):
     )
 
 
-def optimizer_name(choice: str, cuda: bool) -> str:
-    """'auto' -> paged 8-bit AdamW on CUDA (the QLoRA recipe), plain AdamW on CPU."""
-    return choice if choice != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+def optimizer_name(choice: str, cuda: bool, quant: str = "none") -> str:
+    """'auto' -> paged 8-bit AdamW on CUDA or with 4-bit weights (the QLoRA recipe, which
+    bitsandbytes runs on a CPU too), plain AdamW otherwise (`models.optimizer_for`)."""
+    from looper.policy import models
+
+    return models.optimizer_for(choice, cuda, quant)
 
 
 def report_to(choice: str) -> list[str]:
@@ -85,10 +88,12 @@ def training_dtype(config: Any) -> str:
 
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     """The TrainingArguments every training stage sets the same way from its config."""
+    from looper.policy import models
+
     return {
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps if config.max_steps is not None else -1,
-        "optim": optimizer_name(config.optimizer, cuda),
+        "optim": optimizer_name(config.optimizer, cuda, models.resolve_quant(config.quant)),
         checkpointing_arg(): config.gradient_checkpointing,
         # bf16 autocast: on CUDA by default; on a CPU with AVX-512 BF16/AMX when asked (--dtype bfloat16)
         "bf16": training_dtype(config) == "bfloat16",
@@ -381,6 +386,7 @@ class TrainingRun:
         return StageResult.from_artifact(Artifact.load(Path(path)))
 
     def _commit(self, trainer, tokenizer, inputs, identity, counts, metrics, extra) -> str:
+        from looper.policy.models import has_cuda
         from looper.store import disk
         from looper.train import distributed
 
@@ -396,6 +402,7 @@ class TrainingRun:
             extra={
                 "base_model": {"spec": self.base.spec, "identity": self.base.identity},
                 "quant": self.quant,
+                "optimizer": optimizer_name(self.config.optimizer, has_cuda(), self.quant),
                 "world_size": distributed.world_size(),
             }
             | (extra or {}),
