@@ -34,7 +34,7 @@ ARM_OUTPUT = pa.struct(
         (
             "logprobs",
             pa.list_(pa.float64()),
-        ),  # untempered (temperature-1) log-prob of each token: the behaviour policy
+        ),  # log-prob of each token at the arm's temperature (schema 4): the behaviour policy
     ]
 )
 CF_OUTPUT = pa.struct(

@@ -9,7 +9,7 @@ For each question, every arm (prompt style x temperature, `looper.regime_w.arms`
 solution; a few arms are asked again on a perturbed question for s_cf. The scores
 (s_end, s_path, s_cf, s_wm) and rewards (the question reward and one per arm) are pure
 functions of those outputs (`looper.regime_w.scoring`, `.reward`). Each completion keeps
-its prompt, token ids and untempered log-probs, so `looper ppo` can replay it exactly and
+its prompt, token ids and log-probs at the arm's temperature, so `looper ppo` can replay it exactly and
 use the log-probs as its behaviour policy.
 
 Questions are processed in chunks of `--shard-size`; each finished chunk is written as
