@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from looper.config import STAGE_CONFIGS, build_config, read_pipeline_file  # noqa: E402
 from looper.errors import LooperError  # noqa: E402
+from looper.loop.run import gold_sft  # noqa: E402
 from looper.store.artifacts import Store  # noqa: E402
 
 METHODS = (
@@ -77,7 +78,9 @@ def main() -> None:
     tables = read_pipeline_file(args.config)
     store = Store(args.workdir)
     rollouts = args.rollouts or default_rollouts(store)
-    base_sft = store.resolve("sft")  # resolved before expert/gold publish sft versions of their own
+    # the sft trained on gold solutions from the base: a loop's expert rounds (and this bench's expert and
+    # gold methods) publish sft versions of their own, which move sft's LATEST
+    base_sft = gold_sft(store)
     sft = str(base_sft.path)
     adapters, failures = {}, {}
     chosen = set(args.methods.split(","))
