@@ -112,7 +112,8 @@ def test_thompson_across_loop_rounds(run_cli, tmp_path):
     assert code == 0, err
     path = Path(last_json(out)["path"])
     rounds = json.loads((path / "manifest.json").read_text())["rounds"]
-    second = json.loads((Path(rounds[1]["rollouts"]["path"]) / "manifest.json").read_text())
+    # the loop records home-relative paths (a moved home keeps working)
+    second = json.loads((tmp_path / "home" / rounds[1]["rollouts"]["path"] / "manifest.json").read_text())
     assert second["allocation"]["prior"] == rounds[0]["rollouts"]["version"]
     assert second["allocation"]["strategy"] == "thompson" and second["allocation"]["posterior"]
     assert "## Arm allocation" in (path / "report.md").read_text()
