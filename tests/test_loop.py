@@ -175,13 +175,13 @@ def interrupting(step_name: str, at_round: int):
 def test_two_rounds_lineage_resume_between_and_inside_rounds(pipeline, tmp_path, monkeypatch):
     home = tmp_path / "home"
     calls: list[tuple[str, str]] = []
-    real_run_stage = loop_stage.Loop.run_stage
+    real_run_stage = loop_stage.LoopContext.run_stage
 
     def counting(self, stage, label, **overrides):
         calls.append((label, stage))
         return real_run_stage(self, stage, label, **overrides)
 
-    monkeypatch.setattr(loop_stage.Loop, "run_stage", counting)
+    monkeypatch.setattr(loop_stage.LoopContext, "run_stage", counting)
     config = loop_config(pipeline, home, rounds=2, patience=5)
 
     # 1. interrupted between rounds: round 1 finished, round 2 not begun
