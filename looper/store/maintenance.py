@@ -101,19 +101,30 @@ def remove_idle_partials(store: Store, dry_run: bool) -> tuple[list[Path], int]:
         root = store.stage_root(stage)
         for path in sorted(root.glob(f"*{PARTIAL}")) if root.is_dir() else []:
             version = path.name.removesuffix(PARTIAL)
-            try:
-                lock = RunLock.acquire(root / f"{version}{LOCK}", stage=stage, target=path, wait=False)
-            except LooperError:
-                print(f"kept {path}: a looper {stage} run is using it now")
-                continue
-            try:
-                freed += _size(path)
+            size = _remove_under_lock(root, stage, version, path, dry_run, busy="using it now")
+            if size is not None:
+                freed += size
                 removed.append(path)
-                if not dry_run:
-                    shutil.rmtree(path)
-            finally:
-                lock.release()
     return removed, freed
+
+
+def _remove_under_lock(
+    root: Path, stage: str, version: str, path: Path, dry_run: bool, busy: str
+) -> int | None:
+    """Remove `path` (a version's dir or its .partial) holding the version's run lock, so no run
+    starts on it while it goes; its size, or None when a live run holds the lock (said so)."""
+    try:
+        lock = RunLock.acquire(root / f"{version}{LOCK}", stage=stage, target=path, wait=False)
+    except LooperError:
+        print(f"kept {path}: a looper {stage} run is {busy}")
+        return None
+    try:
+        size = _size(path)
+        if not dry_run:
+            shutil.rmtree(path)
+        return size
+    finally:
+        lock.release()
 
 
 def broken_versions(store: Store, stages: list[str], version: str | None = None, *, rehash: bool = True):
@@ -159,20 +170,13 @@ def gc_broken(*, workdir: str, dry_run: bool = False) -> tuple[list[Path], int]:
     for stage, path, found in broken_versions(store, list(SCHEMA_VERSIONS)):
         if not found:
             continue
-        root = store.stage_root(stage)
-        try:
-            lock = RunLock.acquire(root / f"{path.name}{LOCK}", stage=stage, target=path, wait=False)
-        except LooperError:
-            print(f"kept {path}: a looper {stage} run is rebuilding it now")
-            continue
-        try:
-            print(f"broken {path}: {'; '.join(found)}")
-            freed += _size(path)
+        print(f"broken {path}: {'; '.join(found)}")
+        size = _remove_under_lock(
+            store.stage_root(stage), stage, path.name, path, dry_run, busy="rebuilding it now"
+        )
+        if size is not None:
+            freed += size
             removed.append(path)
-            if not dry_run:
-                shutil.rmtree(path)
-        finally:
-            lock.release()
     for stage in SCHEMA_VERSIONS:
         root = store.stage_root(stage)
         # a publish killed between its two renames leaves `.<version>.old-<pid>` behind
