@@ -154,7 +154,13 @@ class HookedGRPOTrainer(GRPOTrainer):
             raise RuntimeError(f"{temps.numel()} row temperatures for a batch of {rows} rows")
         batch_size = batch_size or rows
         chunks = [slice(start, start + batch_size) for start in range(0, rows, batch_size)]
-        score = self._fused_chunk if fused_head_is_exact(model, self.accelerator) else self._logits_chunk
+        # TRL's fused head where it pays: exact (a linear head) and scoring only the completion
+        # positions, which it does on Triton devices; on a CPU it scores every position of every row,
+        # prompt included (3-5x the head work of the completions' own logits: measured, BENCHMARKS.md)
+        fused = fused_head_is_exact(model, self.accelerator) and fused_head_scores_labels_only(
+            input_ids.device
+        )
+        score = self._fused_chunk if fused else self._logits_chunk
         parts = [
             score(
                 model,
@@ -238,6 +244,14 @@ def fused_head_is_exact(model, accelerator) -> bool:
         and capped is None
         and "forward" in vars(inner)  # add_fused_lm_head set the instance's own forward
     )
+
+
+def fused_head_scores_labels_only(device: torch.device) -> bool:
+    """Whether TRL's fused head, on `device`, scores only the labelled positions (its Triton path,
+    CUDA/XPU); elsewhere it scores every position and masks the prompt's afterwards."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(device)
 
 
 # --------------------------------------------------------------------------- other private reads
