@@ -4,7 +4,7 @@
 run just before its N-th mutation under LOOPER_HOME: a file opened for writing, a rename or
 replace, an unlink, a mkdir or rmdir, a symlink. A first uninterrupted run with LOOPER_KILL_LOG
 counts a stage's points; then for every N (LOOPER_KILL_POINTS=all, what `make test-faults` sets)
-or an even sample of them (the default: `make test-all`), a copy of the home without the stage
+or an even sample of them (the default, 6: `make test-all`; LOOPER_KILL_POINTS=N for N), a copy of the home without the stage
 is killed at N and the same command rerun. The rerun must finish, and the home must then hold
 what the uninterrupted run's home holds: the same versions with the same content hashes and
 counts (rows and adapter bytes are in the hash), the same LATEST pointers, the same set of
@@ -82,10 +82,14 @@ def uninterrupted(reference, tmp_path_factory):
 
 
 def chosen_points(total: int) -> list[int]:
-    if os.environ.get("LOOPER_KILL_POINTS", "sample") == "all" or total <= SAMPLE:
+    """LOOPER_KILL_POINTS: `all`, `sample` (SAMPLE points, the default) or a number of points, each
+    set evenly spaced with the first and the last included."""
+    wanted = os.environ.get("LOOPER_KILL_POINTS", "sample")
+    count = total if wanted == "all" else SAMPLE if wanted == "sample" else int(wanted)
+    if count >= total:
         return list(range(1, total + 1))
-    step = (total - 1) / (SAMPLE - 1)
-    return sorted({1 + round(i * step) for i in range(SAMPLE)})
+    step = (total - 1) / max(count - 1, 1)
+    return sorted({1 + round(i * step) for i in range(count)})
 
 
 @pytest.mark.parametrize("stage", STAGES)
