@@ -83,8 +83,12 @@ def uninterrupted(reference, tmp_path_factory):
 
 def chosen_points(total: int) -> list[int]:
     """LOOPER_KILL_POINTS: `all`, `sample` (SAMPLE points, the default) or a number of points, each
-    set evenly spaced with the first and the last included."""
+    set evenly spaced with the first and the last included; or `A-B`, the points A to B (to split a
+    stage's points across processes or sessions)."""
     wanted = os.environ.get("LOOPER_KILL_POINTS", "sample")
+    if "-" in wanted:
+        first, last = map(int, wanted.split("-"))
+        return list(range(max(first, 1), min(last, total) + 1))
     count = total if wanted == "all" else SAMPLE if wanted == "sample" else int(wanted)
     if count >= total:
         return list(range(1, total + 1))
