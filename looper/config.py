@@ -481,8 +481,8 @@ class PpoConfig(AdapterCheckOptions, TrainDtypeOptions, TrainOptions, LoraOption
     behaviour_logprobs: str = opt(
         "auto",
         "Denominator of the importance ratio: 'stored' (the rollouts' log-probs), "
-        "'recompute' (the training model scores the stored completions once, before the "
-        "first update), 'auto' (recompute when the rollouts were sampled with other weights "
+        "'recompute' (the training model as it is before the first update scores the "
+        "stored completions it trains), 'auto' (recompute when the rollouts were sampled with other weights "
         "- backend, quantisation, dtype - than the trained ones).",
         choices=("auto", "stored", "recompute"),
     )

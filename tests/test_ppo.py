@@ -351,6 +351,45 @@ def test_auto_recomputes_behaviour_logprobs_of_other_weights(run_cli, tiny_model
     assert next(m for m in metrics if "clip_ratio/region_mean" in m)["clip_ratio/region_mean"] == 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "reference, kl_coef",
+    [("adapter", "0.04"), ("base", "0.04"), ("base", "0")],
+    ids=["ref-copy-pass", "fresh-lora-pass", "eager-pass"],
+)
+def test_recompute_trains_as_if_the_stored_logprobs_were_exact(
+    run_cli, tiny_model_dir, tmp_path, reference, kl_coef
+):
+    """Stored log-probs 1 nat off, recomputed, train the adapter that exact stored ones train: with a KL
+    reference the recompute is the reference pass (TRL's frozen copy of a continued adapter, or the
+    base under a fresh LoRA); with --kl-coef 0 there is none and ppo scores every row before training."""
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "sft", dropout=0.0) if reference == "adapter" else None
+    trained = {}
+    for shift, source in ((0.0, "stored"), (-1.0, "recompute")):
+        workdir = tmp_path / source
+        build_rollouts(workdir, tiny_model_dir, logprob_shift=shift, adapter=adapter, questions=4)
+        code, out, err = run_cli(
+            "ppo", "--model", tiny_model_dir, "--workdir", workdir, *FAST,
+            "--max-steps", "2", "--learning-rate", "1e-3", "--kl-coef", kl_coef,
+            "--behaviour-logprobs", source, "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        path = last_json(out)["path"]
+        manifest = json.loads(open(f"{path}/manifest.json").read())
+        assert manifest["behaviour_logprobs"] == source
+        trained[source] = load_file(f"{path}/adapter_model.safetensors")
+        if source == "recompute":
+            # the eager pass says so before training; the reference pass after, over the rows trained
+            assert ("over the trained completions" in out) == (kl_coef != "0"), out
+            assert manifest["metrics"]["behaviour_logprob_gap"] == pytest.approx(1.0, abs=1e-4)
+    assert trained["stored"].keys() == trained["recompute"].keys()
+    for name, weights in trained["stored"].items():
+        torch.testing.assert_close(trained["recompute"][name], weights, atol=1e-5, rtol=1e-4)
+    assert any("lora_B" in n and w.abs().max() > 0 for n, w in trained["stored"].items())  # it trained
+
+
 def test_behaviour_logprobs_source():
     from looper.train.grpo_math import behaviour_logprobs_source
 
@@ -562,7 +601,8 @@ def test_online_reward_uses_the_rollouts_weights_and_the_blend():
 @pytest.mark.slow
 def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeypatch):
     """Killed in step 4 (step 3 logged, last checkpoint at 2): the resumed run ends where an uninterrupted one
-    does (adapter, KL controller), and metrics.jsonl holds each step once."""
+    does (adapter, KL controller, the recomputed behaviour log-probs' gap), and metrics.jsonl holds each
+    step once."""
     from safetensors.torch import load_file
 
     from looper.train.grpo import ReplayGRPOTrainer
@@ -581,11 +621,13 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
         "0",
         "--kl-target",
         "100",
+        "--behaviour-logprobs",
+        "recompute",
         "--json",
     ]  # KL far below target: every step shrinks the coefficient
     straight, broken = tmp_path / "a", tmp_path / "b"
-    build_rollouts(straight, tiny_model_dir)
-    build_rollouts(broken, tiny_model_dir)
+    build_rollouts(straight, tiny_model_dir, logprob_shift=-1.0)
+    build_rollouts(broken, tiny_model_dir, logprob_shift=-1.0)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", straight, *args)
     assert code == 0, err
     reference = last_json(out)
@@ -606,6 +648,10 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
     saved = json.loads((partial / "trainer" / "checkpoint-2" / "kl_controller.json").read_text())
     logged = [json.loads(line) for line in open(f"{reference['path']}/metrics.jsonl")]
     assert saved["steps"] == 2 and saved["coef"] == next(m["kl_coef"] for m in logged if m["step"] == 2)
+    gap_sum, gap_tokens = json.loads(
+        (partial / "trainer" / "checkpoint-2" / "behaviour_gap.json").read_text()
+    )
+    assert gap_tokens > 0 and gap_sum / gap_tokens == pytest.approx(1.0, abs=1e-4)  # steps 1-2's rows
     monkeypatch.setattr(ReplayGRPOTrainer, "training_step", original)
     code, out, err = run_cli("ppo", "--model", tiny_model_dir, "--workdir", broken, *args)
     assert code == 0, err
@@ -619,6 +665,8 @@ def test_resume_matches_uninterrupted(run_cli, tiny_model_dir, tmp_path, monkeyp
         for r in (reference, resumed)
     ]
     assert final[0] != 0.04 and final[1] == pytest.approx(final[0], rel=1e-6), final
+    gaps = [json.loads(open(f"{r['path']}/manifest.json").read())["metrics"] for r in (reference, resumed)]
+    assert gaps[1]["behaviour_logprob_gap"] == pytest.approx(gaps[0]["behaviour_logprob_gap"], abs=1e-6)
     lines = [json.loads(line) for line in open(f"{resumed['path']}/metrics.jsonl")]
     steps = [m["step"] for m in lines if "loss" in m]  # a training step's line (not the end-of-run summary)
     assert steps == [1, 2, 3, 4], steps

@@ -22,8 +22,10 @@ What we add to TRL, and why (`looper.train.grpo`; TRL's private methods in `loop
   shares one reward, so group-relative advantages would all be zero: we centre (and scale)
   rewards over the batch instead. `--behaviour-logprobs recompute` (or `auto`, when the rollouts
   were sampled with other weights: vLLM bf16 for an NF4 policy, or are older than schema 4,
-  whose log-probs were untempered) first scores the stored completions with the training model
-  at their arms' temperatures and takes the ratio against those.
+  whose log-probs were untempered) scores the stored completions with the training model before
+  any update, at their arms' temperatures, and takes the ratio against those: the reference pass
+  TRL runs for the KL is that model (the frozen copy of the adapter, or the base under a fresh
+  LoRA), so its log-probs are taken, batch by batch, for the rows trained and no others.
 - `AdaptiveKLGRPOTrainer`: TRL's KL coefficient is fixed; we move it after every optimizer step
   towards `--kl-target` (nats per token) with `looper.train.grpo_math.AdaptiveKL`, saved with each checkpoint;
   advantages divide by a floored group std (`--advantage-std-floor`); dropout is off in every
@@ -156,15 +158,24 @@ def run(config: PpoConfig) -> StageResult:
         reward_mode=config.reward,
     )
     gap = None
-    if behaviour == "recompute":  # before train(): a resumed run loads its checkpoint's weights only in there
+    # The recompute: the reference pass TRL runs for the KL scores each trained batch with the policy
+    # before any update, so it stands in for a pass of its own over every stored row (3x the rows the
+    # demo's 2 steps train); without that reference (--kl-coef 0), one eager pass before train(),
+    # where a resumed run has not yet loaded its checkpoint's weights.
+    trainer.behaviour_from_reference = behaviour == "recompute" and trainer.reference_is_initial_policy()
+    if behaviour == "recompute" and not trainer.behaviour_from_reference:
         gap = recompute_behaviour_logprobs(
             trainer, rows, prompt_encoder(tokenizer), config.questions_per_minibatch * n_arms
         )
     print(
         f"ppo: behaviour log-probs {behaviour} ({why})"
         + (f"; mean |stored - recomputed| = {gap:.3g} nats per token" if gap is not None else "")
+        + ("; recomputed by the reference pass of each step" if trainer.behaviour_from_reference else "")
     )
     result = job.train(trainer)
+    if trainer.behaviour_from_reference:
+        gap = trainer.behaviour_gap()
+        print(f"ppo: mean |stored - recomputed| = {gap:.3g} nats per token over the trained completions")
     return job.finish(
         trainer,
         tokenizer,

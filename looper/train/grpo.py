@@ -72,7 +72,7 @@ class AdaptiveKLGRPOTrainer(HookedGRPOTrainer):
     def before_checkpoint(self, folder: Path) -> None:
         (folder / self.KL_STATE).write_bytes(orjson.dumps(self.kl_controller.state_dict()))
 
-    def restore_kl(self, checkpoint: str | None) -> None:
+    def restore_state(self, checkpoint: str | None) -> None:
         """The controller's state as saved with `checkpoint` (a resumed run)."""
         path = Path(checkpoint or "") / self.KL_STATE
         if checkpoint and path.is_file():
@@ -100,12 +100,34 @@ class ReplayGRPOTrainer(AdaptiveKLGRPOTrainer):
     the stored (tempered) behaviour log-probs as the importance ratio's denominator."""
 
     replay_stored_logprobs = True
+    GAP_STATE = "behaviour_gap.json"
 
     def __init__(self, *args, temperatures: dict[str, list[float]] | None = None, **kwargs):
         # question id -> each arm's sampling temperature, in arm order (`arm_temperatures`); None:
         # every row at the config's temperature
         self.arm_temperatures = temperatures
+        self.gap_sum = self.gap_tokens = 0.0  # |stored - behaviour| over the trained tokens so far
         super().__init__(*args, **kwargs)
+
+    def on_behaviour_logprobs(self, stored, behaviour, mask) -> None:
+        totals = torch.stack([((stored - behaviour).abs() * mask).sum(), mask.sum()]).float()
+        gap_sum, tokens = self.accelerator.gather(totals).view(-1, 2).sum(0).tolist()
+        self.gap_sum, self.gap_tokens = self.gap_sum + gap_sum, self.gap_tokens + tokens
+
+    def behaviour_gap(self) -> float:
+        """Mean |stored - recomputed| log-prob per token of the completions trained (resumes included)."""
+        return self.gap_sum / max(self.gap_tokens, 1.0)
+
+    def before_checkpoint(self, folder: Path) -> None:
+        super().before_checkpoint(folder)
+        if self.behaviour_from_reference:
+            (folder / self.GAP_STATE).write_bytes(orjson.dumps([self.gap_sum, self.gap_tokens]))
+
+    def restore_state(self, checkpoint: str | None) -> None:
+        super().restore_state(checkpoint)
+        path = Path(checkpoint or "") / self.GAP_STATE
+        if checkpoint and path.is_file():
+            self.gap_sum, self.gap_tokens = orjson.loads(path.read_bytes())
 
     def row_temperatures(self, inputs: list[dict]) -> list[float]:
         if self.arm_temperatures is None:
@@ -154,7 +176,8 @@ def recompute_behaviour_logprobs(
 ) -> float:
     """Replace each stored completion's log-probs by the training model's at the arm's temperature
     (before any update, dropout off, the forward the loss uses); returns the mean |stored -
-    recomputed| per token."""
+    recomputed| per token. Scores every row, trained or not: ppo uses it only where the reference pass
+    cannot stand in (`HookedGRPOTrainer.reference_is_initial_policy`)."""
     arms, pad_id = [a for r in rows for a in r["arm_outputs"]], trainer.processing_class.pad_token_id
     temps = [t for ts in arm_temperatures(rows).values() for t in ts]
     gap = tokens = 0.0
@@ -285,7 +308,7 @@ def build_trainer(
         reward_plan=objective,
         **trainer_kwargs,
     )
-    trainer.restore_kl(job.checkpoint)
+    trainer.restore_state(job.checkpoint)
     plot_weights(job, objective, steps)
     return trainer
 

@@ -81,6 +81,30 @@ class HookedGRPOTrainer(GRPOTrainer):
         """Change `output["advantages"]` of a scored generation batch in place."""
 
     replay_stored_logprobs = False  # True: the ratio's denominator is the log-probs the rollout_func returned
+    # True (with replay_stored_logprobs): the denominator is the reference policy's log-probs instead, taken in
+    # the reference pass TRL runs for the KL anyway; valid where the reference is the policy before any update
+    # (`reference_is_initial_policy`), so a recompute of the behaviour log-probs costs no forward of its own
+    behaviour_from_reference = False
+
+    def on_behaviour_logprobs(
+        self, stored: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """A replayed batch's stored log-probs and the behaviour ones that replace them (padded, with the
+        completion mask), when `behaviour_from_reference`."""
+
+    def reference_is_initial_policy(self) -> bool:
+        """Whether TRL's reference pass scores with the policy as it is before any update: a PEFT model
+        (no separate reference copy) with a nonzero KL coefficient (else TRL runs no reference pass),
+        whose reference is the frozen 'ref' copy of a continued adapter, or the base under a fresh LoRA
+        that starts as the identity (PEFT's default init: B = 0)."""
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        if self.beta == 0.0 or self.ref_model is not None or not isinstance(model, PeftModel):
+            return False
+        if "ref" in model.peft_config:
+            return True
+        return all(getattr(c, "init_lora_weights", None) is True for c in model.peft_config.values())
 
     def token_logprobs(self, input_ids, attention_mask, logits_to_keep: int, temperatures) -> torch.Tensor:
         """Log-probs of the last `logits_to_keep` tokens of each row at its temperature (no grad here
@@ -109,6 +133,13 @@ class HookedGRPOTrainer(GRPOTrainer):
         if self.replay_stored_logprobs:
             # the stored log-probs come back padded as `sampling_per_token_logps` (rollout_func "logprobs")
             output["old_per_token_logps"] = output["sampling_per_token_logps"]
+            if self.behaviour_from_reference:
+                output["old_per_token_logps"] = output["ref_per_token_logps"]
+                self.on_behaviour_logprobs(
+                    output["sampling_per_token_logps"],
+                    output["ref_per_token_logps"],
+                    output["completion_mask"],
+                )
         self.rewrite_advantages(output, self._rewards_per_func)
         return output
 
