@@ -286,7 +286,9 @@ class TrainingRun:
     ) -> TrainingRun:
         from looper.store.artifacts import PARTIAL, Run
         from looper.train import distributed
+        from looper.train.trl_internals import compact_fused_head_on_cpu
 
+        compact_fused_head_on_cpu()  # before any trainer is built: TRL's head scores labelled positions only
         distributed.init()
         lock = None
         if distributed.is_main():  # rank 0 alone locks, clears or reopens the .partial directory

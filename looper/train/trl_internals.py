@@ -186,7 +186,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         batch_size = batch_size or rows
         chunks = [slice(start, start + batch_size) for start in range(0, rows, batch_size)]
         # TRL's fused head where it pays: exact (a linear head) and scoring only the completion
-        # positions, which it does on Triton devices; on a CPU it scores every position of every row,
+        # positions, which it does on Triton devices and, once `compact_fused_head_on_cpu` ran (every
+        # training stage runs it), on a CPU; TRL's own CPU path scores every position of every row,
         # prompt included (3-5x the head work of the completions' own logits: measured, BENCHMARKS.md)
         fused = fused_head_is_exact(model, self.accelerator) and fused_head_scores_labels_only(
             input_ids.device
@@ -279,10 +280,33 @@ def fused_head_is_exact(model, accelerator) -> bool:
 
 def fused_head_scores_labels_only(device: torch.device) -> bool:
     """Whether TRL's fused head, on `device`, scores only the labelled positions (its Triton path,
-    CUDA/XPU); elsewhere it scores every position and masks the prompt's afterwards."""
+    CUDA/XPU, and a CPU once `compact_fused_head_on_cpu` ran); elsewhere it scores every position
+    and masks the prompt's afterwards."""
+    import trl.trainer.utils as trl_utils
+
+    return trl_utils._use_triton(device)
+
+
+def compact_fused_head_on_cpu() -> None:
+    """Make TRL's fused LM head score only the labelled positions on a CPU too (idempotent).
+
+    TRL scores every position on devices without Triton, so that the tile shapes stay fixed for a
+    graph compiler (its comment names Neuron); a CPU runs eagerly, where a batch's own shapes cost
+    nothing, and every unlabelled position is a wasted row of the vocabulary-wide head: in sft the
+    prompt is ~3/4 of the tokens (the demo's), so the head did ~4x its work. Only the fused forward's
+    `compact` choice reads this name (`trl.trainer.utils`); the kernels keep their own (torch tiles
+    on a CPU). The values are the same either way: each position's log-prob is its own row's."""
+    import trl.trainer.utils as trl_utils
     from trl.kernels.chunked_logprob import _use_triton
 
-    return _use_triton(device)
+    if getattr(trl_utils._use_triton, "looper_compact", False):
+        return
+
+    def use_compact(device: torch.device) -> bool:
+        return device.type == "cpu" or _use_triton(device)
+
+    use_compact.looper_compact = True
+    trl_utils._use_triton = use_compact
 
 
 # --------------------------------------------------------------------------- other private reads
