@@ -221,6 +221,34 @@ def test_bfloat16_needs_native_support_and_is_recorded(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     with pytest.raises(LooperError, match="--dtype bfloat16: this CPU has neither AVX-512 BF16 nor AMX"):
         models.resolve_dtype("bfloat16")
+    # 'fast' (training): bf16 where native, float32 where bf16 would be slow or an error
+    assert models.resolve_dtype("fast") == "float32"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.resolve_dtype("fast") == "bfloat16"
+
+
+def test_cpu_bf16_autocast_training_is_not_a_bf16_model(monkeypatch):
+    """ppo's `auto` compares the training weights with the sampling ones: a CPU keeps float32 weights
+    under bf16 autocast, so bf16-weight rollouts are recomputed; CUDA loads bf16 weights."""
+    from looper.config import PpoConfig
+    from looper.policy import models
+    from looper.train import runner
+    from looper.train.grpo_math import behaviour_logprobs_source
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models, "has_cuda", lambda: False)
+    sampled = {"backend": "hf", "quant": "none", "dtype": "bfloat16", "adapter": "merged"}
+    for dtype, weights, source in (
+        ("fast", "float32+bf16-autocast", "recompute"),
+        ("bfloat16", "float32+bf16-autocast", "recompute"),
+        ("auto", "float32", "recompute"),
+    ):
+        trained = runner.training_weights_dtype(PpoConfig(dtype=dtype))
+        assert trained == weights, dtype
+        got = behaviour_logprobs_source("auto", sampled, {"backend": "hf", "quant": "none", "dtype": trained})
+        assert got[0] == source and f"dtype bfloat16 vs {weights}" in got[1], got
+    monkeypatch.setattr(models, "has_cuda", lambda: True)
+    assert runner.training_weights_dtype(PpoConfig(dtype="fast")) == "bfloat16"
 
 
 def test_bfloat16_generates_with_the_same_contract(lm):

@@ -134,7 +134,8 @@ def cpu_has_bf16() -> bool:
 
 def resolve_dtype(dtype: str, *, sampling: bool = False) -> str:
     """'auto' -> bfloat16 on CUDA; on a CPU float32, or with `sampling` (rollouts) bfloat16 where the
-    CPU computes it natively. 'bfloat16' on a CPU without native bf16 is an error.
+    CPU computes it natively. 'fast' -> bfloat16 on CUDA and on a CPU with native bf16, float32
+    elsewhere. 'bfloat16' on a CPU without native bf16 is an error.
 
     Why sampling differs: decode reads every weight once per step and is bound by memory bandwidth
     on a CPU, so bf16 weights are ~1.7x faster (BENCHMARKS.md). Sampled completions are random
@@ -145,6 +146,8 @@ def resolve_dtype(dtype: str, *, sampling: bool = False) -> str:
         if has_cuda():
             return "bfloat16"
         return "bfloat16" if sampling and cpu_has_bf16() else "float32"
+    if dtype == "fast":  # training's opt-in: bf16 wherever the hardware computes it natively
+        return "bfloat16" if has_cuda() or cpu_has_bf16() else "float32"
     if dtype == "bfloat16" and not has_cuda() and not cpu_has_bf16():
         raise LooperError(
             "--dtype bfloat16: this CPU has neither AVX-512 BF16 nor AMX (see lscpu), so bf16 would be "

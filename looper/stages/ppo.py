@@ -106,7 +106,7 @@ def run(config: PpoConfig) -> StageResult:
     training_weights = {
         "backend": "hf",
         "quant": quant,
-        "dtype": runner.training_dtype(config),
+        "dtype": runner.training_weights_dtype(config),
     }
     behaviour, why = behaviour_logprobs_source(
         config.behaviour_logprobs,

@@ -86,6 +86,18 @@ def training_dtype(config: Any) -> str:
     return models.resolve_dtype(getattr(config, "dtype", "auto"))
 
 
+def training_weights_dtype(config: Any) -> str:
+    """The weights a training forward runs, named as rollouts' `generated_by` names the sampling ones
+    (for `--behaviour-logprobs auto`): bf16 on CUDA (`models.load_model`); on a CPU float32, which
+    under bf16 autocast is 'float32+bf16-autocast', not a bf16 model: its tempered log-probs were
+    0.22 nats/token from bf16 weights' on the demo's rollouts (`ppo --behaviour-logprobs recompute`)."""
+    from looper.policy import models
+
+    if models.has_cuda():
+        return "bfloat16"
+    return "float32+bf16-autocast" if training_dtype(config) == "bfloat16" else "float32"
+
+
 def trainer_args(config: Any, cuda: bool) -> dict[str, Any]:
     """The TrainingArguments every training stage sets the same way from its config."""
     from looper.policy import models
