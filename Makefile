@@ -10,7 +10,7 @@
 #                                   engine generating for Looper on this CPU, and QLoRA through bitsandbytes
 #   make gpu-paths-cpu              pipelines/gpu-paths-cpu.toml in .venv-vllm-cpu: the GPU recipe's paths
 #                                   (QLoRA sft, vLLM rollouts, NF4 GRPO, vLLM eval) on SmolLM2, ~13 min
-#   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~20 min)
+#   make demo                       install, then run pipelines/smoke-cpu.toml end to end (CPU, ~10 min)
 #   make all PIPELINE=pipelines/<name>.toml [LOOPER_HOME=DIR]
 #                                   plan -> prepare -> sft -> rollouts -> ppo -> eval, redoing only what is stale
 #   make plan PIPELINE=... [GPU_GB=N]  check the pipeline file, environment and GPU memory (seconds)

@@ -1,6 +1,6 @@
 """SFT training tokens/s: `looper sft` against a plain TRL SFTTrainer script, same model/data/settings.
 
-    .venv/bin/python bench/bench_sft.py [--steps 8] [--repeats 2] [--bf16]
+    .venv/bin/python bench/bench_sft.py [--steps 8] [--repeats 2] [--bf16] [--every-position-head]
 
 Both run in this one process on SmolLM2-135M-Instruct (CPU), alternating, on the same 64 GSM8K
 train questions, batch 4, LoRA r=32 on the attention+MLP projections, no gradient checkpointing,
@@ -21,9 +21,25 @@ from pathlib import Path
 from common import SMOLLM, machine, prepared_workdir
 
 
-def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False, dtype: str = "auto") -> float:
+def looper_run(
+    workdir: Path,
+    steps: int,
+    tag: int,
+    padding_free: bool = False,
+    dtype: str = "auto",
+    every_position_head: bool = False,
+) -> float:
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
+
     from looper.config import SftConfig
     from looper.stages import sft
+    from looper.train import trl_internals
+
+    compact = trl_internals.compact_fused_head_on_cpu
+    if every_position_head:  # TRL's own CPU path: the fused head scores every position, prompt included
+        trl_utils._use_triton = _use_triton
+        trl_internals.compact_fused_head_on_cpu = lambda: None
 
     config = SftConfig(
         model=SMOLLM,
@@ -42,7 +58,10 @@ def looper_run(workdir: Path, steps: int, tag: int, padding_free: bool = False, 
         dtype=dtype,
         force=True,
     )
-    result = sft.run(config)
+    try:
+        result = sft.run(config)
+    finally:
+        trl_internals.compact_fused_head_on_cpu = compact
     rows = [json.loads(line) for line in open(Path(result.path) / "metrics.jsonl")]
     runtime = next(r["train_runtime"] for r in rows if "train_runtime" in r)
     return result.counts["train_tokens"] / runtime
@@ -104,18 +123,26 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="also time looper with --dtype bfloat16 (autocast)"
     )
+    parser.add_argument(
+        "--every-position-head",
+        action="store_true",
+        help="also time looper with TRL's CPU head scoring every position (before compact_fused_head_on_cpu)",
+    )
     args = parser.parse_args()
     workdir = prepared_workdir(Path(tempfile.mkdtemp()))
     from looper.policy.models import resolve_model
 
     resolve_model(SMOLLM)  # convert the GGUF once, outside the timings
-    plain, ours, ours_pf, ours_bf16 = [], [], [], []
+    plain, ours, ours_pf, ours_bf16, ours_every = [], [], [], [], []
     for i in range(args.repeats):
         started = time.perf_counter()
         plain.append(plain_trl_run(workdir, args.steps, i))
         ours.append(looper_run(workdir, args.steps, i))
         if args.padding_free:
             ours_pf.append(looper_run(workdir, args.steps, i, padding_free=True))
+        if args.every_position_head:
+            ours_every.append(looper_run(workdir, args.steps, i, every_position_head=True))
+            print(f"round {i}: looper, every-position head {ours_every[-1]:.0f} tok/s", flush=True)
         if args.bf16:
             ours_bf16.append(looper_run(workdir, args.steps, i, dtype="bfloat16"))
             print(f"round {i}: looper --dtype bfloat16 {ours_bf16[-1]:.0f} tok/s", flush=True)
@@ -131,6 +158,11 @@ def main() -> None:
     if ours_bf16:
         bf = statistics.median(ours_bf16)
         print(f"looper --dtype bfloat16: {bf:.0f} tokens/s  ratio {bf / p:.2f}x ({bf / o:.2f}x looper fp32)")
+    if ours_every:
+        ev = statistics.median(ours_every)
+        print(
+            f"looper, every-position head: {ev:.0f} tokens/s  ratio {ev / p:.2f}x (compact {o / ev:.2f}x it)"
+        )
     if ours_pf:
         pf = statistics.median(ours_pf)
         print(f"looper --padding-free: {pf:.0f} tokens/s  ratio {pf / p:.2f}x")
