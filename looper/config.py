@@ -182,8 +182,8 @@ class TrainDtypeOptions:
     dtype: str = opt(
         "auto",
         "Training compute: 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'float32', 'bfloat16' "
-        "(autocast; on CPU only with AVX-512 BF16 or AMX, where it is faster: 1.3x sft, 1.7x ppo a step "
-        "on SmolLM2-135M; losses move by ~1e-3), or 'fast' (bfloat16 where the hardware computes it "
+        "(autocast; on CPU only with AVX-512 BF16 or AMX, where it is faster: 1.0-1.08x sft, 1.7x ppo a "
+        "step on SmolLM2-135M; losses move by ~1e-3), or 'fast' (bfloat16 where the hardware computes it "
         "natively, float32 elsewhere: what a pipeline file that must run on any CPU asks for).",
         choices=("auto", "float32", "bfloat16", "fast"),
         identity="if_set",

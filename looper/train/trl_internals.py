@@ -132,14 +132,11 @@ class HookedGRPOTrainer(GRPOTrainer):
         )  # split into micro-batches with the rest
         if self.replay_stored_logprobs:
             # the stored log-probs come back padded as `sampling_per_token_logps` (rollout_func "logprobs")
-            output["old_per_token_logps"] = output["sampling_per_token_logps"]
+            stored = output["sampling_per_token_logps"]
+            output["old_per_token_logps"] = stored
             if self.behaviour_from_reference:
                 output["old_per_token_logps"] = output["ref_per_token_logps"]
-                self.on_behaviour_logprobs(
-                    output["sampling_per_token_logps"],
-                    output["ref_per_token_logps"],
-                    output["completion_mask"],
-                )
+                self.on_behaviour_logprobs(stored, output["ref_per_token_logps"], output["completion_mask"])
         self.rewrite_advantages(output, self._rewards_per_func)
         return output
 
